@@ -1,0 +1,392 @@
+"""
+The cascade: Nemotron-Cascade 2's post-training recipe, one stage after another, in one loop.
+
+The paper (RECIPE.md) post-trains its base model in a fixed order,
+    SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF -> long-context RL -> code RL -> SWE RL,
+each stage starting from the previous stage's final checkpoint with its own hyperparameters, with
+MOPD mid-cascade to pull every domain back to the best checkpoint seen so far on it. A recipe
+(recipes/*.toml) lists the stages in order; for each one this file
+  1. skips it if RUN/stages/<name>/final exists (the stage contract: final = finished), else calls
+     <script>.main([...]) in-process, in the same torchrun process group; a stage killed midway
+     resumes from its own OUT/last when called again;
+  2. evaluates every domain on its held-out prompts (greedy decoding, the domain's verifier): math
+     with and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's
+     answers to the same prompts (ties count 1/2), as ArenaHard is a judged win rate;
+  3. keeps the teacher registry (RUN/teachers.json): the best checkpoint per domain so far, ties
+     keeping the earlier one. A MOPD stage gets its --teachers from it.
+All of the recipe is checked before anything runs, every stage argument against that stage's own
+argparse parser. Evaluations are cached in RUN/eval.json, so the same command run again after a kill
+recomputes nothing. RUN/report.md holds the stage x domain table (the paper's results table in
+miniature), wall times and, where matplotlib is installed, PNG curves.
+
+What we keep: the order, the checkpoint handoff, a held-out eval of every domain after every stage,
+MOPD teachers = best so far. What we drop: the benchmarks become our synthetic domains' held-out
+prompts; the chat teacher is whichever checkpoint wins the chat column (the paper trains an RLHF
+branch for it); no checkpoint averaging. Not done: FSDP2 (the stages replicate the model per rank).
+
+Distributed: every rank runs every stage (the stages split their batches over ranks and sum the
+gradients). Evaluation is sharded too: rank r answers prompts r, r+W, r+2W, ..., the scores are
+gathered, so every rank holds the same table; rank 0 writes the files. Multi-node: RUN must be on a
+filesystem all nodes share.
+
+    python cascade.py                                                 # CPU, recipes/tiny.toml
+    torchrun --standalone --nproc_per_node=1 cascade.py               # the same under torchrun
+    torchrun --standalone --nproc_per_node=2 cascade.py               # CPU, 2 gloo processes
+    torchrun --standalone --nproc_per_node=1 cascade.py --recipe recipes/small.toml   # one GPU
+    torchrun --standalone --nproc_per_node=8 cascade.py --recipe recipes/small.toml   # 8 GPUs
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=IP --master_port=29500 \\
+        cascade.py --recipe recipes/small.toml            # two nodes (node_rank=1 on the other)
+    python cascade.py --only_eval runs/tiny/stages/sft/final   # one checkpoint's row of the table
+"""
+
+import argparse
+import json
+import os
+import time
+import tomllib
+
+import torch.distributed as dist
+
+import data
+import grpo
+import mopd
+import rlhf
+import sft
+import verifiers
+from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main,
+                    load_checkpoint, print0, save_checkpoint, set_seed)
+from model import ModelConfig, Transformer
+from rollout import Engine
+
+SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
+TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "eval", "stage"}
+EVAL_KEYS = {"limit", "max_new_tokens", "thinking_max_new_tokens", "thinking", "domains"}
+BUILD_KEYS = {"preset", "sizes", "vocab_size", "doc_lines"}  # data.build's arguments
+STAGE_KEYS = {"name", "script", "args"}
+SET_BY_CASCADE = {"init", "out", "data", "teachers", "config"}  # the cascade wires these itself
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: read it, check all of it, turn each stage into its command line
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe; the message names the file and the key."""
+
+
+def to_argv(args):
+    """{"steps": 20, "domains": ["math", "if"], "freeze_router": true} -> ["--steps", "20", ...];
+    lists become comma lists, true turns a switch on, false leaves it off."""
+    argv = []
+    for key, value in args.items():
+        if value is not False:
+            argv.append(f"--{key}")
+            argv += [] if value is True else [",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
+
+
+def load_recipe(path, steps_scale=1.0):
+    """Parse and check the whole recipe; every problem is a RecipeError naming the file and the key."""
+    def bad(msg):
+        raise RecipeError(f"{path}: {msg}")
+
+    def known(table, allowed, where):
+        for key in table:
+            if key not in allowed:
+                bad(f"{where}unknown key '{key}' (expected one of {sorted(allowed)})")
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        bad(f"cannot read the recipe ({e})")
+    known(recipe, TOP_KEYS, "")
+    known(recipe.get("eval", {}), EVAL_KEYS, "[eval]: ")
+    known(recipe.get("build", {}), BUILD_KEYS, "[build]: ")
+    if recipe.get("build", {}).get("preset", "tiny") not in data.PRESETS:
+        bad(f"[build]: unknown preset '{recipe['build']['preset']}' (expected one of {sorted(data.PRESETS)})")
+    if ("model" in recipe) == ("init" in recipe):
+        bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
+    recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in", **recipe}
+    if not recipe.get("stage"):
+        bad("no [[stage]] tables: a recipe needs at least one stage")
+    names = {"start"}  # the starting point's row in the table
+    for i, st in enumerate(recipe["stage"]):
+        where = f"[[stage]] #{i + 1} ({st.get('name', '?')!r}): "
+        known(st, STAGE_KEYS, where)
+        if "name" not in st or "script" not in st:
+            bad(f"{where}needs both 'name' and 'script'")
+        if st["name"] in names:
+            bad(f"{where}duplicate stage name '{st['name']}' (names must be unique, and not 'start')")
+        names.add(st["name"])
+        if st["script"] not in SCRIPTS:
+            bad(f"{where}unknown script '{st['script']}' (expected one of {sorted(SCRIPTS)})")
+        args = dict(st.get("args", {}))
+        for key in args.keys() & SET_BY_CASCADE:
+            bad(f"{where}argument '{key}' is set by the cascade: remove it from args")
+        parser = SCRIPTS[st["script"]].build_parser()
+        parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
+        for key in ("steps", "rm_steps"):  # --steps_scale (quick tests): floor 1; 0 means "derive"
+            value = args.get(key, parser.get_default(key))
+            if steps_scale != 1 and value:
+                args[key] = max(1, int(value * steps_scale))
+        st["argv"] = to_argv(args)
+        try:
+            wired = ["--out", "-", "--data", "-", "--init", "-"] + (["--teachers", "-"] if st["script"] == "mopd" else [])
+            st["ns"], unknown = parser.parse_known_args(wired + st["argv"])
+        except argparse.ArgumentError as e:
+            bad(f"{where}{e}")
+        if unknown:
+            key = next((k for k in args if f"--{k}" in unknown), unknown[0])
+            bad(f"{where}unknown argument '{key}' for {st['script']}.py (see python {st['script']}.py --help)")
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: greedy answers to every domain's held-out prompts, scored by its verifier
+
+
+def eval_columns(settings):
+    """(column, domain, thinking) triples: math twice, with and without thinking."""
+    return [col for d in settings["domains"] for col in ([("math", d, True), ("math_nothink", d, False)]
+                                                         if d == "math" else [(d, d, settings["thinking"])])]
+
+
+def evaluate(ckpt, data_dir, settings, dd):
+    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. Each rank
+    answers a strided share of the prompts with grpo.rollout (the multi-turn tool loop of training)
+    at temperature 0; the scores are gathered back in prompt order on every rank."""
+    t0 = time.time()
+    model, _ = load_checkpoint(ckpt, device=dd.device)
+    tok, engine, out = data.load_tokenizer(ckpt), Engine(model), {"scores": {}, "chat_judge": None}
+    for column, domain, thinking in eval_columns(settings):
+        records = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl")[:settings["limit"]]
+        mine, texts = list(range(dd.rank, len(records), dd.world_size)), []
+        if mine:
+            budget = settings["thinking_max_new_tokens" if thinking else "max_new_tokens"]
+            rows = [dict(records[i], thinking=thinking) for i in mine]
+            _, texts = grpo.rollout(engine, tok, rows, 1, dict(temperature=0.0, max_new_tokens=budget), seed=0)
+        pairs = list(zip(mine, verifiers.score_many([domain] * len(texts), texts, [records[i]["meta"] for i in mine])))
+        parts = [pairs]
+        if dd.world_size > 1:
+            parts = [None] * dd.world_size
+            dist.all_gather_object(parts, pairs)
+        scores = [s for _, s in sorted(p for part in parts for p in part)]
+        if domain == "chat":
+            out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
+        else:
+            out["scores"][column] = sum(scores) / max(1, len(scores))
+    engine.release()
+    return {**out, "checkpoint": ckpt, "eval_s": round(time.time() - t0, 1)}
+
+
+def win_rate(mine, reference):
+    """Fraction of prompts where the judge prefers `mine` to the reference answer; ties count 1/2."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, reference)) / max(1, len(mine))
+
+
+def table(rows, order, reference):
+    """{row name: {column: score}} for the rows evaluated so far; chat as a win rate vs `reference`."""
+    out = {}
+    for name in [n for n in order if n in rows]:
+        out[name] = dict(rows[name]["scores"])
+        ref = rows.get(reference, {}).get("chat_judge")
+        if rows[name]["chat_judge"] is not None and ref is not None:
+            out[name]["chat"] = win_rate(rows[name]["chat_judge"], ref)
+    return out
+
+
+def teacher_registry(rows, candidates, reference):
+    """domain -> the earliest of `candidates` with the best score on it: MOPD's teachers."""
+    best = {}
+    for name, scores in table(rows, candidates, reference).items():
+        for domain, score in scores.items():
+            if domain in data.DOMAINS and (domain not in best or score > best[domain]["score"]):
+                best[domain] = {"stage": name, "checkpoint": rows[name]["checkpoint"], "score": score}
+    return best
+
+
+def write_json(path, obj):
+    """Atomic: write a temp file, then rename it over the old one; a kill never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: data once, the starting point, then every stage followed by its evaluation
+
+
+def prepare_data(recipe, run):
+    """The data directory. Built-in data (and its tokenizer) is generated once, by rank 0: data.build
+    returns at once when it is all there, and completes a build that was killed halfway."""
+    if recipe["data"] != "built-in":
+        if not os.path.isdir(recipe["data"]):
+            raise RecipeError(f"data = {recipe['data']!r}: no such directory")
+        return recipe["data"]
+    data_dir, b = os.path.join(run, "data"), dict(recipe.get("build", {}))
+    preset = data.PRESETS[b.pop("preset", "tiny")]
+    if is_main():
+        data.build(data_dir, recipe["seed"], **{**preset, **b, "sizes": {**preset["sizes"], **b.get("sizes", {})}})
+    barrier()
+    return data_dir
+
+
+def start_checkpoint(recipe, run, data_dir):
+    """The recipe's `init` checkpoint, or (from scratch) a random init of `model`, saved once."""
+    if "init" in recipe:
+        return recipe["init"]
+    start, config = os.path.join(run, "start"), ModelConfig.from_json(recipe["model"])
+    if not checkpoint_exists(start):
+        tokenizer = os.path.join(data_dir, "tokenizer.json")
+        if data.load_tokenizer(tokenizer).get_vocab_size() > config.vocab_size:
+            raise RecipeError(f"{recipe['model']}: vocab_size {config.vocab_size} < the tokenizer's")
+        set_seed(recipe["seed"])
+        save_checkpoint(start, Transformer(config), tokenizer)
+    return start
+
+
+def eval_settings(recipe, data_dir, eval_limit):
+    s = {"limit": 32, "max_new_tokens": 128, "thinking": False, **recipe.get("eval", {})}
+    s.setdefault("thinking_max_new_tokens", s["max_new_tokens"])
+    s.setdefault("domains", [d for d in data.DOMAINS if os.path.exists(os.path.join(data_dir, "eval", f"{d}.jsonl"))])
+    return {**s, "limit": s["limit"] if eval_limit is None else eval_limit}
+
+
+def run_cascade(recipe, run, settings, data_dir, start, dd):
+    cache_path = os.path.join(run, "eval.json")
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    if cache.get("settings") != settings:  # other eval settings: the cached scores do not compare
+        cache = {"settings": settings, "rows": {}}
+    rows, stages = cache["rows"], recipe["stage"]
+    order = ["start"] + [st["name"] for st in stages]
+    ref = next((st["name"] for st in stages if st["script"] == "sft"), "start")  # chat's baseline
+    candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
+    metrics = MetricsLogger(os.path.join(run, "metrics.jsonl"))
+
+    def record(name, row):
+        rows[name] = row
+        if is_main():
+            write_json(cache_path, cache)
+            write_json(os.path.join(run, "teachers.json"), teacher_registry(rows, candidates, ref))
+        barrier()
+        scores = table(rows, order, ref)[name]
+        metrics.log({"event": "eval", "stage": name, **scores})
+        print0(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    if "start" not in rows:
+        record("start", evaluate(start, data_dir, settings, dd))
+    prev = start
+    for i, st in enumerate(stages):
+        out = os.path.join(run, "stages", st["name"])
+        final, stage_s = os.path.join(out, "final"), None
+        if not checkpoint_exists(final):
+            argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i)]
+            if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
+                best = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
+                wanted = st["ns"].domains.split(",")
+                if set(wanted) - set(best):
+                    raise RecipeError(f"stage {st['name']}: no evaluated checkpoint for {set(wanted) - set(best)}")
+                argv += ["--teachers", ",".join(f"{d}={best[d]['checkpoint']}" for d in wanted)]
+            print0(f"=== stage {st['name']}: python {st['script']}.py {' '.join(argv + st['argv'])}")
+            t0 = time.time()
+            summary = SCRIPTS[st["script"]].main(argv + st["argv"])
+            stage_s = round(time.time() - t0, 1)
+            metrics.log({"event": "stage", "stage": st["name"], "wall_s": stage_s, **(summary or {})})
+        if st["name"] not in rows:
+            record(st["name"], {**evaluate(final, data_dir, settings, dd), "stage_s": stage_s})
+        prev = final
+    if is_main():
+        write_report(run, recipe, settings, rows, order, ref, candidates)
+    barrier()
+    return table(rows, order, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: the stage x domain table, wall times, teachers, PNG curves where matplotlib is
+
+
+def write_report(run, recipe, settings, rows, order, ref, candidates):
+    scores, cols = table(rows, order, ref), [c for c, _, _ in eval_columns(settings)]
+    best = {c: max(s.get(c, -1) for s in scores.values()) for c in cols}
+    minutes = lambda s: "-" if s is None else f"{s / 60:.1f}"
+    lines = [f"# nanocascade: {recipe['name']}", "",
+             f"Held-out score per domain after each stage: greedy decoding, {settings['limit']} prompts "
+             f"per domain, math with and without thinking, chat = the hidden judge's win rate against "
+             f"`{ref}`. **Bold**: best in its column.", "",
+             "| stage | " + " | ".join(cols) + " | stage min | eval min |", "|---" * (len(cols) + 3) + "|"]
+    for name, s in scores.items():
+        cells = ["-" if c not in s else f"**{s[c]:.3f}**" if s[c] == best[c] else f"{s[c]:.3f}" for c in cols]
+        lines.append(f"| {name} | {' | '.join(cells)} | {minutes(rows[name].get('stage_s'))} | "
+                     f"{minutes(rows[name]['eval_s'])} |")
+    lines += ["", "Teachers (the best checkpoint per domain; ties keep the earlier one): " + ", ".join(
+        f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        lines += plot_curves(plt, run, recipe["stage"], rows, scores, candidates, ref)
+    except ImportError:
+        lines.append("(matplotlib is not installed: no PNG curves)")
+    with open(os.path.join(run, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(plt, run, stages, rows, scores, candidates, ref):
+    """curves.png: each stage's training reward per domain (SFT: its loss); mopd_<name>.png: a MOPD
+    stage's per-domain scores next to its teachers' and its starting point's."""
+    fig, axes = plt.subplots(1, len(stages), figsize=(3 * len(stages), 2.6), squeeze=False)
+    for ax, st in zip(axes[0], stages):
+        path = os.path.join(run, "stages", st["name"], "metrics.jsonl")
+        log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        for k in sorted({k for r in log for k in r if k.startswith("reward")}) or ["loss"]:
+            ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1)
+        ax.set_title(st["name"], fontsize=9)
+        ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "curves.png"))
+    lines = ["![training curves](curves.png)"]
+    for i, st in enumerate(stages):
+        if st["script"] != "mopd" or st["name"] not in scores:
+            continue
+        teachers = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
+        doms, before = [d for d in st["ns"].domains.split(",") if d in teachers], stages[i - 1]["name"] if i else "start"
+        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(doms), 2.6))
+        for k, (label, s) in enumerate([(before, scores[before]), (st["name"], scores[st["name"]]),
+                                        ("teacher", {d: t["score"] for d, t in teachers.items()})]):
+            ax.bar([j + 0.27 * (k - 1) for j in range(len(doms))], [s[d] for d in doms], 0.27, label=label)
+        ax.set_xticks(range(len(doms)), doms)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(run, f"mopd_{st['name']}.png"))
+        lines.append(f"![{st['name']} against its teachers](mopd_{st['name']}.png)")
+    plt.close("all")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Run a cascade recipe end to end (see the module docstring).")
+    ap.add_argument("--recipe", default="recipes/tiny.toml", help="the TOML recipe to run")
+    ap.add_argument("--run_dir", help="output directory (default: runs/<recipe name>)")
+    ap.add_argument("--steps_scale", type=float, default=1.0,
+                    help="multiply every stage's --steps and --rm_steps by this (floor 1): quick tests")
+    ap.add_argument("--eval_limit", type=int, help="eval prompts per domain (overrides the recipe's)")
+    ap.add_argument("--only_eval", metavar="CKPT", help="evaluate one checkpoint, print its row, exit")
+    a = ap.parse_args(argv)
+    recipe = load_recipe(a.recipe, a.steps_scale)  # all of it checked before anything runs
+    run = a.run_dir or os.path.join("runs", recipe["name"])
+    dd = init_distributed()
+    data_dir = prepare_data(recipe, run)
+    settings = eval_settings(recipe, data_dir, a.eval_limit)
+    if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with
+        cache = os.path.join(run, "eval.json")
+        rows = json.load(open(cache))["rows"] if os.path.exists(cache) else {}
+        ref = next((st["name"] for st in recipe["stage"] if st["script"] == "sft"), "start")
+        row = table({**rows, "eval": evaluate(a.only_eval, data_dir, settings, dd)}, ["eval"], ref)["eval"]
+        print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        return row
+    return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

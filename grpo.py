@@ -1,0 +1,400 @@
+"""
+GRPO: the one policy-gradient stage behind every verifiable Cascade RL stage (IF-RL, multi-domain
+RL, long-context RL, code RL, SWE RL); a stage is this file with its own prompt mix.
+
+What the paper does (RECIPE.md): sample G responses per prompt from the current policy, score them
+with a verifier, give every token of response i the advantage A_i = (r_i - mean(r)) / std(r) of its
+group, and maximize the PPO surrogate averaged over all response tokens of the batch (a token-level
+mean: long responses are not down-weighted). Strictly on-policy, one optimizer step per rollout
+batch: the ratio is 1, the update is REINFORCE with group-normalized rewards. No KL. Groups with
+all-equal rewards carry no signal and are dropped (DAPO's dynamic filtering).
+
+What we keep: all of it. pi_old is the rollout engine's sampling logprob, so the train/inference
+mismatch is logged every step and bounded by the PPO clip (DAPO's clip-higher), which otherwise
+binds only with --epochs > 1. Tool calling is multi-turn through the engine's environment hook.
+What we drop: DAPO refills the batch after filtering (we train on the groups that survive); its soft
+overlong penalty (we mask truncated responses, or give them reward 0); the separate inference
+server (rollout.Engine runs the training weights). A k3 KL to the start exists but is off.
+
+Run: python grpo.py --init runs/sft/final --data runs/data --out runs/grpo --domains math   (or
+torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its share of the prompts)
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+from types import SimpleNamespace
+
+import torch
+
+import common
+import data
+import verifiers
+from common import print0
+from data import chat
+from rollout import Engine, SamplingParams
+from verifiers.tool import ToolEnv
+
+
+# ---- the math ------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
+    """rewards [N] in groups of `group_size` consecutive samples of one prompt -> advantages [N]:
+    A_i = (r_i - mean_group) / (std_group + eps), the same for every token of response i.
+
+    std is the population std (divide by G, not G - 1): the group is the whole set we normalize, not
+    a sample of the prompt's rewards, so its advantages have mean 0 and mean square 1 (up to eps)
+    whatever G is, and a group of one is defined (the unbiased std is 0/0 there). A group with zero
+    spread gets exactly 0: its responses are equally good, nothing to learn."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: {rewards.numel()} rewards, groups of {group_size}")
+    r_P_G = rewards.reshape(-1, group_size)
+    centered_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)   # RECIPE.md GRPO: A_i
+    if normalize_std:
+        centered_P_G = centered_P_G / (r_P_G.std(dim=1, unbiased=False, keepdim=True) + eps)
+    spread_P_1 = r_P_G.amax(dim=1, keepdim=True) - r_P_G.amin(dim=1, keepdim=True)
+    return torch.where(spread_P_1 > 0, centered_P_G, 0.0).reshape(-1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, num_tokens=None):
+    """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
+    logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
+    generated tokens); advantages: [B] or [B, T]. num_tokens: unmasked tokens of the *global* batch
+    (all-reduced by the caller), default mask.sum(). Returns (loss to minimize, fraction of unmasked
+    tokens where the min picked the clipped term: 0 in strict on-policy training)."""
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    ratio = torch.exp(logprobs - old_logprobs)
+    # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), RECIPE.md's J with rho = pi/pi_old
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    # J = (1 / sum_i |o_i|) sum_i sum_t ...: sum over every token, divided by the global token count
+    loss = -(torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
+    clip_frac = ((clipped < unclipped) * mask).sum().detach() / mask.sum().clamp(min=1)
+    return loss, clip_frac
+
+
+def k3(logprobs, ref_logprobs):
+    """Per-token k3 estimate of KL(pi || ref) from samples of pi (unbiased, >= 0; Schulman 2020)."""
+    return torch.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1.0
+
+
+# ---- prompts, rollouts and the training forward (shared with mopd.py and rlhf.py) ----------------
+def load_prompts(data_dir, domains, prompts_file=None, split="rl"):
+    """-> {domain: [rows]} from DATA/<split>/<domain>.jsonl, or from one JSONL of mixed domains."""
+    if prompts_file:
+        rows = data.load_jsonl(prompts_file, "rl")
+        pools = {d: [r for r in rows if r["domain"] == d] for d in domains}
+    else:
+        pools = {d: data.load_jsonl(os.path.join(data_dir, split, f"{d}.jsonl"), "rl") for d in domains}
+    for d in [d for d in domains if not pools[d]]:
+        raise ValueError(f"{prompts_file or os.path.join(data_dir, split)}: no prompts of domain '{d}'")
+    return pools
+
+
+def rollout(engine, tok, rows, group_size, params, seed):
+    """G responses per prompt -> (samples, texts), flat, the G of a prompt consecutive. The tool domain
+    is multi-turn: at </tool_call> the environment (verifiers.tool.ToolEnv) runs that turn's calls and
+    appends the results as a user turn; generation goes on (within max_new_tokens, tool output
+    included). Elsewhere a tool call ends the turn."""
+    env = ToolEnv()
+
+    def env_hook(i, j, response_ids):
+        if rows[i]["domain"] != "tool":
+            return None
+        last_turn = chat.decode(tok, response_ids).rsplit("</tool_response>", 1)[-1]
+        calls = chat.parse_response(last_turn)["tool_calls"]
+        return chat.tool_response_ids(tok, [env.run(c["name"], c["arguments"]) for c in calls],
+                                      rows[i]["thinking"]) if calls else None
+    prompts = [chat.generation_prompt_ids(tok, r["messages"], r.get("tools"), r["thinking"]) for r in rows]
+    params = SamplingParams(**params, stop_token_ids=tuple(chat.stop_ids(tok)),
+                            hook_token_ids=(tok.token_to_id("</tool_call>"),))
+    groups = engine.generate(prompts, params, n=group_size, seed=seed, env_hook=env_hook) if rows else []
+    samples = [s for group in groups for s in group]
+    return samples, [chat.decode(tok, s.token_ids) for s in samples]
+
+
+def micro_batches(samples, size, pad_id, device):
+    """Samples -> [(indices, batch)] of `size` sequences, sorted by length; a batch is right-padded
+    [B, T] tensors: inputs_B_T predicts targets_B_T (shifted by one); mask_B_T is 1 where the target
+    was generated by the model (not prompt, tool output, padding); inf_logprobs_B_T its engine logprob."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].token_ids))
+    out = []
+    for ix in [order[i:i + size] for i in range(0, len(order), size)]:
+        batch = [samples[i] for i in ix]
+        seqs = [s.prompt_ids + s.token_ids for s in batch]
+        T = max(map(len, seqs)) - 1
+        pad = lambda rows, value, dtype=torch.float32: torch.tensor(   # right-pad every row to T
+            [r + [value] * (T - len(r)) for r in rows], dtype=dtype, device=device)
+        response = lambda s, x: [0] * (len(s.prompt_ids) - 1) + list(x)   # at the response's targets
+        out.append((ix, dict(inputs_B_T=pad([q[:-1] for q in seqs], pad_id, torch.long),
+                             targets_B_T=pad([q[1:] for q in seqs], pad_id, torch.long),
+                             mask_B_T=pad([response(s, s.gen_mask) for s in batch], 0),
+                             inf_logprobs_B_T=pad([response(s, s.logprobs) for s in batch], 0))))
+    return out
+
+
+def token_logprobs(model, batch, temperature=1.0):
+    """log pi(target | prefix) for the masked targets of a batch (0 elsewhere), running the LM head
+    only on those positions. -> (logprobs_B_T, entropy_B_T (no grad), aux_loss). Logits are divided
+    by the sampling temperature: pi is then the distribution the engine sampled from."""
+    mask_B_T = batch["mask_B_T"]
+    idx_M = mask_B_T.flatten().nonzero().squeeze(1)
+    logits_M_V, aux = model(batch["inputs_B_T"], logits_index=idx_M)
+    logp_M_V = torch.log_softmax(logits_M_V.float() / temperature, dim=-1)
+    lp_M = logp_M_V.gather(1, batch["targets_B_T"].flatten()[idx_M, None]).squeeze(1)
+    flat = torch.zeros(mask_B_T.numel(), device=mask_B_T.device)
+    entropy_M = -(logp_M_V.exp() * logp_M_V).sum(-1).detach()
+    scatter = lambda v_M: flat.index_copy(0, idx_M, v_M).view_as(mask_B_T)   # back to [B, T]
+    return scatter(lp_M), scatter(entropy_M), aux
+
+
+def token_stats(sums, batch, logprobs_B_T, entropy_B_T, pad_id):
+    """Add a micro-batch's forward tokens, entropy and train/inference mismatch to the log sums."""
+    mask_B_T, diff_B_T = batch["mask_B_T"], logprobs_B_T.detach() - batch["inf_logprobs_B_T"]
+    for key, v in [("fwd_tokens", batch["inputs_B_T"] != pad_id), ("entropy", entropy_B_T * mask_B_T),
+                   ("mismatch_abs", diff_B_T.abs() * mask_B_T),
+                   ("mismatch_k3", k3(0, diff_B_T) * mask_B_T)]:   # estimates KL(inference || train)
+        sums[key] = sums.get(key, 0.0) + v.sum().item()
+
+
+def global_sums(values, device):
+    """{name: local float} -> {name: sum over ranks} in one all-reduce."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    return dict(zip(values, common.all_reduce_sum(t).tolist()))
+
+
+def per_domain(run, values_N, domains_N, name):
+    """{"<domain>/<name>": sum of the values, "<domain>/n": their count} for global_sums."""
+    by_domain = [(x, [v for v, y in zip(values_N, domains_N) if y == x]) for x in run.domains]
+    return {k: v for x, vs in by_domain for k, v in ((f"{x}/{name}", sum(vs)), (f"{x}/n", len(vs)))}
+
+
+def sync_grads(params):
+    """Sum (not average, as DDP would) gradients over ranks: each rank's loss is already divided by the
+    *global* token count, so the sum is the gradient of the global token-mean loss."""
+    if torch.distributed.is_initialized():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = common.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+
+# ---- the stage's skeleton (also mopd.py's and rlhf.py's): start or resume, roll out, log, finish
+def finished(out):
+    """The summary of a stage whose OUT/final exists (it is then not run again), else None."""
+    if common.checkpoint_exists(final := os.path.join(out, "final")):
+        return json.load(open(os.path.join(final, "trainer_state.json"))).get("summary", {})
+
+
+def setup(args, freeze_router=False):
+    """An RL stage's state, as a plain namespace: the policy (OUT/last when resuming, else --init),
+    tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights."""
+    d = common.init_distributed(args.device)
+    last = os.path.join(args.out, "last")
+    start = last if common.checkpoint_exists(last) else args.init
+    model, state = common.load_checkpoint(start, d.device)
+    tok = data.load_tokenizer(os.path.join(start, "tokenizer.json"))
+    if tok.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(f"{start}: the tokenizer has {tok.get_vocab_size()} tokens > vocab_size "
+                         f"{model.config.vocab_size}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not (freeze_router and name.endswith("mlp.gate.weight")))   # the MoE router
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)   # none in RL
+    if start == last:   # resuming
+        common.load_optimizer(last, opt, state)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
+    domains = args.domains.split(",")
+    mix = [float(w) for w in args.mix.split(",")] if args.mix else [1.0] * len(domains)
+    if len(mix) != len(domains) or min(mix) < 0 or sum(mix) <= 0:
+        raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
+    return SimpleNamespace(
+        dist=d, model=model, tok=tok, tok_path=os.path.join(start, "tokenizer.json"), optimizer=opt,
+        params=params, step=state.get("step", 0) if start == last else 0,
+        autocast=lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16),
+        logger=common.MetricsLogger(os.path.join(args.out, "metrics.jsonl")), domains=domains, mix=mix,
+        pools=load_prompts(args.data, domains, args.prompts), engine=Engine(model))
+
+
+def rollout_step(run, args, step, sampling, reward_fn=None):
+    """Set the LR; draw the step's prompts (deterministic from (seed, step): a domain from the mix,
+    then a prompt); roll out this rank's share, G responses each; score them with the verifiers (or
+    reward_fn(rows_N, texts_N)). -> (rows_N, samples_N, rewards_N, stats to log)"""
+    lr = common.lr_at(step, args.steps, args.warmup, args.lr, schedule="constant")
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    rng, rows = random.Random(f"prompts-{args.seed}-{step}"), []
+    for _ in range(args.prompts_per_step):
+        row = rng.choice(run.pools[rng.choices(run.domains, weights=run.mix)[0]])
+        think = rng.random() < 0.5 if args.thinking == "mixed" else args.thinking == "on"
+        rows.append(dict(row, thinking=think))
+    rows = rows[run.dist.rank::run.dist.world_size]   # shares may differ by one: sums are global
+    t0 = time.time()
+    samples, texts = rollout(run.engine, run.tok, rows, args.group_size, sampling,
+                             seed=(args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank)
+    stats = dict(lr=lr, rollout_s=time.time() - t0, samples=len(samples),
+                 gen_tokens=sum(sum(s.gen_mask) for s in samples),
+                 resp_tokens=sum(len(s.token_ids) for s in samples))
+    rows_N = [r for r in rows for _ in range(args.group_size)]
+    domains_N = [r["domain"] for r in rows_N]
+    rewards = (verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N]) if reward_fn is None
+               else reward_fn(rows_N, texts))
+    return rows_N, samples, rewards, dict(stats, **per_domain(run, rewards, domains_N, "reward"))
+
+
+def step_row(run, step, stats):
+    """The step's local stats -> global sums -> the metrics every RL stage logs (and g, the sums)."""
+    g = global_sums(stats, run.dist.device)
+    n, world = max(g["tokens"], 1), run.dist.world_size
+    row = dict(step=step, lr=stats["lr"], **{f"reward/{x}": g[f"{x}/reward"] / g[f"{x}/n"]
+                                            for x in run.domains if g[f"{x}/n"]})
+    row.update(response_len=g["resp_tokens"] / g["samples"], trained_tokens=g["tokens"],
+               entropy=g["entropy"] / n, mismatch_abs=g["mismatch_abs"] / n, mismatch_k3=g["mismatch_k3"] / n,
+               rollout_tok_s=g["gen_tokens"] / g["rollout_s"] * world,
+               train_tok_s=g["fwd_tokens"] / max(g["train_s"], 1e-9) * world)
+    return row, g
+
+
+def end_step(run, args, history, row):
+    """Log the step's row, print it every log_every steps, write OUT/last every save_every steps."""
+    step, last = row["step"], row["step"] + 1 == args.steps
+    run.logger.log(row)
+    history.append(row)
+    if step % args.log_every == 0 or last:
+        print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if args.save_every and (step + 1) % args.save_every == 0 and not last:
+        common.save_checkpoint(os.path.join(args.out, "last"), run.model, run.tok_path, run.optimizer,
+                               dict(step=step + 1))
+
+
+def finish(run, args, history):
+    """OUT/final with the summary: each reward/eval metric averaged over the last 5 steps."""
+    recent = history[-5:]
+    summary = {k: sum(r[k] for r in recent if k in r) / sum(k in r for r in recent)
+               for k in {k for r in recent for k in r if k.startswith(("reward/", "eval", "reverse_kl/"))}}
+    common.save_checkpoint(os.path.join(args.out, "final"), run.model, run.tok_path,
+                           state=dict(step=args.steps, summary=summary))
+    return summary
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------
+def grpo_update(run, args, samples, advantages_N, ref=None):
+    """One rollout batch -> args.epochs optimizer steps (1 = strict on-policy). Returns local sums."""
+    pad_id = run.tok.token_to_id("<|pad|>")
+    mbs = micro_batches(samples, args.micro_batch, pad_id, run.dist.device)
+    local = sum(b["mask_B_T"].sum().item() for _, b in mbs)
+    num_tokens = global_sums(dict(n=local), run.dist.device)["n"]   # sum_i |o_i| of the global batch
+    sums = dict(tokens=local, fwd_tokens=0, entropy=0, mismatch_abs=0, mismatch_k3=0, clip=0, kl=0)
+    if num_tokens == 0:          # every group filtered on every rank: nothing to learn this step
+        return sums
+    with torch.no_grad(), run.autocast():
+        ref_lps = [token_logprobs(ref, b, args.temperature)[0] if ref else None for _, b in mbs]
+    for epoch in range(args.epochs):
+        run.optimizer.zero_grad(set_to_none=True)
+        for (ix, b), ref_lp_B_T in zip(mbs, ref_lps):
+            mask_B_T = b["mask_B_T"]
+            with run.autocast():
+                lp_B_T, ent_B_T, aux = token_logprobs(run.model, b, args.temperature)
+            # pi_old = the engine's sampling logprobs: the ratio is 1 up to the train/inference mismatch
+            loss, clip_frac = policy_loss(lp_B_T, b["inf_logprobs_B_T"], advantages_N[ix], mask_B_T,
+                                          args.clip_low, args.clip_high, num_tokens)
+            if ref_lp_B_T is not None:
+                kl = (k3(lp_B_T, ref_lp_B_T) * mask_B_T).sum() / num_tokens
+                loss = loss + args.kl_coef * kl
+                sums["kl"] += kl.item() * num_tokens / args.epochs
+            if not args.freeze_router:   # load balancing as in SFT, weighted by this batch's share
+                loss = loss + run.model.config.router_aux_loss_coef * aux * mask_B_T.sum() / num_tokens
+            loss.backward()
+            sums["clip"] += clip_frac.item() * mask_B_T.sum().item() / args.epochs
+            if epoch == 0:
+                token_stats(sums, b, lp_B_T, ent_B_T, pad_id)
+        sync_grads(run.params)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip)
+        run.optimizer.step()
+    return sums
+
+
+def train(args, reward_fn=None):
+    """The GRPO loop. reward_fn(rows_N, texts_N) -> one reward per sample (default: the verifiers
+    of the rows' domains); rlhf.py passes its reward model."""
+    if (summary := finished(args.out)) is not None:
+        return summary
+    run = setup(args, freeze_router=args.freeze_router)
+    ref = None
+    if args.kl_coef > 0:   # the KL reference (off by default): the stage's frozen starting checkpoint
+        ref = common.load_checkpoint(args.init, run.dist.device)[0].eval().requires_grad_(False)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    history, G = [], args.group_size
+    for step in range(run.step, args.steps):
+        _, samples, rewards, stats = rollout_step(run, args, step, sampling, reward_fn)
+        truncated_N = torch.tensor([s.finish_reason == "length" for s in samples])
+        rewards_N = torch.where(truncated_N & (args.overlong == "penalize"), 0.0,   # overlong: reward 0
+                                torch.tensor(rewards, dtype=torch.float64))
+        advantages_N = group_advantages(rewards_N, G).float().to(run.dist.device)
+        no_signal_P = rewards_N.view(-1, G).amax(1) == rewards_N.view(-1, G).amin(1)
+        # DAPO's dynamic filtering (equal rewards: no signal) and overlong filtering (truncated: no loss)
+        drop_N = ((no_signal_P.repeat_interleave(G) & (args.filter_groups == "on"))
+                  | (truncated_N & (args.overlong == "mask")))
+        kept = (~drop_N).nonzero().squeeze(1).tolist()
+        t0 = time.time()
+        stats.update(grpo_update(run, args, [samples[i] for i in kept], advantages_N[kept], ref),
+                     train_s=time.time() - t0, groups=len(no_signal_P), filtered=no_signal_P.sum().item(),
+                     truncated=truncated_N.sum().item())
+        row, g = step_row(run, step, stats)
+        row.update(filtered_frac=g["filtered"] / g["groups"], truncated_frac=g["truncated"] / g["samples"],
+                   clip_frac=g["clip"] / max(g["tokens"], 1), kl_ref=g["kl"] / max(g["tokens"], 1))
+        end_step(run, args, history, row)
+    return finish(run, args, history)
+
+
+def add_rl_args(p, lr, group_size):
+    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py)."""
+    p.formatter_class, a = argparse.ArgumentDefaultsHelpFormatter, p.add_argument
+    a("--init", required=True, help="start checkpoint directory (HF layout + tokenizer.json)")
+    a("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
+    a("--data", required=True, help="data directory: rl/<domain>.jsonl, eval/<domain>.jsonl, prefs/")
+    a("--seed", type=int, default=0, help="seed of the prompt order and of the rollouts")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
+    a("--steps", type=int, default=20, help="RL steps (one rollout batch each)")
+    a("--lr", type=float, default=lr, help="learning rate (AdamW), constant after the warmup")
+    a("--warmup", type=int, default=2, help="linear warmup steps")
+    a("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--domains", default="math", help="comma-separated domains to draw prompts from")
+    a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
+    a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
+    a("--group_size", type=int, default=group_size, help="G: responses sampled per prompt")
+    a("--prompts_per_step", type=int, default=16, help="prompts per step, global over all ranks")
+    a("--max_new_tokens", type=int, default=256, help="cap on each response (tool output included)")
+    a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
+    a("--micro_batch", type=int, default=16, help="sequences per training forward (memory knob only)")
+    a("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
+    a("--log_every", type=int, default=1, help="print a progress line every N steps")
+    return p
+
+
+def build_parser():
+    p = add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8)
+    a = p.add_argument
+    a("--temperature", type=float, default=1.0, help="sampling temperature (the trained policy's too)")
+    a("--top_p", type=float, default=1.0, help="nucleus sampling")
+    a("--epochs", type=int, default=1, help="optimizer steps per rollout batch (>1: the PPO clip binds)")
+    a("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
+    a("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (clip-higher)")
+    a("--kl_coef", type=float, default=0.0, help="k3 KL penalty to --init (0: none, as in the paper)")
+    a("--overlong", default="mask", choices=["mask", "penalize", "none"], help="truncated: no loss/reward 0")
+    a("--filter_groups", default="on", choices=["on", "off"], help="drop groups with equal rewards")
+    a("--freeze_router", action="store_true", help="freeze the MoE router (and drop its aux loss)")
+    return p
+
+
+def main(argv=None):
+    return train(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Paged decode attention: one new query token per sequence against that sequence's cached K/V,
+which lives scattered over fixed-size blocks of a shared pool (see rollout.py for the pool).
+
+    out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_cache, v_cache, block_tables_S_M, context_lens_S)
+
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D], one layer's slice of the pool
+    block_tables_S_M: int32/int64, row s lists the blocks of sequence s in order (padding: any id)
+    context_lens_S:   number of cached tokens of sequence s, the new token's own k/v included
+
+Token t of sequence s sits in block block_tables[s, t // block_size] at row t % block_size. Query
+head h attends with kv head h // (Hq // Hkv) (grouped-query attention). The new token is the last
+one in its context, so no causal mask is needed: it sees all context_lens[s] tokens.
+
+Two implementations with the same contract:
+- `paged_decode_attention_torch`: gathers every sequence's blocks into a padded [S, M*block_size]
+  tensor and runs SDPA with a length mask. Plain and obviously right; it reads (and pads to) the
+  longest sequence, so it is the reference and the CPU path.
+- `paged_decode_attention_triton`: one program per (sequence, kv head). The program loads the
+  Hq/Hkv query heads that share this kv head as one [G, D] tile (so each K/V block is read once for
+  the whole group, which is the point of GQA at decode time), then walks the sequence's block table
+  one block at a time with an online softmax (running max m, running sum l, rescaled accumulator),
+  as in FlashAttention. It reads exactly the cached tokens and nothing else, which is what a
+  memory-bound decode step wants.
+`paged_decode_attention` picks Triton when the tensors are on a GPU or NANOCASCADE_TRITON=1 (the
+rule of kernels/__init__.py), and the torch path otherwise.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                 block_tables_S_M: Tensor, context_lens_S: Tensor,
+                                 scale: float | None = None) -> Tensor:
+    S, M = block_tables_S_M.shape
+    _, block_size, Hkv, D = k_cache.shape
+    # [S, M, block_size, Hkv, D] -> [S, Hkv, M*block_size, D]: each sequence's tokens in order.
+    k_S_Hkv_C_D = k_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
+    v_S_Hkv_C_D = v_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
+    valid_S_C = torch.arange(M * block_size, device=q_S_Hq_D.device) < context_lens_S[:, None]
+    out = F.scaled_dot_product_attention(q_S_Hq_D[:, :, None, :], k_S_Hkv_C_D, v_S_Hkv_C_D,
+                                         attn_mask=valid_S_C[:, None, None, :], scale=scale,
+                                         enable_gqa=True)
+    return out[:, :, 0, :]
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, table_stride, scale,
+                         G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, BS)
+    g_ok = g < G
+    d_ok = d < D
+    # q is [S, Hq, D] contiguous; the query heads of kv head h are h*G .. h*G+G-1.
+    q_rows = s * HKV * G + h * G + g
+    q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    ctx = tl.load(lens_ptr + s)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max of the scores
+    l = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp(score - m)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)      # running sum of exp(score - m) * v
+    i = 0
+    while i * BS < ctx:   # a `while`, not a `for`: runtime-bounded for loops break the interpreter
+        block = tl.load(tables_ptr + s * table_stride + i).to(tl.int64)
+        # the pool is [num_blocks, BS, HKV, D] contiguous: row t of the block, kv head h
+        kv_off = ((block * BS + t) * HKV + h)[:, None] * D + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale   # [BLOCK_G, BS]
+        scores = tl.where((i * BS + t)[None, :] < ctx, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))   # finite: block 0 always holds a valid token
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = m_new
+        i += 1
+    out = acc / l[:, None]
+    tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])
+
+
+def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                  block_tables_S_M: Tensor, context_lens_S: Tensor,
+                                  scale: float | None = None) -> Tensor:
+    S, Hq, D = q_S_Hq_D.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    # tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two.
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, \
+        f"paged_attention.py: the Triton kernel needs a power-of-two block_size >= 16, got {block_size}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and Hq % Hkv == 0
+    q = q_S_Hq_D.contiguous()
+    out = torch.empty_like(q)
+    G = Hq // Hkv
+    _paged_decode_kernel[(S, Hkv)](
+        q, k_cache, v_cache, block_tables_S_M, context_lens_S, out, block_tables_S_M.stride(0),
+        D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D, BS=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return out
+
+
+def paged_decode_attention(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
+                           block_tables_S_M: Tensor, context_lens_S: Tensor,
+                           scale: float | None = None) -> Tensor:
+    block_size = k_cache.shape[1]
+    triton_ok = block_size >= 16 and block_size & (block_size - 1) == 0
+    use_triton = q_S_Hq_D.is_cuda or os.environ.get("NANOCASCADE_TRITON") == "1"
+    fn = paged_decode_attention_triton if use_triton and triton_ok else paged_decode_attention_torch
+    return fn(q_S_Hq_D, k_cache, v_cache, block_tables_S_M, context_lens_S, scale)

@@ -1,0 +1,188 @@
+"""Fused top-k routing for a mixture-of-experts layer, in Triton, next to its plain-torch reference.
+
+A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router logits [N, E] into:
+
+    probs_N_E    fp32 softmax over experts (the aux loss needs all of it)
+    weights_N_K  the top-k probabilities, renormalized to sum to 1 when norm_topk_prob (Qwen3-MoE)
+    experts_N_K  the chosen expert ids, in descending weight order
+    counts_E, offsets_E1, sort_idx, unsort_idx
+                 the permutation that groups the N*K token copies by expert, so that each expert's
+                 rows are contiguous and one grouped GEMM (kernels/grouped_gemm.py) does all experts.
+
+Flat copy index j = token * K + k. The sort is stable, by expert then by j, so it is deterministic
+and equal to `argsort(experts_N_K.flatten(), stable=True)`: the Triton path and the reference
+return identical integers.
+
+Two kernels, both one program per BLOCK_N tokens:
+  1. `_topk_kernel`: softmax, top-k by K rounds of row-wise argmax (K is small, E fits one tile),
+     renormalize, and a per-block histogram of the chosen experts.
+  2. torch turns the histograms into offsets: expert e's segment starts at offsets[e], and block b's
+     copies of e start after those of blocks < b (an exclusive cumsum over blocks).
+  3. `_permute_kernel`: within its block, a copy's rank among the copies of the same expert is a
+     cumulative sum over a one-hot [copies, E] tile; its sorted position is base + rank.
+The kernels are forward-only (integers have no gradient); `_Route.backward` writes the gradient of
+probs and weights w.r.t. the logits analytically, so the router trains through the fused path.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    weights_N_K: Tensor  # fp32 routing weights of the top-k experts (renormalized if norm_topk_prob)
+    experts_N_K: Tensor  # int64 expert ids, in descending weight order
+    probs_N_E: Tensor    # fp32 full softmax (for the load-balancing aux loss; carries grad to router)
+    counts_E: Tensor     # int64 number of token copies per expert
+    offsets_E1: Tensor   # int64 [E+1] exclusive prefix sum of counts (offsets[0]=0, offsets[E]=N*K)
+    sort_idx: Tensor     # int64 [N*K]: row j of the expert-sorted copies is flat copy sort_idx[j]
+    unsort_idx: Tensor   # int64 [N*K]: inverse permutation of sort_idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: what the kernels compute, in five lines of torch.
+
+def route_reference(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
+    N, E = router_logits_N_E.shape
+    probs_N_E = torch.softmax(router_logits_N_E.float(), dim=-1)
+    weights_N_K, experts_N_K = torch.topk(probs_N_E, top_k, dim=-1)  # sorted, descending
+    if norm_topk_prob:
+        weights_N_K = weights_N_K / weights_N_K.sum(dim=-1, keepdim=True)
+    flat = experts_N_K.flatten()
+    sort_idx = torch.argsort(flat, stable=True)
+    counts_E = torch.bincount(flat, minlength=E)
+    offsets_E1 = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])
+    unsort_idx = torch.empty_like(sort_idx)
+    unsort_idx[sort_idx] = torch.arange(N * top_k, device=flat.device)
+    return Routing(weights_N_K, experts_N_K, probs_N_E, counts_E, offsets_E1, sort_idx, unsort_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 1: softmax -> top-k -> renormalize -> per-block expert histogram.
+
+@triton.jit
+def _topk_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, block_counts_ptr, N,
+                 stride_ln, E: tl.constexpr, TOP_K: tl.constexpr, NORM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)  # all experts of a token in one tile: E <= a few hundred
+    row_ok = rows < N
+    col_ok = cols < E
+    mask = row_ok[:, None] & col_ok[None, :]
+    # Padding rows read 0 (harmless finite values), padding experts -inf (probability exactly 0).
+    x = tl.load(logits_ptr + rows[:, None] * stride_ln + cols[None, :], mask=mask, other=0.0)
+    x = tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
+    x = x - tl.max(x, axis=1)[:, None]  # the usual max-shift: exp never overflows
+    ex = tl.exp(x)
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
+
+    # Top-k by K rounds of "take the row max, then knock it out". Probabilities are >= 0, so
+    # padding experts start at -1 and a taken expert is set to -2. Ties go to the lowest id.
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    top_e = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    work = tl.where(col_ok[None, :], p, -1.0)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(work, axis=1)
+        best_e = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
+        top_e = tl.where(kcols[None, :] == k, best_e[:, None], top_e)
+        work = tl.where(cols[None, :] == best_e[:, None], -2.0, work)
+    if NORM:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    kmask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    out = rows[:, None] * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + out, top_w, mask=kmask)
+    tl.store(experts_ptr + out, top_e.to(tl.int64), mask=kmask)
+
+    # How many of this block's copies went to each expert (-2 marks the chosen ones).
+    chosen = (work == -2.0) & row_ok[:, None]
+    tl.store(block_counts_ptr + pid * E + cols, tl.sum(chosen.to(tl.int32), axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 2: each block scatters its copies to their expert-sorted positions.
+
+@triton.jit
+def _permute_kernel(experts_ptr, base_ptr, sort_ptr, unsort_ptr, NK, E: tl.constexpr,
+                    COPIES: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    local = tl.arange(0, BLOCK_J)  # BLOCK_J = COPIES (= BLOCK_N * K) rounded up to a power of 2
+    j = pid * COPIES + local       # flat copy index
+    ok = (local < COPIES) & (j < NK)
+    e = tl.load(experts_ptr + j, mask=ok, other=BLOCK_E).to(tl.int32)  # padding matches no expert
+    onehot = (e[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)  # [BLOCK_J, BLOCK_E]
+    # Inclusive running count down the copies, read at each copy's own expert: its 1-based rank
+    # among this block's copies of that expert, in flat-index order (which makes the sort stable).
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    pos = tl.load(base_ptr + pid * E + e, mask=ok, other=0) + rank
+    tl.store(sort_ptr + pos, j.to(tl.int64), mask=ok)
+    tl.store(unsort_ptr + j, pos.to(tl.int64), mask=ok)
+
+
+def _route_kernels(logits_N_E: Tensor, top_k: int, norm: bool):
+    N, E = logits_N_E.shape
+    dev = logits_N_E.device
+    if logits_N_E.stride(1) != 1:
+        logits_N_E = logits_N_E.contiguous()
+    BLOCK_N = 16  # tokens per program: a [16, E] softmax tile and a [16*K, E] one-hot tile
+    nblocks = triton.cdiv(N, BLOCK_N)
+    BLOCK_E, BLOCK_K = triton.next_power_of_2(E), triton.next_power_of_2(top_k)
+    probs = torch.empty(N, E, device=dev, dtype=torch.float32)
+    weights = torch.empty(N, top_k, device=dev, dtype=torch.float32)
+    experts = torch.empty(N, top_k, device=dev, dtype=torch.int64)
+    block_counts = torch.empty(nblocks, E, device=dev, dtype=torch.int32)
+    _topk_kernel[(nblocks,)](logits_N_E, probs, weights, experts, block_counts, N,
+                             logits_N_E.stride(0), E=E, TOP_K=top_k, NORM=norm,
+                             BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K)
+    # Segment starts: expert e's rows begin at offsets[e]; inside it, block b's copies come after
+    # those of all earlier blocks. A tiny [nblocks, E] cumsum, no host sync.
+    counts = block_counts.sum(0, dtype=torch.int64)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    base = offsets[:-1] + block_counts.cumsum(0, dtype=torch.int64) - block_counts
+    sort_idx = torch.empty(N * top_k, device=dev, dtype=torch.int64)
+    unsort_idx = torch.empty_like(sort_idx)
+    _permute_kernel[(nblocks,)](experts, base.to(torch.int32), sort_idx, unsort_idx, N * top_k,
+                                E=E, COPIES=BLOCK_N * top_k,
+                                BLOCK_J=triton.next_power_of_2(BLOCK_N * top_k), BLOCK_E=BLOCK_E)
+    return probs, weights, experts, counts, offsets, sort_idx, unsort_idx
+
+
+class _Route(torch.autograd.Function):
+    """Forward: the two kernels. Backward: the analytic gradient of probs and weights w.r.t. the
+    logits, so no softmax is recomputed. With q = probs[experts] and S = sum_k q_k:
+        weights = q / S  =>  dq = (dweights - sum_k dweights_k * weights_k) / S   (plain: dq = dw)
+        probs = softmax(logits)  =>  dlogits = p * (dp - sum_e dp_e * p_e)
+    where dp collects the probs gradient (aux loss) plus dq scattered to the chosen experts."""
+
+    @staticmethod
+    def forward(ctx, logits_N_E, top_k, norm):
+        probs, weights, experts, *perm = _route_kernels(logits_N_E, top_k, norm)
+        ctx.save_for_backward(probs, weights, experts)
+        ctx.norm, ctx.dtype = norm, logits_N_E.dtype
+        ctx.mark_non_differentiable(experts, *perm)
+        return probs, weights, experts, *perm
+
+    @staticmethod
+    def backward(ctx, dprobs, dweights, *_):
+        probs, weights, experts = ctx.saved_tensors
+        dprobs = torch.zeros_like(probs) if dprobs is None else dprobs.float()
+        if dweights is not None:
+            dq = dweights.float()
+            if ctx.norm:
+                S = probs.gather(1, experts).sum(-1, keepdim=True)
+                dq = (dq - (dq * weights).sum(-1, keepdim=True)) / S
+            dprobs = dprobs.scatter_add(1, experts, dq)
+        dlogits = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+        return dlogits.to(ctx.dtype), None, None
+
+
+def route_triton(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
+    probs, weights, experts, counts, offsets, sort_idx, unsort_idx = _Route.apply(
+        router_logits_N_E, top_k, norm_topk_prob)
+    return Routing(weights, experts, probs, counts, offsets, sort_idx, unsort_idx)

@@ -1,0 +1,418 @@
+"""The model: a Qwen3-MoE-compatible decoder-only transformer, written out by hand.
+
+Read top to bottom:
+  1. ModelConfig   the Hugging Face Qwen3-MoE `config.json` keys, validated with clear errors.
+  2. RMSNorm, RoPE the two small pieces every modern decoder shares.
+  3. Attention     grouped-query attention (GQA) with RMSNorm on q and k per head before RoPE
+                   (Qwen3's "QK-norm"). Causal, and block-diagonal when several documents are
+                   packed into one row (SFT). An `attention` callable can replace the core, which
+                   is how the rollout engine runs these very layers over its paged KV cache.
+  4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
+                   copies sorted by expert -> weighted sum back in token order; plus the
+                   Switch/Qwen3-MoE load-balancing loss. Some layers may be dense SwiGLU MLPs.
+  5. Transformer   embeddings, the blocks, final norm, LM head; save/load in the Hugging Face
+                   layout (config.json + model.safetensors) so that `transformers` loads what we
+                   save and we load what it saves (tests/test_model.py checks both ways).
+
+Submodule names mirror Hugging Face's, so state_dict keys map 1:1, except that we store each MoE
+layer's experts stacked (`mlp.experts.gate_up_proj` [E, H, 2I], `mlp.experts.down_proj` [E, I, H],
+the [in, out] orientation grouped_mm wants) while the checkpoint has one key per expert.
+"""
+
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from common import atomic_dir
+from kernels import grouped_mm, route
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+# integer keys for which 0 means something (no experts: a dense model; head_dim 0: the default)
+ZERO_ALLOWED = {"num_experts", "num_experts_per_tok", "head_dim", "intermediate_size",
+                "moe_intermediate_size"}
+
+
+@dataclass
+class ModelConfig:
+    """Qwen3-MoE hyperparameters under their `config.json` names. Fields without a default are
+    required; the defaults are transformers' Qwen3MoeConfig defaults."""
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int                # spelled num_local_experts by transformers 5.x
+    num_experts_per_tok: int
+    moe_intermediate_size: int      # width of one expert
+    intermediate_size: int          # width of the dense MLP layers (mlp_only_layers etc.)
+    head_dim: int = 0               # 0 = hidden_size // num_attention_heads (transformers' rule)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    norm_topk_prob: bool = False
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    router_aux_loss_coef: float = 0.001
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_dict(cls, d, source="<dict>"):
+        def bad(key, why):
+            raise ValueError(f"{source}: config key '{key}' {why}")
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a config must be a JSON object, found {type(d).__name__}")
+        d = dict(d)
+        # Two spellings in the wild: num_experts (transformers 4.x, the Qwen3 Hub files) and
+        # num_local_experts (5.x). Either is fine; both must agree.
+        if "num_local_experts" in d:
+            if "num_experts" in d and d["num_experts"] != d["num_local_experts"]:
+                bad("num_experts", f"= {d['num_experts']!r} disagrees with num_local_experts = "
+                    f"{d['num_local_experts']!r}")
+            d["num_experts"] = d["num_local_experts"]
+        # RoPE: rope_theta at top level (4.x) or inside rope_parameters (5.x); only plain RoPE.
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = d.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                bad(key, f"must be an object, found {type(rope).__name__}")
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                bad(key, f"asks for rope_type {rope.get('rope_type', rope.get('type'))!r}; only "
+                    "'default' RoPE is implemented")
+            if "rope_theta" in rope:
+                if d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+                    bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
+        if d.get("attention_bias"):
+            bad("attention_bias", "is true; Qwen3-MoE attention has no biases")
+        if d.get("hidden_act", "silu") != "silu":
+            bad("hidden_act", f"is {d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
+        kwargs = {}
+        for f in fields(cls):
+            value = d.get(f.name)
+            if value is None:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    also = " (or num_local_experts)" if f.name == "num_experts" else ""
+                    bad(f.name + also, "is missing")
+                continue
+            ok = {int: isinstance(value, int) and not isinstance(value, bool),
+                  float: isinstance(value, (int, float)) and not isinstance(value, bool),
+                  bool: isinstance(value, bool),
+                  list: isinstance(value, list) and all(type(v) is int for v in value)}[f.type]
+            if not ok:
+                want = "a list of ints" if f.type is list else f.type.__name__
+                bad(f.name, f"must be {want}, found {value!r} ({type(value).__name__})")
+            minimum = 0 if f.name in ZERO_ALLOWED else 1
+            if f.type is int and value < minimum:
+                bad(f.name, f"must be >= {minimum}, found {value}")
+            kwargs[f.name] = float(value) if f.type is float else value
+        c = cls(**kwargs)
+        if c.head_dim == 0:
+            c.head_dim = c.hidden_size // c.num_attention_heads
+        if c.num_attention_heads % c.num_key_value_heads:
+            bad("num_key_value_heads", f"= {c.num_key_value_heads} must divide "
+                f"num_attention_heads = {c.num_attention_heads}")
+        if c.num_experts > 0 and not 0 < c.num_experts_per_tok <= c.num_experts:
+            bad("num_experts_per_tok", f"= {c.num_experts_per_tok} must be in 1..num_experts")
+        return c
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self):
+        # Written in transformers 4.x style (num_experts, rope_theta); 5.x reads it too.
+        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                    hidden_act="silu", attention_bias=False, **asdict(self))
+
+    def is_moe_layer(self, i):
+        # transformers' rule for which layers are sparse
+        return (i not in self.mlp_only_layers and self.num_experts > 0
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalize in fp32, scale in the input dtype (as transformers does, so bf16 matches)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions_B_T, head_dim, theta, dtype):
+    """cos/sin [B, 1, T, D] for rotary embeddings at arbitrary (e.g. per-document) positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_B_T.device,
+                                            dtype=torch.float32) / head_dim)
+    angles_B_T_D2 = positions_B_T.float()[..., None] * inv_freq
+    angles_B_T_D = torch.cat([angles_B_T_D2, angles_B_T_D2], dim=-1)
+    return angles_B_T_D.cos()[:, None].to(dtype), angles_B_T_D.sin()[:, None].to(dtype)
+
+
+def apply_rope(x_B_H_T_D, cos, sin):
+    # "rotate half" convention (GPT-NeoX / Llama / Qwen): pairs are (i, i + D/2), not (2i, 2i+1)
+    x1, x2 = x_B_H_T_D.chunk(2, dim=-1)
+    return x_B_H_T_D * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
+    """Default attention core for training: causal, or the given block-diagonal causal mask."""
+    groups = q_B_Hq_T_D.shape[1] // k_B_Hkv_T_D.shape[1]
+    # GQA: each kv head serves `groups` query heads. Repeating k/v (cheap next to the MoE) keeps
+    # every SDPA backend available, including the memory-efficient one that takes a mask.
+    k = k_B_Hkv_T_D.repeat_interleave(groups, dim=1)
+    v = v_B_Hkv_T_D.repeat_interleave(groups, dim=1)
+    if mask_B_1_T_T is None:
+        return F.scaled_dot_product_attention(q_B_Hq_T_D, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q_B_Hq_T_D, k, v, attn_mask=mask_B_1_T_T)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer_idx):
+        super().__init__()
+        self.layer_idx, self.n_q, self.n_kv, self.d = (layer_idx, c.num_attention_heads,
+                                                       c.num_key_value_heads, c.head_dim)
+        self.q_proj = nn.Linear(c.hidden_size, self.n_q * self.d, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.d, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.n_q * self.d, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, c.rms_norm_eps)   # per head, over head_dim only
+        self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
+
+    def forward(self, x_B_T_H, cos, sin, mask, attention):
+        B, T, _ = x_B_T_H.shape
+        q = self.q_norm(self.q_proj(x_B_T_H).view(B, T, self.n_q, self.d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x_B_T_H).view(B, T, self.n_kv, self.d)).transpose(1, 2)
+        v = self.v_proj(x_B_T_H).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attention is None:
+            out_B_Hq_T_D = causal_attention(q, k, v, mask)
+        else:
+            out_B_Hq_T_D = attention(self.layer_idx, q, k, v)
+        return self.o_proj(out_B_Hq_T_D.transpose(1, 2).reshape(B, T, self.n_q * self.d))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+class MoE(nn.Module):
+    """Sparse SwiGLU mixture of experts. Each token goes to its top-k experts; the k outputs are
+    summed with the routing weights. Instead of a Python loop over experts, we sort the N*K token
+    copies by expert (route does that) and run all experts as one grouped GEMM: expert e multiplies
+    the contiguous rows offsets[e]:offsets[e+1]. gate and up are fused into one [E, H, 2I] weight,
+    and the gather of token rows into expert order is fused into the first GEMM (gather_idx)."""
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.E, self.K, self.norm_topk_prob = c.num_experts, c.num_experts_per_tok, c.norm_topk_prob
+        H, I = c.hidden_size, c.moe_intermediate_size
+        self.gate = nn.Linear(H, self.E, bias=False)     # the router (named `gate` as in Qwen3-MoE)
+        self.experts = nn.ParameterDict(dict(
+            gate_up_proj=nn.Parameter(torch.empty(self.E, H, 2 * I)),   # gate | up, fused
+            down_proj=nn.Parameter(torch.empty(self.E, I, H))))
+
+    def forward(self, x_B_T_H):
+        B, T, H = x_B_T_H.shape
+        x_N_H = x_B_T_H.reshape(-1, H)
+        N = x_N_H.shape[0]
+        r = route(self.gate(x_N_H).float(), self.K, self.norm_topk_prob)
+        token_of_row_M = r.sort_idx // self.K                      # row j of sorted copies -> token
+        h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, token_of_row_M)
+        gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
+        y_M_H = grouped_mm(F.silu(gate_M_I) * up_M_I, self.experts["down_proj"], r.offsets_E1)
+        # back to token order (copy index = token*K + k) and a weighted sum over the k experts;
+        # a gather + sum rather than index_add so that it is deterministic on the GPU
+        y_N_K_H = y_M_H[r.unsort_idx].view(N, self.K, H)
+        out_N_H = (y_N_K_H * r.weights_N_K.to(y_N_K_H.dtype)[..., None]).sum(dim=1)
+        # Load balancing (Switch Transformer eq. 4, Qwen3-MoE's form): E * sum_e f_e * P_e, with
+        # f_e the fraction of tokens sent to expert e (counted over the k slots, so sum_e f_e = k,
+        # as transformers does) and P_e the mean router probability. Only P_e carries gradient.
+        f_E = r.counts_E.float() / N
+        aux = self.E * (f_E * r.probs_N_E.mean(dim=0)).sum()
+        return out_N_H.view(B, T, H), aux
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer_idx)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MoE(c) if c.is_moe_layer(layer_idx) else MLP(c)
+
+    def forward(self, x, cos, sin, mask, attention):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, attention)
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out, aux
+
+# ----------------------------------------------------------------------------------------------
+# The transformer
+
+
+def document_positions_and_mask(doc_ids_B_T):
+    """Packed rows: positions restart at 0 at each document, and a block-diagonal causal mask
+    [B, 1, T, T] (True = may attend). A document is a run of equal consecutive doc ids."""
+    B, T = doc_ids_B_T.shape
+    t_B_T = torch.arange(T, device=doc_ids_B_T.device).expand(B, T)
+    is_start_B_T = torch.ones_like(doc_ids_B_T, dtype=torch.bool)
+    is_start_B_T[:, 1:] = doc_ids_B_T[:, 1:] != doc_ids_B_T[:, :-1]
+    start_B_T = torch.where(is_start_B_T, t_B_T, 0).cummax(dim=1).values   # start of own document
+    segment_B_T = is_start_B_T.long().cumsum(dim=1)
+    same_doc = segment_B_T[:, :, None] == segment_B_T[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_B_T.device).tril()
+    return t_B_T - start_B_T, (same_doc & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size),
+            layers=nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers)),
+            norm=RMSNorm(c.hidden_size, c.rms_norm_eps)))
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # normal(0, 0.02) everywhere (transformers' initializer_range); the projections that write
+        # into the residual stream get 1/sqrt(2L) of that (GPT-2), so the residual stream does not
+        # grow with depth; norms start at 1.
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, input_ids_B_T, positions_B_T=None, doc_ids_B_T=None, attention=None,
+                logits_index=None):
+        """-> (logits [B, T, V] or [len(logits_index), V], load-balancing aux loss).
+        attention: None for training (causal, block-diagonal with doc_ids), or a callable
+          attention(layer_idx, q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D) -> out_B_Hq_T_D that receives
+          q, k after QK-norm and RoPE (the rollout engine's paged KV cache).
+        logits_index: flat indices into B*T; only those positions go through the LM head.
+        aux: mean over MoE layers of E * sum_e f_e P_e, NOT multiplied by router_aux_loss_coef.
+          (transformers pools f and P over all layers at once; the per-layer mean is Switch's
+          definition and equals it when there is one MoE layer.)"""
+        B, T = input_ids_B_T.shape
+        mask = None
+        if doc_ids_B_T is not None:
+            doc_positions_B_T, mask = document_positions_and_mask(doc_ids_B_T)
+            positions_B_T = doc_positions_B_T if positions_B_T is None else positions_B_T
+        if positions_B_T is None:
+            positions_B_T = torch.arange(T, device=input_ids_B_T.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids_B_T)
+        c = self.config
+        cos, sin = rope_cos_sin(positions_B_T, c.head_dim, c.rope_theta, x.dtype)
+        aux_losses = []
+        for block in self.model.layers:
+            x, aux = block(x, cos, sin, mask, attention)
+            if aux is not None:
+                aux_losses.append(aux)
+        x = self.model.norm(x)
+        if logits_index is not None:
+            x = x.reshape(B * T, -1)[logits_index]
+        aux = torch.stack(aux_losses).mean() if aux_losses else x.new_zeros((), dtype=torch.float32)
+        return self.lm_head(x), aux
+
+    def num_params(self, active_only=False):
+        """All parameters (a tied embedding counted once); active_only: only k of E experts."""
+        n = sum(p.numel() for p in self.parameters())
+        if active_only:
+            for block in self.model.layers:
+                if isinstance(block.mlp, MoE):
+                    per_expert = sum(p[0].numel() for p in block.mlp.experts.values())
+                    n -= (block.mlp.E - block.mlp.K) * per_expert
+        return n
+
+    # ------------------------------------------------------------------------------------------
+    # Hugging Face layout: config.json + model.safetensors, one key per expert in [out, in].
+
+    def hf_state_dict(self):
+        """Our state as the checkpoint's tensors (views, no copies)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            if name.endswith("experts.gate_up_proj"):
+                prefix, I = name[: -len("gate_up_proj")], t.shape[2] // 2
+                for e in range(t.shape[0]):
+                    out[f"{prefix}{e}.gate_proj.weight"] = t[e, :, :I].T
+                    out[f"{prefix}{e}.up_proj.weight"] = t[e, :, I:].T
+            elif name.endswith("experts.down_proj"):
+                for e in range(t.shape[0]):
+                    out[f"{name[: -len('down_proj')]}{e}.down_proj.weight"] = t[e].T
+            elif not (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                out[name] = t
+        return out
+
+    def save_pretrained(self, path):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
+        config = self.config.to_dict()
+        config["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        with atomic_dir(path) as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        config = ModelConfig.from_json(os.path.join(path, "config.json"))
+        # one model.safetensors, or shards listed in an index (large Hub checkpoints)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        found, where = {}, {}
+        for name in files:
+            for key, t in load_file(os.path.join(path, name), device=str(device)).items():
+                found[key], where[key] = t, os.path.join(path, name)
+        with torch.device(device):
+            model = cls(config).to(dtype)
+        expected = model.hf_state_dict()
+        if config.tie_word_embeddings:
+            found.pop("lm_head.weight", None)   # some tied checkpoints store it anyway
+        missing = [k for k in expected if k not in found]
+        unexpected = [k for k in found if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"{path}: {len(missing)} missing keys {missing[:5]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:5]} (first 5 shown)")
+        with torch.no_grad():
+            for key, dst in expected.items():   # views into our parameters: copy_ writes through
+                if found[key].shape != dst.shape:
+                    raise ValueError(f"{where[key]}: '{key}' has shape {list(found[key].shape)}, "
+                                     f"expected {list(dst.shape)} from config.json")
+                dst.copy_(found[key])
+        return model

@@ -1,0 +1,462 @@
+"""The rollout engine: every RL stage samples its G responses per prompt through `Engine.generate`.
+
+    engine = Engine(model)        # the training model's own module: no weight copy
+    samples = engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=256),
+                              n=G, seed=step)                 # samples[prompt][g]: Sample
+
+How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hidden in a global):
+
+1. Paged KV cache. Attention needs the keys and values of every earlier token. Instead of one
+   [batch, max_len] buffer per sequence (which wastes memory on sequences that stop early and cannot
+   share), the engine preallocates ONE pool per layer of fixed-size blocks, k/v_cache[layer] of shape
+   [num_blocks, block_size, Hkv, D]. A sequence owns a *block table*, the list of its block ids: its
+   token at position p lives in block table[p // block_size], row p % block_size, i.e. at the flat
+   *slot* table[p // block_size] * block_size + p % block_size. A free list hands out blocks and
+   takes them back when a sequence finishes. Block 0 is never handed out: it is the "null block"
+   that padded rows of a CUDA graph write their junk into.
+
+2. Prefix sharing with reference counts. The G samples of one prompt share its prompt: the prompt is
+   prefilled once (by sample 0), then samples 1..G-1 are *forked*: they copy sample 0's block table
+   and every block's ref_count goes up, and all G sample their first token from the same logits.
+   Full prompt blocks stay shared for the rest of generation. The last, partially filled prompt
+   block is where every sample writes its first generated token, so it is copied on write: a
+   sequence about to write into a block with ref_count > 1 gets a fresh block holding a copy of
+   that block's k/v (all layers, one indexed copy) and lets go of the shared one. We chose this
+   over "start each sample's own block at the first generated token" because it keeps one rule,
+   slot = f(position), for every token of every sequence, so attention and the kernel never need
+   to know about holes; the price is one block copy per sample, which is nothing next to a prefill.
+   (nano-vllm's Block also carries a hash of its tokens to reuse prefixes *across* requests; we
+   only share inside a group, where the fork tells us exactly what is shared, so no hash is needed.)
+
+3. Continuous batching. A sequence is just tokens (prompt + response so far) of which the first
+   `num_cached` have k/v in the cache. A step feeds each scheduled sequence its uncached tokens
+   (a whole prompt, a chunk of one, an environment's tool response, or, in steady state, the one
+   token sampled last step), all flattened into one [1, N] row with per-token positions, under a
+   cap of max_batch_tokens. Sequences join when there is room and leave as soon as they stop, so
+   the batch stays full. The model runs with an explicit `attention` callable: it writes the step's
+   k/v through the slot mapping into the pool, then attends each token over its own sequence's
+   cached prefix (a Triton paged kernel for single-token sequences on the GPU, a gather + SDPA
+   otherwise). When the pool runs out, the newest sequence is preempted: its blocks are freed, and
+   it is later recomputed from its prompt + tokens so far (the same tokens, so the same result).
+
+4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
+   draw with one seeded torch.Generator. The logprob returned for a token is its log-probability
+   under exactly that truncated, renormalized distribution. At temperature 1 with no truncation it
+   equals log_softmax of the training forward's logits, which is what GRPO's ratio and MOPD's
+   mismatch weights compare against. temperature == 0 is greedy (argmax); since the point mass it
+   samples from has logprob 0, we return log_softmax of the raw logits instead, the useful number.
+   Same seed, prompts, parameters and engine settings -> same samples (the order of random draws
+   depends on the schedule, which is deterministic).
+
+5. Multi-turn environments. When a sequence samples one of `hook_token_ids` (say </tool_call>),
+   `env_hook(prompt_index, sample_index, response_ids_so_far)` may return tokens (a tool response)
+   to append: they get gen_mask 0 and logprob 0.0, so no loss trains on them, and they are simply
+   uncached tokens, prefilled next step like a prompt chunk. None or [] ends the sequence ("stop").
+   Responses never exceed max_new_tokens tokens in total (appended tokens count, and are cut to fit).
+
+6. CUDA graphs (GPU only, `cuda_graphs`, default on for CUDA): a decode-only step does the same work
+   for any batch of the same size, so its forward is captured once per padded batch size (1, 2, 4,
+   8, 16, 32, ...) and replayed, which removes the launch overhead of hundreds of small kernels.
+   Graphs stay valid while the parameters keep their storage (optimizers update in place); if
+   parameters are reallocated, or a model's forward cannot be captured, we re-capture or fall back.
+"""
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.paged_attention import paged_decode_attention
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0       # 0 = greedy
+    top_p: float = 1.0             # keep the smallest top set with probability >= top_p
+    top_k: int = 0                 # 0 = off; else keep the tokens whose logit >= the k-th largest
+    max_new_tokens: int = 256      # cap on len(token_ids), generated + appended
+    stop_token_ids: tuple = ()     # e.g. <|im_end|>, EOS (data.chat.stop_ids)
+    hook_token_ids: tuple = ()     # e.g. </tool_call>: stop and ask env_hook for tokens to append
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    token_ids: list[int]       # everything after the prompt: generated + env-appended
+    logprobs: list[float]      # per token of token_ids, under the distribution sampled from; 0.0 for appended
+    gen_mask: list[int]        # 1 = generated by the model, 0 = appended by the environment
+    finish_reason: str         # "stop" | "length"
+
+
+@dataclass(eq=False)   # compared by identity: two samples may hold equal tokens
+class Sequence:
+    prompt_index: int
+    sample_index: int
+    row: int                           # this sequence's row of Engine.tables (its block table mirror)
+    tokens: list[int]                  # prompt + response so far
+    num_prompt: int
+    num_cached: int = 0                # tokens[:num_cached] have their k/v in the pool
+    block_table: list[int] = field(default_factory=list)
+    children: list = field(default_factory=list)   # samples forked from this one once the prompt is cached
+    logprobs: list[float] = field(default_factory=list)
+    gen_mask: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class BlockAllocator:
+    """A free list of block ids with a reference count per block. Block 0 is the null block."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks - 1, 0, -1))   # pop() hands out low ids first
+        self.ref_count = [0] * num_blocks
+
+    def allocate(self) -> int:
+        block = self.free.pop()
+        self.ref_count[block] = 1
+        return block
+
+    def share(self, block: int):
+        self.ref_count[block] += 1
+
+    def release(self, block: int):
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            self.free.append(block)
+
+
+def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generator):
+    """One token per row, and its logprob under the distribution it was drawn from (docstring, 4)."""
+    logits = logits_R_V.float()
+    if params.temperature == 0:
+        tokens_R = logits.argmax(-1)
+        return tokens_R, logits.log_softmax(-1).gather(1, tokens_R[:, None])[:, 0]
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth_R1 = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_R1, float("-inf"))
+    if params.top_p < 1.0:
+        probs_sorted, order = logits.softmax(-1).sort(-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = probs_sorted.cumsum(-1) - probs_sorted >= params.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    logprobs_R_V = logits.log_softmax(-1)
+    tokens_R = torch.multinomial(logprobs_R_V.exp(), 1, generator=generator)[:, 0]
+    return tokens_R, logprobs_R_V.gather(1, tokens_R[:, None])[:, 0]
+
+
+@dataclass
+class StepMeta:
+    """Everything the attention callable needs to know about one step's N flattened tokens."""
+    slots_N: Tensor                # pool slot each token's k/v is written to
+    num_decode: int                # tokens [0, num_decode) are single-token sequences (decode path)
+    block_tables_S_M: Tensor       # their block tables (padding: stale but valid block ids)
+    context_lens_S: Tensor         # their context lengths, new token included
+    # multi-token chunks, padded to P sequences x T new tokens x C context tokens (None if none)
+    rows_P_T: Tensor | None = None      # index into N of each chunk token (padding: any valid index)
+    valid_P_T: Tensor | None = None     # real (not padding) chunk tokens
+    slots_P_C: Tensor | None = None     # pool slots of each chunk's context, in position order
+    mask_P_T_C: Tensor | None = None    # causal: token at position p sees context positions <= p
+
+
+class Engine:
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None):
+        cfg = model.config
+        self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
+        self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
+        self.shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        self.max_len = cfg.max_position_embeddings
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.k_cache = self.v_cache = None
+        self.graphs, self.graph_pool, self.graph_key = {}, None, None
+        self.stats = {}
+
+    def release(self):
+        """Give the pool and the CUDA graphs back to the allocator (e.g. before a training phase)."""
+        self.k_cache = self.v_cache = None
+        self.graphs, self.graph_pool = {}, None
+
+    # ---- the pool
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _ensure_pool(self, num_blocks: int):
+        if self.k_cache is not None and self.k_cache.shape[1] >= num_blocks:
+            return
+        L, Hkv, D = self.shape
+        if self.num_blocks is None and self.device.type == "cuda":
+            # size for the request, but never take more than half of the free GPU memory
+            bytes_per_block = 2 * L * self.block_size * Hkv * D * self.dtype.itemsize
+            num_blocks = min(num_blocks, torch.cuda.mem_get_info(self.device)[0] // 2 // bytes_per_block)
+        self.release()
+        # zeros, not empty: masked-out positions still multiply their (0) weights with V, and NaN * 0 = NaN
+        self.k_cache = torch.zeros(L, num_blocks, self.block_size, Hkv, D, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+
+    def _reserve(self, seq: Sequence, num_new: int, alloc: BlockAllocator) -> bool:
+        """Make room for k/v of tokens [num_cached, num_cached + num_new); False if the pool is full."""
+        first = seq.num_cached // self.block_size   # the block the first new token is written to
+        copy = first < len(seq.block_table) and alloc.ref_count[seq.block_table[first]] > 1
+        grow = self._blocks_for(seq.num_cached + num_new) - len(seq.block_table)
+        if grow + copy > len(alloc.free):
+            return False
+        if copy:   # copy-on-write of a block shared with the other samples of the prompt
+            shared, own = seq.block_table[first], alloc.allocate()
+            self.k_cache[:, own] = self.k_cache[:, shared]
+            self.v_cache[:, own] = self.v_cache[:, shared]
+            alloc.release(shared)
+            seq.block_table[first] = self.tables[seq.row, first] = own
+        if grow:
+            seq.block_table += [alloc.allocate() for _ in range(grow)]
+            self.tables[seq.row, len(seq.block_table) - grow:len(seq.block_table)] = seq.block_table[-grow:]
+        return True
+
+    def _free(self, seq: Sequence, alloc: BlockAllocator):
+        for block in seq.block_table:
+            alloc.release(block)
+        seq.block_table, seq.num_cached = [], 0
+
+    # ---- scheduling: which tokens of which sequences run this step
+
+    def _schedule(self, waiting: deque, running: list, alloc: BlockAllocator) -> list:
+        batch, budget = [], self.max_batch_tokens
+        i = 0
+        while i < len(running) and budget > 0:   # oldest first: they hold blocks, let them finish
+            seq = running[i]
+            num_new = min(len(seq.tokens) - seq.num_cached, budget)
+            while not self._reserve(seq, num_new, alloc):
+                victim = running.pop()     # pool full: preempt the newest, recompute it later
+                self._free(victim, alloc)
+                waiting.appendleft(victim)
+                self.stats["preemptions"] += 1
+                if victim is seq:
+                    break
+            if i < len(running):           # seq was not preempted
+                batch.append((seq, num_new))
+                budget -= num_new
+            i += 1
+        while waiting and budget > 0 and len(running) + 1 + len(waiting[0].children) <= self.max_seqs:
+            seq = waiting[0]
+            num_new = min(len(seq.tokens) - seq.num_cached, budget)
+            if not self._reserve(seq, num_new, alloc):
+                break
+            running.append(waiting.popleft())
+            batch.append((seq, num_new))
+            budget -= num_new
+        return batch
+
+    # ---- one forward over the flattened step
+
+    def _forward(self, batch: list, last: list) -> Tensor:
+        """Runs the step's tokens; returns logits at the flat token indices `last`."""
+        dev, bs = self.device, self.block_size
+        S, num_decode = len(batch), sum(num_new == 1 for _, num_new in batch)
+        ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
+        N = len(ids)
+        self.stats["forward_tokens"] += N
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables_S_M = torch.from_numpy(self.tables[[seq.row for seq, _ in batch], :width]).to(dev)
+        num_new_S = torch.tensor([num_new for _, num_new in batch], device=dev)
+        cached_S = torch.tensor([seq.num_cached for seq, _ in batch], device=dev)
+        # per token: its sequence, its position, and the slot its k/v goes to
+        seq_N = torch.repeat_interleave(torch.arange(S, device=dev), num_new_S, output_size=N)
+        start_S = num_new_S.cumsum(0) - num_new_S
+        pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
+        slots_N = tables_S_M[seq_N, pos_N // bs].long() * bs + pos_N % bs
+        ids_N = torch.tensor(ids, device=dev)
+        if self.use_graphs and num_decode == S:
+            logits = self._replay_graph(ids_N, pos_N, slots_N, tables_S_M, cached_S + 1)
+            if logits is not None:
+                return logits[last]
+        meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
+        if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
+            p = slice(num_decode, S)
+            T, C = int(num_new_S[p].max()), max(seq.num_cached + n for seq, n in batch[p])
+            t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
+            meta.valid_P_T = t_T < num_new_S[p, None]
+            meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
+            # a padding token pretends to sit at position 0 so that its softmax row is not empty
+            pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
+            meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
+            meta.slots_P_C = tables_S_M[p][:, c_C // bs].long() * bs + c_C % bs
+        logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
+                               logits_index=torch.tensor(last, device=dev))
+        return logits
+
+    def _attention(self, meta: StepMeta):
+        """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
+        def attention(layer: int, q_1_Hq_N_D: Tensor, k_1_Hkv_N_D: Tensor, v_1_Hkv_N_D: Tensor) -> Tensor:
+            q_N_Hq_D, k_N_Hkv_D, v_N_Hkv_D = (t[0].transpose(0, 1) for t in (q_1_Hq_N_D, k_1_Hkv_N_D, v_1_Hkv_N_D))
+            k_pool, v_pool = self.k_cache[layer], self.v_cache[layer]     # [num_blocks, block_size, Hkv, D]
+            k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
+            k_slots.index_copy_(0, meta.slots_N, k_N_Hkv_D.to(k_slots.dtype))
+            v_slots.index_copy_(0, meta.slots_N, v_N_Hkv_D.to(v_slots.dtype))
+            out_N_Hq_D = torch.empty_like(q_N_Hq_D)
+            S = meta.num_decode
+            if S:
+                out_N_Hq_D[:S] = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool,
+                                                        meta.block_tables_S_M, meta.context_lens_S)
+            if meta.rows_P_T is not None:
+                out = F.scaled_dot_product_attention(
+                    q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
+                    v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
+                    enable_gqa=True)                                       # [P, Hq, T, D]
+                out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T]
+            return out_N_Hq_D.transpose(0, 1)[None]
+        return attention
+
+    # ---- CUDA graphs for decode-only steps
+
+    def _replay_graph(self, ids_N, pos_N, slots_N, tables_S_M, context_lens_S) -> Tensor | None:
+        S = len(ids_N)
+        size = 1 << (S - 1).bit_length()            # pad the batch to the next power of two
+        if size > self.max_seqs or size not in self.graphs and not self._capture(size):
+            return None
+        graph, st = self.graphs[size]
+        # padding rows: token 0 at position 0, written to slot 0 (the null block), context 1;
+        # their block table rows keep stale ids, which are valid blocks, and only entry 0 is read
+        st["ids"][0, :S], st["ids"][0, S:] = ids_N, 0
+        st["pos"][0, :S], st["pos"][0, S:] = pos_N, 0
+        st["slots"][:S], st["slots"][S:] = slots_N, 0
+        st["tables"][:S, :tables_S_M.shape[1]] = tables_S_M
+        st["lens"][:S], st["lens"][S:] = context_lens_S, 1
+        graph.replay()
+        self.stats["graph_steps"] += 1
+        return st["logits"][:S]
+
+    def _capture(self, size: int) -> bool:
+        dev, width = self.device, self._blocks_for(self.max_len)
+        st = dict(ids=torch.zeros(1, size, dtype=torch.long, device=dev),
+                  pos=torch.zeros(1, size, dtype=torch.long, device=dev),
+                  slots=torch.zeros(size, dtype=torch.long, device=dev),
+                  tables=torch.zeros(size, width, dtype=torch.int32, device=dev),
+                  lens=torch.ones(size, dtype=torch.int32, device=dev),
+                  index=torch.arange(size, device=dev))
+        attention = self._attention(StepMeta(st["slots"], size, st["tables"], st["lens"]))
+        run = lambda: self.model(st["ids"], st["pos"], attention=attention, logits_index=st["index"])[0]  # noqa: E731
+        try:
+            side = torch.cuda.Stream(dev)   # warm up (Triton compiles, allocator settles) off the main stream
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                st["logits"] = run()
+        except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
+            warnings.warn(f"rollout.py: CUDA graph capture failed, decoding eagerly: {e!r}")
+            self.use_graphs = False
+            return False
+        self.graph_pool = graph.pool()
+        self.graphs[size] = (graph, st)
+        return True
+
+    # ---- the public entry point
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, seed: int = 0,
+                 env_hook=None) -> list[list[Sample]]:
+        """G = n samples per prompt; returns samples[prompt_index][sample_index]."""
+        if n < 1 or n > self.max_seqs:
+            raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"rollout.py: max_new_tokens={params.max_new_tokens} must be >= 1")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("rollout.py: empty prompt at index "
+                             f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
+        longest = max(len(p) for p in prompts) + params.max_new_tokens
+        if longest > self.max_len:
+            raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
+                             f"max_position_embeddings = {self.max_len}")
+        need = self._blocks_for(longest) * min(len(prompts) * n, self.max_seqs) + 1
+        self._ensure_pool(self.num_blocks or need)
+        if self.k_cache.shape[1] - 1 < self._blocks_for(longest):
+            raise ValueError(f"rollout.py: a pool of {self.k_cache.shape[1]} blocks of {self.block_size} "
+                             f"tokens cannot hold one sequence of {longest} tokens")
+        key = [p.data_ptr() for p in self.model.parameters()]
+        if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
+            self.graphs, self.graph_pool, self.graph_key = {}, None, key
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(prompts, params, n, seed, env_hook, longest)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts, params, n, seed, env_hook, longest) -> list[list[Sample]]:
+        alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop_ids, hook_ids = set(params.stop_token_ids), set(params.hook_token_ids)
+        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0)
+        groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)] for i, p in enumerate(prompts)]
+        # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
+        self.tables = np.zeros((len(prompts) * n, self._blocks_for(longest)), dtype=np.int32)
+        for group in groups:
+            group[0].children = group[1:]
+        waiting, running = deque(group[0] for group in groups), []
+        while waiting or running:
+            batch = self._schedule(waiting, running, alloc)
+            if not batch:
+                raise RuntimeError("rollout.py: nothing could be scheduled (max_batch_tokens or pool too small)")
+            self.stats["steps"] += 1
+            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
+            batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
+            # sequences whose chunk reaches the end of their tokens sample one token from its logits
+            last, samplers, end = [], [], 0
+            for seq, num_new in batch:
+                end += num_new
+                if seq.num_cached + num_new == len(seq.tokens):
+                    last.append(end - 1)
+                    samplers.append(seq)
+            logits_R_V = self._forward(batch, last)
+            for seq, num_new in batch:
+                seq.num_cached += num_new
+            rows, seqs = [], []
+            for r, seq in enumerate(samplers):
+                if seq.children:   # prompt cached: fork the other samples onto its blocks
+                    for child in seq.children:
+                        for block in seq.block_table:
+                            alloc.share(block)
+                        child.block_table, child.num_cached = list(seq.block_table), seq.num_cached
+                        self.tables[child.row] = self.tables[seq.row]
+                    at = running.index(seq) + 1
+                    running[at:at] = seq.children
+                    rows += [r] * len(seq.children)
+                    seqs += seq.children
+                    seq.children = []
+                rows.append(r)
+                seqs.append(seq)
+            tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator)
+            for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
+                seq.tokens.append(token)
+                seq.logprobs.append(logprob)
+                seq.gen_mask.append(1)
+                num_response = len(seq.tokens) - seq.num_prompt
+                if token in stop_ids:
+                    seq.finish_reason = "stop"
+                elif num_response >= params.max_new_tokens:
+                    seq.finish_reason = "length"
+                elif token in hook_ids:
+                    extra = env_hook(seq.prompt_index, seq.sample_index, seq.tokens[seq.num_prompt:]) \
+                        if env_hook else None
+                    if not extra:
+                        seq.finish_reason = "stop"
+                    else:
+                        extra = list(extra)[:params.max_new_tokens - num_response]
+                        seq.tokens += extra
+                        seq.logprobs += [0.0] * len(extra)
+                        seq.gen_mask += [0] * len(extra)
+                        if len(seq.tokens) - seq.num_prompt >= params.max_new_tokens:
+                            seq.finish_reason = "length"
+                if seq.finish_reason:
+                    self._free(seq, alloc)
+            running[:] = [seq for seq in running if seq.finish_reason is None]
+        assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
+        return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
+                        s.finish_reason) for s in group] for group in groups]

@@ -1,0 +1,31 @@
+"""Test setup. Without a GPU the Triton kernels run under Triton's interpreter, which must be
+switched on before triton is first imported. Only the kernel tests (and tests marked `triton`) also
+set NANOCASCADE_TRITON=1, which makes kernels/ pick the Triton path for CPU tensors: everywhere else
+the model runs its plain-torch path, which is what a CPU user gets (and much faster than the
+interpreter)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("NANOCASCADE_TRITON", None)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: runs the Triton kernels (under the interpreter on a CPU)")
+
+
+@pytest.fixture(autouse=True)
+def _triton_for_kernel_tests(request, monkeypatch):
+    if request.node.get_closest_marker("triton") or request.module.__name__.endswith("test_kernels"):
+        monkeypatch.setenv("NANOCASCADE_TRITON", "1")
+    else:
+        monkeypatch.delenv("NANOCASCADE_TRITON", raising=False)

@@ -1,0 +1,94 @@
+"""The chat template: rendering, the trained-token mask, generation prompts, and parsing."""
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data.chat import (SPECIAL_TOKENS, decode, encode_chat, generation_prompt_ids, parse_response,
+                       render, stop_ids, tool_response_ids)
+
+TOOLS = [{"name": "get_weather", "description": "Weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(["the weather in Oslo is rainy", "what is 2 + 3? \\boxed{5}"] * 20, trainer)
+    return t
+
+
+def conversation():
+    return [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "reasoning": "old thoughts", "content": "Hello!"},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "reasoning": "I should call the tool.", "content": "",
+         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "content": "rainy"},
+        {"role": "assistant", "reasoning": "It says rainy.", "content": "It is rainy."},
+    ]
+
+
+def test_render_text_and_history_drops_old_reasoning():
+    text = "".join(t for t, _ in render(conversation(), TOOLS))
+    assert text.startswith("<|im_start|>system\nYou are helpful.\n<tools>\n{\"name\":\"get_weather\"")
+    assert "<|im_start|>assistant\n<think></think>Hello!<|im_end|>\n" in text  # history: answer only
+    assert "old thoughts" not in text
+    assert ("<|im_start|>assistant\n<think>\nI should call the tool.\n</think>\n"
+            "<tool_call><function=get_weather><parameter=city>Oslo</parameter></function></tool_call><|im_end|>\n"
+            "<|im_start|>user\n<tool_response>\nrainy\n</tool_response><|im_end|>\n"
+            "<|im_start|>assistant\n<think>\nIt says rainy.\n</think>\nIt is rainy.<|im_end|>\n") in text
+
+
+def test_mask_covers_exactly_the_model_tokens(tok):
+    ids, mask = encode_chat(tok, conversation(), TOOLS)
+    assert len(ids) == len(mask)
+    trained = decode(tok, [i for i, m in zip(ids, mask) if m])
+    assert trained == ("Hello!<|im_end|>"
+                       "I should call the tool.\n</think>\n<tool_call><function=get_weather><parameter=city>"
+                       "Oslo</parameter></function></tool_call><|im_end|>"
+                       "It says rainy.\n</think>\nIt is rainy.<|im_end|>")
+    untrained = decode(tok, [i for i, m in zip(ids, mask) if not m])
+    assert "rainy\n</tool_response>" in untrained and "You are helpful." in untrained
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_generation_prompt_is_a_prefix_of_training_ids(tok, thinking):
+    msgs = [{"role": "user", "content": "what is 2 + 3?"}]
+    reply = {"role": "assistant", "content": "\\boxed{5}"}
+    if thinking:
+        reply["reasoning"] = "2 + 3 = 5."
+    ids, mask = encode_chat(tok, msgs + [reply], thinking=thinking)
+    prompt = generation_prompt_ids(tok, msgs, thinking=thinking)
+    assert ids[:len(prompt)] == prompt
+    assert mask[:len(prompt)] == [0] * len(prompt) and mask[len(prompt)] == 1
+    assert decode(tok, prompt).endswith("<think>\n" if thinking else "<think></think>")
+    assert ids[len(prompt) + sum(mask) - 1] == stop_ids(tok)[0]  # the trained part ends at <|im_end|>
+
+
+def test_tool_response_ids_match_the_rendered_conversation(tok):
+    # what the rollout environment appends must be what SFT trained on
+    conv = conversation()
+    ids, _ = encode_chat(tok, conv, TOOLS)
+    text = decode(tok, ids)
+    appended = decode(tok, tool_response_ids(tok, ["rainy"], thinking=True))
+    assert ("</tool_call>" + appended) in text
+
+
+def test_parse_response():
+    out = parse_response("Let me see.\n</think>\n<tool_call><function=get_weather><parameter=city>Oslo"
+                         "</parameter><parameter=days>3</parameter></function></tool_call><|im_end|>\n"
+                         "<|im_start|>user\n<tool_response>\n<tool_call><function=x></function></tool_call>"
+                         "\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think></think>It is rainy.<|im_end|>")
+    assert out["reasoning"] == "Let me see."
+    assert out["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]
+    assert out["answer"] == "It is rainy."
+    assert parse_response("2 + 3 = 5.\n</think>\nThe answer is \\boxed{5}.<|im_end|>junk")["answer"] == \
+        "The answer is \\boxed{5}."
+    assert parse_response("no think at all")["answer"] == "no think at all"
+    for garbage in ["", "</think>" * 5, "<tool_call><function=", "\x00\xff" * 100, "<tool_call>" * 1000]:
+        assert isinstance(parse_response(garbage)["answer"], str)

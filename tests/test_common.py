@@ -1,0 +1,52 @@
+"""common.py: atomic directories survive crashes, the LR schedule, the metrics log."""
+import json
+import os
+
+import pytest
+
+from common import MetricsLogger, atomic_dir, checkpoint_exists, lr_at, read_metrics
+
+
+def test_atomic_dir_replaces_and_a_crash_keeps_the_old(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("1")
+    assert open(target / "config.json").read() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            open(os.path.join(tmp, "config.json"), "w").write("2")
+            raise RuntimeError("killed mid-write")
+    assert open(target / "config.json").read() == "1"  # the last good state is intact
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]    # and no temporary is left behind
+    with atomic_dir(target) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("3")
+    assert open(target / "config.json").read() == "3" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_crash_between_the_renames_is_recovered(tmp_path):
+    # the window in atomic_dir where only ckpt.old exists: readers must find the old checkpoint
+    old = tmp_path / "ckpt.old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    assert checkpoint_exists(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "config.json").exists() and not old.exists()
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.55)  # halfway down the cosine: (1 + 0.1) / 2
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(50, 100, 10, 2.0, schedule="constant") == 2.0
+    values = [lr_at(s, 100, 10, 1.0) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_metrics_logger_appends(tmp_path):
+    log = MetricsLogger(str(tmp_path / "m" / "metrics.jsonl"))
+    log.log({"step": 0, "loss": 1.5})
+    log.log({"step": 1, "loss": 1.0})
+    rows = read_metrics(str(tmp_path / "m" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["loss"] == 1.0 and "time" in rows[0]
+    json.dumps(rows)

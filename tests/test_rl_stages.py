@@ -1,0 +1,231 @@
+"""The RL stages end to end on a CPU, with tiny models:
+- GRPO's update (grpo.grpo_update on rollout.Engine samples) raises the reward of a toy task;
+- MOPD's update lowers the exact reverse KL to a teacher;
+- the Bradley-Terry reward model fits a handful of pairs;
+- each main() runs a couple of steps on the built-in data and writes OUT/final + metrics.jsonl,
+  and a second call with OUT/final present returns at once."""
+
+import argparse
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import grpo
+import mopd
+import rlhf
+from model import ModelConfig, Transformer
+from rollout import Engine, Sample, SamplingParams
+
+TOY = dict(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+           num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+           moe_intermediate_size=32, intermediate_size=64, norm_topk_prob=True,
+           tie_word_embeddings=False, max_position_embeddings=64)
+PROMPTS = [[1, 2, 3], [4, 3], [2, 2, 6, 1]]
+TARGET = 5   # the toy task: emit token 5
+
+
+def toy_run(model, lr):
+    """What grpo.setup returns, around a bare model: only what the update functions read."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return SimpleNamespace(dist=common.init_distributed("cpu"), model=model,
+                    tok=SimpleNamespace(token_to_id=lambda s: 0), tok_path=None,
+                    optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params=params, step=0,
+                    autocast=lambda: torch.autocast("cpu", enabled=False), logger=None, domains=[],
+                    mix=[], pools={}, engine=Engine(model))
+
+
+def toy_args(**kw):
+    return argparse.Namespace(**{**dict(micro_batch=64, epochs=1, clip_low=0.2, clip_high=0.28,
+                                        kl_coef=0.0, freeze_router=False, temperature=1.0,
+                                        grad_clip=1.0, mismatch_low=0.5, mismatch_high=2.0), **kw})
+
+
+@torch.no_grad()
+def first_token_logprobs(model):
+    """log pi(. | prompt) at the first response position of each toy prompt: [P, V]."""
+    return torch.stack([torch.log_softmax(model(torch.tensor([p]))[0][0, -1], -1) for p in PROMPTS])
+
+
+def test_grpo_raises_toy_reward():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TOY))
+    run, args, G = toy_run(model, lr=3e-3), toy_args(), 8
+    params = SamplingParams(max_new_tokens=4)
+    p_before = first_token_logprobs(model)[:, TARGET].exp().mean().item()
+    rewards_per_step = []
+    for step in range(10):
+        groups = run.engine.generate(PROMPTS, params, n=G, seed=step)
+        samples = [s for g in groups for s in g]
+        rewards = torch.tensor([s.token_ids.count(TARGET) / len(s.token_ids) for s in samples],
+                               dtype=torch.float64)
+        rewards_per_step.append(rewards.mean().item())
+        sums = grpo.grpo_update(run, args, samples, grpo.group_advantages(rewards, G).float())
+        # strict on-policy: the engine's logprobs are the trainer's, so the clip never binds
+        assert sums["clip"] == 0 and sums["mismatch_abs"] / sums["tokens"] < 1e-4
+    p_after = first_token_logprobs(model)[:, TARGET].exp().mean().item()
+    assert p_after > 3 * p_before, (p_before, p_after)
+    assert sum(rewards_per_step[-3:]) > 2 * sum(rewards_per_step[:3]), rewards_per_step
+
+
+def test_grpo_epochs_make_the_clip_bind():
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig.from_dict(TOY))
+    run = toy_run(model, lr=3e-2)
+    groups = run.engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), n=8, seed=0)
+    samples = [s for g in groups for s in g]
+    rewards = torch.tensor([float(TARGET in s.token_ids) for s in samples], dtype=torch.float64)
+    sums = grpo.grpo_update(run, toy_args(epochs=4), samples, grpo.group_advantages(rewards, 8).float())
+    assert sums["clip"] > 0
+
+
+def reverse_kl(student, teacher):
+    """Exact KL(student || teacher) at the first response position, averaged over the prompts."""
+    s, t = first_token_logprobs(student), first_token_logprobs(teacher)
+    return (s.exp() * (s - t)).sum(-1).mean().item()
+
+
+def test_mopd_lowers_reverse_kl():
+    torch.manual_seed(2)
+    student = Transformer(ModelConfig.from_dict(TOY))
+    teacher = Transformer(ModelConfig.from_dict(TOY)).eval().requires_grad_(False)
+    teacher.lm_head.weight.mul_(20)      # a confident teacher, far from the near-uniform student
+    for name, p in student.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            p.requires_grad_(False)      # as in mopd.py: the router is frozen
+    run, args = toy_run(student, lr=1e-2), toy_args()
+    run.domains = ["toy"]
+    kl_before = reverse_kl(student, teacher)
+    for step in range(10):
+        groups = run.engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), n=4, seed=step)
+        samples = [s for g in groups for s in g]
+        sums = mopd.mopd_update(run, args, samples, ["toy"] * len(samples), {"toy": teacher})
+        assert sums["dropped"] == 0      # same weights in engine and trainer: r = 1
+    kl_after = reverse_kl(student, teacher)
+    assert kl_after < 0.75 * kl_before, (kl_before, kl_after)
+
+
+def test_reward_model_fits_pairs():
+    torch.manual_seed(3)
+    rm = rlhf.RewardModel(Transformer(ModelConfig.from_dict(TOY)))
+    # chosen responses end in token 7, rejected in token 9 (after a shared random prefix)
+    pairs = []
+    for _ in range(8):
+        prefix = torch.randint(1, 16, (5,)).tolist()
+        pairs.append((prefix + [7], prefix + [9]))
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
+    assert rlhf.pair_accuracy(rm, pairs, 0, "cpu") < 1.0   # a zero head ties everything
+    for _ in range(15):
+        rc, rr = rlhf.rm_scores(rm, [c for c, _ in pairs] + [r for _, r in pairs], 0, "cpu").chunk(2)
+        loss = rlhf.bradley_terry_loss(rc, rr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    assert rlhf.pair_accuracy(rm, pairs, 0, "cpu") == 1.0
+    # padding does not change a score: the head reads the last real token
+    short, long_ = [3, 4, 7], [1, 2, 3, 4, 5, 7]
+    both = rlhf.rm_scores(rm, [short, long_], 0, "cpu")
+    alone = rlhf.rm_scores(rm, [short], 0, "cpu")
+    torch.testing.assert_close(both[:1], alone)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage scripts end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("rl")
+    data_dir = data.build(str(root / "data"), seed=0, sizes=dict(sft=90, rl=8, eval=4, prefs=16))
+    tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    cfg = dict(TOY, vocab_size=tok.get_vocab_size(), max_position_embeddings=1024)
+    torch.manual_seed(0)
+    init = str(root / "init")
+    common.save_checkpoint(init, Transformer(ModelConfig.from_dict(cfg)),
+                           os.path.join(data_dir, "tokenizer.json"))
+    return root, data_dir, init
+
+
+def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
+    """grpo.rollout's environment hook, driven by a stand-in engine that 'generates' two turns of
+    tool calls: each turn gets the results of its own calls, in a user turn of tool responses."""
+    import data
+    from data import chat
+    from verifiers.tool import ToolEnv
+    _, data_dir, _ = tiny_setup
+    tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    ids = lambda text: tok.encode(text, add_special_tokens=False).ids
+    turn1 = ids("<tool_call><function=get_capital><parameter=country>Norway</parameter></function></tool_call>")
+    turn2 = ids("<tool_call><function=get_weather><parameter=city>Oslo</parameter></function></tool_call>")
+    appended = []
+
+    def generate(prompts, params, n, seed, env_hook):
+        assert tok.token_to_id("</tool_call>") in params.hook_token_ids
+        so_far = list(turn1)
+        appended.append(env_hook(0, 0, so_far))
+        so_far += appended[-1] + turn2
+        appended.append(env_hook(0, 0, so_far))
+        appended.append(env_hook(1, 0, turn1))   # not a tool prompt: the call ends the turn
+        return [[Sample(p, [], [], [], "stop")] for p in prompts]
+
+    rows = [dict(domain="tool", messages=[dict(role="user", content="hi")], thinking=False),
+            dict(domain="math", messages=[dict(role="user", content="hi")], thinking=False)]
+    grpo.rollout(SimpleNamespace(generate=generate), tok, rows, 1, dict(max_new_tokens=64), seed=0)
+    env = ToolEnv()
+    assert appended[0] == chat.tool_response_ids(tok, [env.run("get_capital", {"country": "Norway"})], False)
+    assert appended[1] == chat.tool_response_ids(tok, [env.run("get_weather", {"city": "Oslo"})], False)
+    assert appended[2] is None
+
+
+COMMON = ["--steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "8", "--device", "cpu",
+          "--lr", "1e-3", "--warmup", "1"]
+
+
+def check_outputs(out, summary, main, argv):
+    assert common.checkpoint_exists(os.path.join(out, "final"))
+    rows = common.read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows if "step" in r] == [0, 1]
+    assert main(argv) == summary   # OUT/final present: the stage is done, returns its summary
+    return rows
+
+
+def test_grpo_main(tiny_setup):
+    root, data_dir, init = tiny_setup
+    out = str(root / "grpo")
+    argv = ["--init", init, "--data", data_dir, "--out", out, "--domains", "math,tool", "--mix", "1,1",
+            "--group_size", "2", "--filter_groups", "off", "--overlong", "none", "--kl_coef", "0.03",
+            "--save_every", "1"] + COMMON
+    summary = grpo.main(argv)
+    rows = check_outputs(out, summary, grpo.main, argv)
+    assert {"entropy", "clip_frac", "mismatch_abs", "mismatch_k3", "kl_ref", "rollout_tok_s",
+            "train_tok_s", "filtered_frac", "response_len"} <= set(rows[-1])
+    assert all(r["trained_tokens"] > 0 for r in rows)   # filter and overlong off: every token trains
+    assert any(k.startswith("reward/") for k in summary)
+
+
+def test_mopd_main(tiny_setup):
+    root, data_dir, init = tiny_setup
+    out = str(root / "mopd")
+    argv = ["--init", init, "--data", data_dir, "--out", out, "--domains", "math,if",
+            "--teachers", f"math={init},if={init}", "--group_size", "2", "--eval_every", "2",
+            "--eval_prompts", "2"] + COMMON
+    summary = mopd.main(argv)
+    rows = check_outputs(out, summary, mopd.main, argv)
+    # the teacher is the student's own start: at step 0 the advantage is exactly 0
+    assert all(abs(v) < 1e-5 for k, v in rows[0].items() if k.startswith("reverse_kl/"))
+    assert "eval/math" in rows[-1] and "eval/math" in summary
+
+
+def test_rlhf_main(tiny_setup):
+    root, data_dir, init = tiny_setup
+    out = str(root / "rlhf")
+    argv = ["--init", init, "--data", data_dir, "--out", out, "--rm_steps", "3", "--rm_batch", "4",
+            "--group_size", "2", "--eval_prompts", "2"] + COMMON
+    summary = rlhf.main(argv)
+    assert os.path.isfile(os.path.join(out, "reward_model", "score_head.safetensors"))
+    check_outputs(out, summary, rlhf.main, argv)
+    assert 0 <= summary["rm_eval_acc"] <= 1 and 0 <= summary["judge_win_rate"] <= 1

@@ -1,0 +1,130 @@
+"""The `tool` domain: four built-in tools, the environment that runs them, and the verifier.
+
+The model sees `TOOLS` (JSON-schema function declarations, OpenAI style) in its system prompt and
+answers a request by emitting `<tool_call>`s; the rollout engine stops at each `</tool_call>`, asks
+`ToolEnv` for the results, appends them as `<tool_response>`s (data.chat.tool_response_ids) and lets
+the model continue until it writes its final answer. Everything is a lookup in fixed tables, so a
+rollout is deterministic and the verifier knows the right answer without running anything.
+
+Reward (DOMAINS.md): 0.5 if the calls made, in order, are exactly `meta["expected_calls"]` (each one
+a declared tool with valid arguments), plus 0.5 if the final answer — the text after the last tool
+response — contains `meta["answer"]`, case-insensitively. Splitting the reward lets RL credit a
+model that calls the right tool before it learns to read the result back.
+"""
+from data.chat import parse_response
+
+# ----------------------------------------------------------------------------------------------
+# the fixed tables (the data generator draws its questions from these)
+
+WEATHER = {"Oslo": "rainy", "Paris": "sunny", "Tokyo": "cloudy", "Cairo": "hot", "Lima": "foggy",
+           "Moscow": "snowy", "Sydney": "windy", "Nairobi": "mild", "Dublin": "drizzly",
+           "Toronto": "cold", "Madrid": "dry", "Hanoi": "humid"}
+PRICES = {"apple": "0.40", "bread": "2.10", "coffee": "3.50", "milk": "1.20", "cheese": "4.75",
+          "rice": "1.80", "eggs": "2.60", "tea": "2.25", "butter": "3.10", "pasta": "1.45"}
+CAPITALS = {"Norway": "Oslo", "France": "Paris", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima",
+            "Kenya": "Nairobi", "Ireland": "Dublin", "Spain": "Madrid", "Vietnam": "Hanoi",
+            "Canada": "Ottawa", "Italy": "Rome", "Chile": "Santiago"}
+# unit -> (target unit, conversion); the result is rounded to 2 decimals
+CONVERSIONS = {"km": ("mi", lambda v: v * 0.621371), "kg": ("lb", lambda v: v * 2.20462),
+               "c": ("f", lambda v: v * 9 / 5 + 32)}
+
+
+def _fn(name, description, properties):
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": properties,
+                       "required": list(properties), "additionalProperties": False}}}
+
+
+TOOLS = [
+    _fn("get_weather", "Current weather in a city, as one word.",
+        {"city": {"type": "string", "description": "city name, e.g. Oslo"}}),
+    _fn("get_price", "Price of a grocery item in dollars.",
+        {"item": {"type": "string", "description": "item name, e.g. coffee"}}),
+    _fn("get_capital", "Capital city of a country.",
+        {"country": {"type": "string", "description": "country name, e.g. Norway"}}),
+    _fn("convert_units", "Convert km to miles, kg to pounds or degrees C to degrees F.",
+        {"value": {"type": "number", "description": "the amount to convert"},
+         "unit": {"type": "string", "enum": sorted(CONVERSIONS), "description": "km, kg or c"}}),
+]
+_DECLARED = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def argument_error(name, arguments):
+    """Why a call does not match its declaration ('' when it does): unknown tool, not an object,
+    missing / unexpected arguments, wrong type (a bool is not a number), value not in an enum."""
+    if name not in _DECLARED:
+        return f"unknown tool {name!r}"
+    if not isinstance(arguments, dict):
+        return "arguments must be an object"
+    params = _DECLARED[name]
+    for key in params["required"]:
+        if key not in arguments:
+            return f"missing argument {key!r}"
+    for key, value in arguments.items():
+        spec = params["properties"].get(key)
+        if spec is None:
+            return f"unexpected argument {key!r}"
+        if spec["type"] == "string" and not isinstance(value, str):
+            return f"argument {key!r} must be a string"
+        if spec["type"] == "number" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"argument {key!r} must be a number"
+        if "enum" in spec and value not in spec["enum"]:
+            return f"argument {key!r} must be one of {spec['enum']}"
+    return ""
+
+
+def _lookup(table, key, what):
+    # forgiving about case and spaces: the environment answers "oslo " like "Oslo"
+    found = {k.casefold(): v for k, v in table.items()}.get(key.strip().casefold())
+    return found if found is not None else f"error: unknown {what} {key!r}"
+
+
+class ToolEnv:
+    """Executes tool calls deterministically. Holds no state: one instance serves every rollout."""
+
+    def run(self, name, arguments):
+        """One call -> its result as a string; an unknown tool or bad argument gives an error string."""
+        error = argument_error(name, arguments)
+        if error:
+            return f"error: {error}"
+        if name == "get_weather":
+            return _lookup(WEATHER, arguments["city"], "city")
+        if name == "get_price":
+            return _lookup(PRICES, arguments["item"], "item")
+        if name == "get_capital":
+            return _lookup(CAPITALS, arguments["country"], "country")
+        target, convert = CONVERSIONS[arguments["unit"]]
+        value = float(arguments["value"])
+        if abs(value) > 1e12:
+            return "error: value out of range"
+        return f"{convert(value):.2f}"
+
+    def respond(self, text):
+        """The rollout's multi-turn hook: the results of the calls in the model's latest turn (the
+        text after the last </tool_response>), in order. An empty list means there is nothing to
+        answer and the turn is over."""
+        latest = text.rsplit("</tool_response>", 1)[-1]
+        return [self.run(c["name"], c["arguments"]) for c in parse_response(latest)["tool_calls"]]
+
+
+def calls_match(calls, expected_calls):
+    """True iff the calls are exactly the expected ones, in order, each valid against TOOLS."""
+    if len(calls) != len(expected_calls):
+        return False
+    for call, want in zip(calls, expected_calls):
+        if argument_error(call["name"], call["arguments"]) or call["name"] != want["name"]:
+            return False
+        if call["arguments"] != want["arguments"]:
+            return False
+    return True
+
+
+def score(response, meta):
+    """0.5 for exactly the expected calls + 0.5 for an answer containing meta['answer']."""
+    expected, answer = meta["expected_calls"], meta["answer"]
+    parsed = parse_response(response)
+    reward = 0.5 if calls_match(parsed["tool_calls"], expected) else 0.0
+    if str(answer).casefold() in parsed["answer"].casefold():
+        reward += 0.5
+    return reward
