@@ -377,8 +377,8 @@ def main(argv=None):
     data_dir = prepare_data(recipe, run)
     settings = eval_settings(recipe, data_dir, a.eval_limit)
     if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with
-        cache = os.path.join(run, "eval.json")
-        rows = json.load(open(cache))["rows"] if os.path.exists(cache) else {}
+        cache = json.load(open(os.path.join(run, "eval.json"))) if os.path.exists(os.path.join(run, "eval.json")) else {}
+        rows = cache["rows"] if cache.get("settings") == settings else {}
         ref = next((st["name"] for st in recipe["stage"] if st["script"] == "sft"), "start")
         row = table({**rows, "eval": evaluate(a.only_eval, data_dir, settings, dd)}, ["eval"], ref)["eval"]
         print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))

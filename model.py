@@ -317,12 +317,14 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, input_ids_B_T, positions_B_T=None, doc_ids_B_T=None, attention=None,
-                logits_index=None):
+                logits_index=None, return_hidden=False):
         """-> (logits [B, T, V] or [len(logits_index), V], load-balancing aux loss).
         attention: None for training (causal, block-diagonal with doc_ids), or a callable
           attention(layer_idx, q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D) -> out_B_Hq_T_D that receives
           q, k after QK-norm and RoPE (the rollout engine's paged KV cache).
         logits_index: flat indices into B*T; only those positions go through the LM head.
+        return_hidden: return the final-norm hidden states [B, T, C] instead of logits (the reward
+          model of rlhf.py puts its own scalar head on them).
         aux: mean over MoE layers of E * sum_e f_e P_e, NOT multiplied by router_aux_loss_coef.
           (transformers pools f and P over all layers at once; the per-layer mean is Switch's
           definition and equals it when there is one MoE layer.)"""
@@ -342,9 +344,11 @@ class Transformer(nn.Module):
             if aux is not None:
                 aux_losses.append(aux)
         x = self.model.norm(x)
+        aux = torch.stack(aux_losses).mean() if aux_losses else x.new_zeros((), dtype=torch.float32)
+        if return_hidden:
+            return x, aux
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]
-        aux = torch.stack(aux_losses).mean() if aux_losses else x.new_zeros((), dtype=torch.float32)
         return self.lm_head(x), aux
 
     def num_params(self, active_only=False):

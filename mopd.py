@@ -181,7 +181,7 @@ def train(args):
         for dom in run.domains:
             if g[f"{dom}/tokens"]:
                 # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
-                row[f"reverse_kl/{dom}"] = -g[f"{dom}/adv"] / g[f"{dom}/tokens"]
+                row[f"reverse_kl/{dom}"] = (0.0 - g[f"{dom}/adv"]) / g[f"{dom}/tokens"]
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
         if eval_pools and (step + 1 == args.steps or (step + 1) % args.eval_every == 0):
             for dom, score in evaluate(run, args, run.engine, eval_pools).items():

@@ -87,10 +87,7 @@ def pair_ids(tok, pairs):
 @torch.no_grad()
 def pair_accuracy(rm, pairs, pad_id, device):
     """Fraction of pairs where the reward model ranks chosen above rejected."""
-    rm.eval()
-    rc = rm_scores(rm, [c for c, _ in pairs], pad_id, device)
-    rr = rm_scores(rm, [r for _, r in pairs], pad_id, device)
-    rm.train()
+    rc, rr = rm_scores(rm, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device).chunk(2)
     return (rc > rr).float().mean().item()
 
 
@@ -106,19 +103,18 @@ def train_reward_model(args, tok, tok_path, d, logger):
         rng = random.Random(f"rm-{args.seed}-{step}")
         batch = rng.sample(train, min(args.rm_batch, len(train)))
         mine = batch[d.rank::d.world_size]
-        rc = rm_scores(rm, [c for c, _ in mine], pad_id, d.device)
-        rr = rm_scores(rm, [r for _, r in mine], pad_id, d.device)
-        # mean over the global batch: local sum / global count, summed over ranks by sync_grads
-        loss = bradley_terry_loss(rc, rr) * len(mine) / len(batch)
+        rc, rr = rm_scores(rm, [c for c, _ in mine] + [r for _, r in mine], pad_id, d.device).chunk(2)
+        local_loss = bradley_terry_loss(rc, rr)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # the mean over the global batch: each rank's share of it, summed over ranks by sync_grads
+        (local_loss * len(mine) / len(batch)).backward()
         grpo.sync_grads(list(rm.parameters()))
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:
             acc = (rc > rr).float().mean().item()
-            logger.log(dict(rm_step=step, rm_loss=loss.item() * len(batch) / len(mine), rm_batch_acc=acc))
-            print0(f"rm step {step} | loss {loss.item() * len(batch) / len(mine):.4f} | batch acc {acc:.3f}")
+            logger.log(dict(rm_step=step, rm_loss=local_loss.item(), rm_batch_acc=acc))
+            print0(f"rm step {step} | loss {local_loss.item():.4f} | batch acc {acc:.3f}")
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
     logger.log(stats)
@@ -187,7 +183,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     summary = grpo.finished(args.out)
-    if summary is not None:
+    if summary is not None and "judge_win_rate" in summary:   # done, judge's verdict included
         return summary
     d = common.init_distributed(args.device)
     common.set_seed(args.seed)
@@ -223,3 +219,7 @@ def main(argv=None):
             json.dump(state, f, indent=1)
         os.replace(state_file + ".tmp", state_file)
     return summary
+
+
+if __name__ == "__main__":
+    main()

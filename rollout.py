@@ -35,8 +35,9 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    cap of max_batch_tokens. Sequences join when there is room and leave as soon as they stop, so
    the batch stays full. The model runs with an explicit `attention` callable: it writes the step's
    k/v through the slot mapping into the pool, then attends each token over its own sequence's
-   cached prefix (a Triton paged kernel for single-token sequences on the GPU, a gather + SDPA
-   otherwise). When the pool runs out, the newest sequence is preempted: its blocks are freed, and
+   cached prefix: single-token sequences through kernels/paged_attention.py (Triton on the GPU),
+   multi-token chunks padded into one SDPA call over their context gathered through the block
+   tables. When the pool runs out, the newest sequence is preempted: its blocks are freed, and
    it is later recomputed from its prompt + tokens so far (the same tokens, so the same result).
 
 4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
@@ -187,34 +188,43 @@ class Engine:
         return -(-num_tokens // self.block_size)
 
     def _ensure_pool(self, num_blocks: int):
-        if self.k_cache is not None and self.k_cache.shape[1] >= num_blocks:
-            return
         L, Hkv, D = self.shape
         if self.num_blocks is None and self.device.type == "cuda":
-            # size for the request, but never take more than half of the free GPU memory
+            # size for the request, but never take more than half of the free GPU memory (free on
+            # the device, cached but unused by torch's allocator, or held by our current pool)
             bytes_per_block = 2 * L * self.block_size * Hkv * D * self.dtype.itemsize
-            num_blocks = min(num_blocks, torch.cuda.mem_get_info(self.device)[0] // 2 // bytes_per_block)
+            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+                    - torch.cuda.memory_allocated(self.device)
+                    + (self.k_cache is not None) * 2 * self.k_cache.nbytes)
+            num_blocks = min(num_blocks, free // 2 // bytes_per_block)
+        if self.k_cache is not None and self.k_cache.shape[1] >= num_blocks:
+            return
         self.release()
         # zeros, not empty: masked-out positions still multiply their (0) weights with V, and NaN * 0 = NaN
-        self.k_cache = torch.zeros(L, num_blocks, self.block_size, Hkv, D, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(L, num_blocks, self.block_size, Hkv, D, dtype=self.dtype,
+                                   device=self.device)
         self.v_cache = torch.zeros_like(self.k_cache)
 
     def _reserve(self, seq: Sequence, num_new: int, alloc: BlockAllocator) -> bool:
         """Make room for k/v of tokens [num_cached, num_cached + num_new); False if the pool is full."""
-        first = seq.num_cached // self.block_size   # the block the first new token is written to
-        copy = first < len(seq.block_table) and alloc.ref_count[seq.block_table[first]] > 1
-        grow = self._blocks_for(seq.num_cached + num_new) - len(seq.block_table)
+        table, bs = seq.block_table, self.block_size
+        first = seq.num_cached // bs   # the block the first new token is written to
+        grow = (seq.num_cached + num_new + bs - 1) // bs - len(table)
+        copy = first < len(table) and alloc.ref_count[table[first]] > 1
+        if grow <= 0 and not copy:     # most decode steps: the token fits in a block of its own
+            return True
         if grow + copy > len(alloc.free):
             return False
         if copy:   # copy-on-write of a block shared with the other samples of the prompt
-            shared, own = seq.block_table[first], alloc.allocate()
+            shared, own = table[first], alloc.allocate()
             self.k_cache[:, own] = self.k_cache[:, shared]
             self.v_cache[:, own] = self.v_cache[:, shared]
             alloc.release(shared)
-            seq.block_table[first] = self.tables[seq.row, first] = own
-        if grow:
-            seq.block_table += [alloc.allocate() for _ in range(grow)]
-            self.tables[seq.row, len(seq.block_table) - grow:len(seq.block_table)] = seq.block_table[-grow:]
+            table[first] = self.tables[seq.row, first] = own
+        if grow > 0:
+            new = [alloc.allocate() for _ in range(grow)]
+            self.tables[seq.row, len(table):len(table) + grow] = new
+            table += new
         return True
 
     def _free(self, seq: Sequence, alloc: BlockAllocator):
@@ -277,7 +287,7 @@ class Engine:
         meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
         if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
             p = slice(num_decode, S)
-            T, C = int(num_new_S[p].max()), max(seq.num_cached + n for seq, n in batch[p])
+            T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
             t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
             meta.valid_P_T = t_T < num_new_S[p, None]
             meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
@@ -292,7 +302,8 @@ class Engine:
     def _attention(self, meta: StepMeta):
         """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
         def attention(layer: int, q_1_Hq_N_D: Tensor, k_1_Hkv_N_D: Tensor, v_1_Hkv_N_D: Tensor) -> Tensor:
-            q_N_Hq_D, k_N_Hkv_D, v_N_Hkv_D = (t[0].transpose(0, 1) for t in (q_1_Hq_N_D, k_1_Hkv_N_D, v_1_Hkv_N_D))
+            q_N_Hq_D, k_N_Hkv_D, v_N_Hkv_D = (t[0].transpose(0, 1)
+                                              for t in (q_1_Hq_N_D, k_1_Hkv_N_D, v_1_Hkv_N_D))
             k_pool, v_pool = self.k_cache[layer], self.v_cache[layer]     # [num_blocks, block_size, Hkv, D]
             k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
             k_slots.index_copy_(0, meta.slots_N, k_N_Hkv_D.to(k_slots.dtype))
@@ -339,7 +350,8 @@ class Engine:
                   lens=torch.ones(size, dtype=torch.int32, device=dev),
                   index=torch.arange(size, device=dev))
         attention = self._attention(StepMeta(st["slots"], size, st["tables"], st["lens"]))
-        run = lambda: self.model(st["ids"], st["pos"], attention=attention, logits_index=st["index"])[0]  # noqa: E731
+        def run():
+            return self.model(st["ids"], st["pos"], attention=attention, logits_index=st["index"])[0]
         try:
             side = torch.cuda.Stream(dev)   # warm up (Triton compiles, allocator settles) off the main stream
             side.wait_stream(torch.cuda.current_stream(dev))
@@ -363,10 +375,14 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, seed: int = 0,
                  env_hook=None) -> list[list[Sample]]:
         """G = n samples per prompt; returns samples[prompt_index][sample_index]."""
+        if not prompts:
+            return []
         if n < 1 or n > self.max_seqs:
             raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"rollout.py: max_new_tokens={params.max_new_tokens} must be >= 1")
+        sp = params
+        if sp.max_new_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+            raise ValueError(f"rollout.py: bad {params}: need max_new_tokens >= 1, temperature >= 0, "
+                             "0 < top_p <= 1, top_k >= 0")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("rollout.py: empty prompt at index "
                              f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
@@ -394,7 +410,8 @@ class Engine:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids, hook_ids = set(params.stop_token_ids), set(params.hook_token_ids)
         self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0)
-        groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)] for i, p in enumerate(prompts)]
+        groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
+                  for i, p in enumerate(prompts)]
         # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
         self.tables = np.zeros((len(prompts) * n, self._blocks_for(longest)), dtype=np.int32)
         for group in groups:
@@ -403,9 +420,10 @@ class Engine:
         while waiting or running:
             batch = self._schedule(waiting, running, alloc)
             if not batch:
-                raise RuntimeError("rollout.py: nothing could be scheduled (max_batch_tokens or pool too small)")
+                raise RuntimeError("rollout.py: nothing fits in a step (pool or max_batch_tokens too small)")
             self.stats["steps"] += 1
-            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
+            in_use = len(alloc.ref_count) - 1 - len(alloc.free)
+            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], in_use)
             batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
             # sequences whose chunk reaches the end of their tokens sample one token from its logits
             last, samplers, end = [], [], 0

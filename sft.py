@@ -78,7 +78,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="data directory with tokenizer.json and sft.jsonl")
     p.add_argument("--sft_file", help="SFT conversations JSONL (default: DATA/sft.jsonl)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and of the data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda if available")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: bf16 autocast on CUDA, fp32 on CPU); weights stay fp32")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: derive from --epochs)")
@@ -111,7 +112,8 @@ def pack(docs, seq_len, pad_id):
         if len(ids) > seq_len:
             ids, mask, truncated = ids[:seq_len], mask[:seq_len], truncated + 1
         if not input_ids or len(input_ids[-1]) + len(ids) > seq_len:  # start a new row
-            input_ids.append([]), doc_ids.append([]), labels.append([])
+            for rows in (input_ids, doc_ids, labels):
+                rows.append([])
         doc = doc_ids[-1][-1] + 1 if doc_ids[-1] else 0
         input_ids[-1] += ids
         doc_ids[-1] += [doc] * len(ids)

@@ -91,7 +91,8 @@ def static_kv_generate(model, prompts_B_P, new_tokens, seed, prefill_rows=128):
         out.append(token_B)
         if step + 1 < new_tokens:
             positions = torch.full((B, 1), P + step, device=dev)
-            logits = model(token_B[:, None], positions, attention=attention_at(slice(None), P + step, 1))[0][:, 0]
+            attention = attention_at(slice(None), P + step, 1)
+            logits = model(token_B[:, None], positions, attention=attention)[0][:, 0]
     return torch.stack(out, 1)
 
 
@@ -135,9 +136,11 @@ def decode_floor_s(model, B, context, cache_itemsize):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny config, tiny workload, on the CPU")
-    parser.add_argument("--config", default=None, help="model config (default configs/bench.json; tiny for --cpu-smoke)")
+    parser.add_argument("--config", default=None,
+                        help="model config (default configs/bench.json; configs/tiny.json for --cpu-smoke)")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
@@ -151,6 +154,8 @@ def main():
     if args.cpu_smoke:
         args.prompts, args.prompt_len, args.n, args.new_tokens = 4, 16, 2, 8
         args.decode_batches = [4]
+    if cpu:   # tiny ops: a second intra-op thread only spin-waits on a small, busy machine
+        torch.set_num_threads(1)
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     config = args.config or os.path.join(ROOT, "configs", "tiny.json" if args.cpu_smoke else "bench.json")
@@ -169,7 +174,8 @@ def main():
     print(f"workload: {args.prompts} prompts x {P} tokens, {G} samples each, {M} new tokens per sample\n")
 
     rows = []
-    engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4), n=G)   # warmup: graphs, Triton
+    # warmup: Triton compiles and autotunes, CUDA graphs are captured
+    engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4), n=G)
     seconds, out = timed(lambda: engine.generate(prompts, params, n=G, seed=1), device)
     assert all(len(s.token_ids) == M for group in out for s in group)
     rows.append(("paged engine (rollout.py)", args.prompts * G, seconds))

@@ -188,6 +188,16 @@ def test_logits_index():
     assert some.shape == (5, BASE["vocab_size"])
     torch.testing.assert_close(some, full.reshape(15, -1)[index], rtol=1e-12, atol=1e-12)
 
+
+def test_return_hidden_is_what_the_lm_head_reads():
+    model = make_model()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 6))
+    logits, aux = model(ids)
+    hidden, aux2 = model(ids, return_hidden=True)
+    assert hidden.shape == (2, 6, model.config.hidden_size)
+    torch.testing.assert_close(hidden @ model.lm_head.weight.T, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux, aux2)
+
 # ----------------------------------------------------------------------------------------------
 # Save / load
 

@@ -2,11 +2,13 @@
 - GRPO's update (grpo.grpo_update on rollout.Engine samples) raises the reward of a toy task;
 - MOPD's update lowers the exact reverse KL to a teacher;
 - the Bradley-Terry reward model fits a handful of pairs;
-- each main() runs a couple of steps on the built-in data and writes OUT/final + metrics.jsonl,
-  and a second call with OUT/final present returns at once."""
+- grpo.rollout's tool hook runs each turn's calls through verifiers.tool.ToolEnv;
+- each main() runs a couple of steps on the built-in data and writes OUT/final + metrics.jsonl, a
+  second call with OUT/final present returns at once, and GRPO resumes from OUT/last."""
 
 import argparse
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -30,11 +32,11 @@ TARGET = 5   # the toy task: emit token 5
 def toy_run(model, lr):
     """What grpo.setup returns, around a bare model: only what the update functions read."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return SimpleNamespace(dist=common.init_distributed("cpu"), model=model,
-                    tok=SimpleNamespace(token_to_id=lambda s: 0), tok_path=None,
-                    optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params=params, step=0,
-                    autocast=lambda: torch.autocast("cpu", enabled=False), logger=None, domains=[],
-                    mix=[], pools={}, engine=Engine(model))
+    return SimpleNamespace(dist=common.init_distributed("cpu"), model=model, params=params,
+                           tok=SimpleNamespace(token_to_id=lambda s: 0),   # pad id 0
+                           optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+                           autocast=lambda: torch.autocast("cpu", enabled=False), domains=[],
+                           engine=Engine(model))
 
 
 def toy_args(**kw):
@@ -52,11 +54,11 @@ def first_token_logprobs(model):
 def test_grpo_raises_toy_reward():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_dict(TOY))
-    run, args, G = toy_run(model, lr=3e-3), toy_args(), 8
+    run, args, G = toy_run(model, lr=1e-2), toy_args(), 8
     params = SamplingParams(max_new_tokens=4)
     p_before = first_token_logprobs(model)[:, TARGET].exp().mean().item()
     rewards_per_step = []
-    for step in range(10):
+    for step in range(6):
         groups = run.engine.generate(PROMPTS, params, n=G, seed=step)
         samples = [s for g in groups for s in g]
         rewards = torch.tensor([s.token_ids.count(TARGET) / len(s.token_ids) for s in samples],
@@ -204,6 +206,10 @@ def test_grpo_main(tiny_setup):
     assert {"entropy", "clip_frac", "mismatch_abs", "mismatch_k3", "kl_ref", "rollout_tok_s",
             "train_tok_s", "filtered_frac", "response_len"} <= set(rows[-1])
     assert all(r["trained_tokens"] > 0 for r in rows)   # filter and overlong off: every token trains
+    # resume: without OUT/final, a longer run continues from OUT/last (saved after step 0)
+    shutil.rmtree(os.path.join(out, "final"))
+    grpo.main(argv + ["--steps", "3"])
+    assert [r["step"] for r in common.read_metrics(os.path.join(out, "metrics.jsonl"))] == [0, 1, 1, 2]
     assert any(k.startswith("reward/") for k in summary)
 
 
@@ -224,8 +230,29 @@ def test_rlhf_main(tiny_setup):
     root, data_dir, init = tiny_setup
     out = str(root / "rlhf")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--rm_steps", "3", "--rm_batch", "4",
-            "--group_size", "2", "--eval_prompts", "2"] + COMMON
+            "--group_size", "2", "--eval_prompts", "2", "--overlong", "none"] + COMMON
     summary = rlhf.main(argv)
     assert os.path.isfile(os.path.join(out, "reward_model", "score_head.safetensors"))
-    check_outputs(out, summary, rlhf.main, argv)
+    rows = check_outputs(out, summary, rlhf.main, argv)
+    assert all(r["trained_tokens"] > 0 for r in rows if "step" in r)
     assert 0 <= summary["rm_eval_acc"] <= 1 and 0 <= summary["judge_win_rate"] <= 1
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("grpo", ["--domains", "--mix", "--prompts", "--group_size", "--prompts_per_step", "--max_new_tokens",
+              "--thinking", "--temperature", "--top_p", "--epochs", "--clip_low", "--clip_high", "--kl_coef",
+              "--overlong", "--filter_groups", "--freeze_router"]),
+    ("mopd", ["--teachers", "--domains", "--mix", "--group_size", "--prompts_per_step", "--max_new_tokens",
+              "--thinking", "--mismatch_low", "--mismatch_high"]),
+    ("rlhf", ["--rm_steps", "--rm_lr", "--steps", "--group_size", "--prompts_per_step", "--max_new_tokens",
+              "--kl_coef", "--thinking"])])
+def test_command_line(script, flags):
+    """`python <script>.py --help` works and lists the flags INTERFACES.md binds (cascade.py passes them)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    common_flags = ["--init", "--out", "--data", "--seed", "--device", "--dtype", "--steps", "--lr", "--warmup",
+                    "--save_every", "--log_every"]
+    assert [f for f in common_flags + flags if f not in out.stdout] == []

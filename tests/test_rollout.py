@@ -149,7 +149,9 @@ def test_same_seed_same_samples(model32):
     prompts = make_prompts([4, 9, 3], seed=4)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12)
     engine = Engine(model32, block_size=4)
-    tokens = lambda seed: [[s.token_ids for s in g] for g in engine.generate(prompts, params, n=2, seed=seed)]  # noqa: E731
+    def tokens(seed):
+        return [[s.token_ids for s in g] for g in engine.generate(prompts, params, n=2, seed=seed)]
+
     first = tokens(seed=5)
     assert tokens(seed=5) == first
     assert tokens(seed=6) != first
@@ -232,19 +234,21 @@ def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
         w = (torch.einsum("hd,nhd->hn", q[s].double(), k) / D ** 0.5).softmax(-1)
         torch.testing.assert_close(expected[s], torch.einsum("hn,nhd->hd", w, v))
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    got = paged_decode_attention_triton(dev(q), dev(k_cache), dev(v_cache), dev(block_tables), dev(context_lens))
+    got = paged_decode_attention_triton(dev(q), dev(k_cache), dev(v_cache), dev(block_tables),
+                                        dev(context_lens))
     torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch):
     # the Triton kernel inside the engine (block_size 16, as it requires); the model stays on torch
-    prompts, params = make_prompts([3, 20], seed=8), SamplingParams(temperature=0, max_new_tokens=6)
+    prompts, params = make_prompts([3, 20], seed=8), SamplingParams(temperature=0, max_new_tokens=4)
     expected = Engine(model64).generate(prompts, params, n=2)
     calls = []
 
     def triton_path(*args):
         calls.append(1)
-        return paged_decode_attention_triton(*(a.float() if a.is_floating_point() else a for a in args)).double()
+        fp32 = (a.float() if a.is_floating_point() else a for a in args)
+        return paged_decode_attention_triton(*fp32).double()
     monkeypatch.setattr(rollout, "paged_decode_attention", triton_path)
     got = Engine(model64).generate(prompts, params, n=2)
     assert calls and [[s.token_ids for s in g] for g in got] == [[s.token_ids for s in g] for g in expected]

@@ -207,6 +207,8 @@ def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
         sft.main(args(data_dir, tmp_path / "resumed", *run, "--save_every", 3))
     monkeypatch.undo()
     assert len(losses(tmp_path / "resumed")) == 3
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     assert sft.main(args(data_dir, tmp_path / "resumed", *run, "--save_every", 3))["loss"] == summary["loss"]
 
     rows = common.read_metrics(tmp_path / "resumed" / "metrics.jsonl")

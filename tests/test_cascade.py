@@ -1,0 +1,195 @@
+"""cascade.py: recipe checking, the teacher registry and the chat win rate, and whole cascades on the
+CPU: the tiny recipe (shrunk) end to end with a kill and a resume, and a 2-process gloo run.
+
+The end-to-end runs use the real recipes/tiny.toml stage list (every stage, in order, the same
+scripts and domains) with every size cut to the bone (--steps_scale, --eval_limit, short
+generations): they check the plumbing, not the learning."""
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+import cascade
+import data
+import mopd
+
+real_mopd_main = mopd.main
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "recipes", "tiny.toml")
+CONFIG = os.path.join(ROOT, "configs", "tiny.json")
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(map(toml_value, v)) + "]"
+    return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+
+
+def write_recipe(path, recipe):
+    """The inverse of tomllib.load for the shapes a recipe uses."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in recipe.items() if not isinstance(v, (dict, list))]
+    for k, v in recipe.items():
+        if isinstance(v, dict):
+            lines += [f"[{k}]"] + [f"{a} = {toml_value(b)}" for a, b in v.items()]
+    for st in recipe.get("stage", []):
+        lines += ["[[stage]]"] + [f"{k} = {toml_value(v)}" for k, v in st.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    return data.build(str(out), seed=0, sizes=dict(sft=270, rl=8, eval=4, prefs=24))
+
+
+def shrunk_tiny(data_dir):
+    """recipes/tiny.toml with its data replaced and every size cut (steps are cut by --steps_scale)."""
+    with open(TINY, "rb") as f:
+        recipe = tomllib.load(f)
+    recipe.update(data=data_dir, model=CONFIG, eval=dict(recipe["eval"], max_new_tokens=12))
+    recipe.pop("build", None)
+    for st in recipe["stage"]:
+        small = dict(batch_size=4) if st["script"] == "sft" else dict(
+            prompts_per_step=2, group_size=2, max_new_tokens=12, eval_prompts=2)
+        st["args"] = {k: v for k, v in {**st["args"], **small}.items() if k != "save_every"}
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe is checked, all of it, before anything runs
+
+
+def minimal(**stage):
+    return {"model": CONFIG, "stage": [{"name": "sft", "script": "sft", "args": {"steps": 1}}, stage]}
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (minimal(name="rl", script="ppo"), "unknown script 'ppo'"),
+    (minimal(name="rl", script="grpo", args={"stepz": 3}), "unknown argument 'stepz' for grpo.py"),
+    (minimal(name="sft", script="grpo"), "duplicate stage name 'sft'"),
+    (minimal(name="rl", script="grpo", args={"steps": "many"}), "--steps: invalid int value: 'many'"),
+    (minimal(name="rl", script="grpo", args={"out": "/tmp"}), "argument 'out' is set by the cascade"),
+    (minimal(name="rl", script="grpo", args={"thinking": "sometimes"}), "invalid choice: 'sometimes'"),
+    ({**minimal(name="rl", script="grpo"), "modle": "x"}, "unknown key 'modle'"),
+    ({**minimal(name="rl", script="grpo"), "eval": {"limt": 3}}, "[eval]: unknown key 'limt'"),
+    ({"model": CONFIG, "stage": [{"name": "a", "script": "sft", "argz": {}}]}, "unknown key 'argz'"),
+    ({"stage": [{"name": "a", "script": "sft"}]}, "exactly one of 'model'"),
+])
+def test_recipe_errors_name_the_key_and_the_file(tmp_path, recipe, message):
+    path = write_recipe(tmp_path / "bad.toml", recipe)
+    run_dir = tmp_path / "run"
+    with pytest.raises(cascade.RecipeError) as e:
+        cascade.main(["--recipe", path, "--run_dir", str(run_dir)])
+    assert str(e.value).startswith(path + ": ") and message in str(e.value)
+    assert not run_dir.exists()  # nothing ran, nothing was written
+
+
+def test_recipe_to_command_lines(tmp_path):
+    recipe = cascade.load_recipe(write_recipe(tmp_path / "r.toml", minimal(
+        name="rl", script="grpo", args={"domains": ["math", "if"], "steps": 10, "freeze_router": True})), 0.25)
+    assert recipe["name"] == "r" and recipe["data"] == "built-in"
+    assert recipe["stage"][0]["argv"] == ["--steps", "1"]  # floor 1
+    assert recipe["stage"][1]["argv"] == ["--domains", "math,if", "--steps", "2", "--freeze_router"]
+    assert recipe["stage"][1]["ns"].freeze_router and recipe["stage"][1]["ns"].domains == "math,if"
+    for path in (TINY, os.path.join(ROOT, "recipes", "small.toml")):  # the shipped recipes are valid
+        names = [st["name"] for st in cascade.load_recipe(path)["stage"]]
+        assert names == ["sft", "if_rl", "multi_rl", "mopd", "rlhf", "longctx_rl", "code_rl", "swe_rl"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the table: chat as a win rate, teachers = the earliest best checkpoint per domain
+
+
+def test_win_rate_and_teacher_registry():
+    assert cascade.win_rate([1.0, 0.4, 0.6, 0.2], [0.8, 0.4, 0.8, 0.2]) == (1 + 0.5 + 0 + 0.5) / 4
+    row = lambda math, code, judge: {"scores": {"math": math, "code": code}, "chat_judge": judge,
+                                     "checkpoint": f"ckpt{math}{code}"}
+    rows = {"start": row(0.0, 0.9, [0.0, 0.0]), "sft": row(0.5, 0.2, [0.4, 0.6]),
+            "rl": row(0.5, 0.3, [0.8, 0.6]), "mopd": row(0.7, 0.3, [0.4, 0.2])}
+    order = ["start", "sft", "rl", "mopd"]
+    table = cascade.table(rows, order, "sft")
+    assert [table[n]["chat"] for n in order] == [0.0, 0.5, 0.75, 0.25]
+    best = cascade.teacher_registry(rows, order[1:], "sft")  # from scratch: start is no candidate
+    assert {d: t["stage"] for d, t in best.items()} == {"math": "mopd", "code": "rl", "chat": "rl"}
+    best = cascade.teacher_registry(rows, order[1:3], "sft")  # what a MOPD stage after "rl" sees
+    assert {d: t["stage"] for d, t in best.items()} == {"math": "sft", "code": "rl", "chat": "rl"}
+    assert best["math"]["checkpoint"] == "ckpt0.50.2"  # a tie keeps the earlier checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# whole cascades
+
+
+def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkeypatch):
+    recipe = write_recipe(tmp_path / "tiny.toml", shrunk_tiny(data_dir))
+    run = tmp_path / "run"
+    argv = ["--recipe", recipe, "--run_dir", str(run), "--steps_scale", "0.01", "--eval_limit", "2"]
+
+    def killed(argv):
+        raise KeyboardInterrupt("killed during MOPD")
+    monkeypatch.setattr(mopd, "main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cascade.main(argv)
+    assert (run / "stages" / "multi_rl" / "final").is_dir() and not (run / "stages" / "mopd" / "final").exists()
+    weights = run / "stages" / "sft" / "final" / "model.safetensors"
+    mtime, before = weights.stat().st_mtime_ns, json.loads((run / "eval.json").read_text())["rows"]
+    assert list(before) == ["start", "sft", "if_rl", "multi_rl"]
+
+    seen = []
+    monkeypatch.setattr(mopd, "main", lambda argv: seen.append(argv) or real_mopd_main(argv))
+    table = cascade.main(argv)
+    assert weights.stat().st_mtime_ns == mtime  # finished stages are not run again ...
+    after = json.loads((run / "eval.json").read_text())["rows"]
+    assert all(after[name] == before[name] for name in before)  # ... nor evaluated again
+    evals = [r["stage"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["event"] == "eval"]
+    assert sorted(evals) == sorted(after) and len(evals) == 9  # each evaluation happened exactly once
+
+    # MOPD got one teacher per domain of its --domains, each the best earlier checkpoint
+    teachers = dict(kv.split("=") for kv in seen[0][seen[0].index("--teachers") + 1].split(","))
+    assert sorted(teachers) == sorted(["math", "if", "tool", "mcqa", "structured"])
+    registry = cascade.teacher_registry(after, ["sft", "if_rl", "multi_rl"], "sft")
+    assert teachers == {d: registry[d]["checkpoint"] for d in teachers}
+
+    columns = ["math", "math_nothink", "code", "if", "mcqa", "structured", "tool", "longctx", "chat", "swe"]
+    assert list(table) == ["start", "sft", "if_rl", "multi_rl", "mopd", "rlhf", "longctx_rl", "code_rl", "swe_rl"]
+    assert all(sorted(row) == sorted(columns) for row in table.values())
+    assert table["sft"]["chat"] == 0.5  # the reference against itself: all ties
+    report = (run / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| stage |"))
+    assert all(f" {c} " in header for c in columns)
+    assert all(f"| {name} |" in report for name in table)
+    assert set(json.loads((run / "teachers.json").read_text())) == set(data.DOMAINS)
+
+    # --only_eval reproduces a cached row: greedy decoding is deterministic
+    row = cascade.main(argv + ["--only_eval", str(run / "stages" / "if_rl" / "final")])
+    assert row == table["if_rl"]
+
+
+
+def test_two_gloo_processes(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path / "short.toml", {
+        "model": CONFIG, "data": data_dir, "eval": {"limit": 3, "max_new_tokens": 8, "domains": ["math", "chat"]},
+        "stage": [{"name": "sft", "script": "sft", "args": {"steps": 2, "batch_size": 4, "seq_len": 512}},
+                  {"name": "if_rl", "script": "grpo", "args": {"steps": 1, "domains": ["if"], "prompts_per_step": 2,
+                                                                 "group_size": 2, "max_new_tokens": 8}}]})
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "NANOCASCADE_TRITON"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "cascade.py", "--recipe", recipe, "--run_dir", str(run)],
+                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((run / "eval.json").read_text())["rows"]
+    assert list(rows) == ["start", "sft", "if_rl"]
+    assert all(len(r["chat_judge"]) == 3 for r in rows.values())  # both ranks' shares gathered
+    assert "| if_rl |" in (run / "report.md").read_text()
