@@ -290,8 +290,8 @@ def grpo_update(run, args, samples, advantages_N, ref=None):
     sums = dict(tokens=local, fwd_tokens=0, entropy=0, mismatch_abs=0, mismatch_k3=0, clip=0, kl=0)
     if num_tokens == 0:          # every group filtered on every rank: nothing to learn this step
         return sums
-    with torch.no_grad(), run.autocast():
-        ref_lps = [token_logprobs(ref, b, args.temperature)[0] if ref else None for _, b in mbs]
+    with torch.no_grad(), run.autocast():   # the KL reference's logprobs, once per rollout batch
+        ref_lps = [None if ref is None else token_logprobs(ref, b, args.temperature)[0] for _, b in mbs]
     for epoch in range(args.epochs):
         run.optimizer.zero_grad(set_to_none=True)
         for (ix, b), ref_lp_B_T in zip(mbs, ref_lps):

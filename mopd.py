@@ -93,7 +93,8 @@ def load_teachers(spec, domains, tok_path, device):
         if path not in models:
             with open(os.path.join(path, "tokenizer.json")) as f, open(tok_path) as g:
                 if f.read() != g.read():
-                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's {tok_path}")
+                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's "
+                                     f"{tok_path}")
             # bf16 weights on the GPU halve a teacher's memory; it only ever runs forward
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             models[path] = common.load_checkpoint(path, device, dtype)[0].eval().requires_grad_(False)

@@ -81,7 +81,9 @@ def rm_scores(rm, seqs, pad_id, device, batch_size=32):
 
 
 def pair_ids(tok, pairs):
-    return [(rm_ids(tok, p["messages"], p["chosen"]), rm_ids(tok, p["messages"], p["rejected"])) for p in pairs]
+    """Preference rows -> [(chosen ids, rejected ids)] as the reward model reads them."""
+    return [(rm_ids(tok, p["messages"], p["chosen"]), rm_ids(tok, p["messages"], p["rejected"]))
+            for p in pairs]
 
 
 @torch.no_grad()
@@ -118,7 +120,8 @@ def train_reward_model(args, tok, tok_path, d, logger):
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
     logger.log(stats)
-    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, held-out {stats['rm_eval_acc']:.3f}")
+    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, "
+           f"held-out {stats['rm_eval_acc']:.3f}")
     return rm, stats
 
 

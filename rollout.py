@@ -163,6 +163,11 @@ class StepMeta:
 
 
 class Engine:
+    """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
+    most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
+    running sequences (and the largest CUDA graph). After each generate, `stats` holds steps,
+    forward_tokens, preemptions, graph_steps and peak_blocks. Pass the bare module, not a DDP wrapper."""
+
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None):
         cfg = model.config

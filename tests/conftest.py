@@ -16,7 +16,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("NANOCASCADE_TRITON", None)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the test models are tiny, and a second thread only spin-waits (on a loaded
+# 2-core machine that made a tiny forward 20x slower). Parallelism comes from separate processes.
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):

@@ -61,7 +61,8 @@ def shrunk_tiny(data_dir):
     recipe.pop("build", None)
     for st in recipe["stage"]:
         small = dict(batch_size=4) if st["script"] == "sft" else dict(
-            prompts_per_step=2, group_size=2, max_new_tokens=12, eval_prompts=2)
+            prompts_per_step=2, group_size=2, max_new_tokens=12)
+        small.update(dict(eval_prompts=2, rm_batch=4) if st["script"] == "rlhf" else {})
         st["args"] = {k: v for k, v in {**st["args"], **small}.items() if k != "save_every"}
     return recipe
 

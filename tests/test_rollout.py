@@ -20,16 +20,6 @@ CONFIG = ModelConfig.from_json(os.path.join(ROOT, "configs", "tiny.json"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model's ops are far too small to split across threads; on a busy 2-core machine a
-    # second intra-op thread only spin-waits (measured: 10 ms vs 200 ms of CPU per forward)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model64():
     torch.manual_seed(0)
