@@ -45,6 +45,7 @@ import os
 import time
 import tomllib
 
+import torch
 import torch.distributed as dist
 
 import data
@@ -387,6 +388,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # the tiny model's matmuls are too small for intra-op threads to pay, and on a busy machine
+        # OpenMP's spinning threads slow every op down many times; for 2 cores, run 2 processes
+        torch.set_num_threads(1)
     main()
     if dist.is_initialized():
         dist.destroy_process_group()

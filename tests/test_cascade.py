@@ -11,6 +11,7 @@ import sys
 import tomllib
 
 import pytest
+import torch
 
 import cascade
 import data
@@ -132,7 +133,17 @@ def test_win_rate_and_teacher_registry():
 # whole cascades
 
 
-def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """The tiny model's matmuls are too small for intra-op threads to pay; on a busy machine OpenMP's
+    spinning threads slow every op down many times (cascade.py's __main__ does the same)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkeypatch, one_thread):
     recipe = write_recipe(tmp_path / "tiny.toml", shrunk_tiny(data_dir))
     run = tmp_path / "run"
     argv = ["--recipe", recipe, "--run_dir", str(run), "--steps_scale", "0.01", "--eval_limit", "2"]
