@@ -1,33 +1,28 @@
 """
 The cascade: Nemotron-Cascade 2's post-training recipe, one stage after another, in one loop.
 
-The paper (RECIPE.md) post-trains its base model in a fixed order,
-    SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF -> long-context RL -> code RL -> SWE RL,
-each stage starting from the previous stage's final checkpoint with its own hyperparameters, with
-MOPD mid-cascade to pull every domain back to the best checkpoint seen so far on it. A recipe
-(recipes/*.toml) lists the stages in order; for each one this file
+The paper (RECIPE.md) post-trains its base model in a fixed order, SFT -> IF-RL -> multi-domain RL ->
+MOPD -> RLHF -> long-context RL -> code RL -> SWE RL, each stage starting from the previous stage's
+final checkpoint with its own hyperparameters, MOPD pulling every domain back to the best checkpoint
+seen so far on it. A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
   1. skips it if RUN/stages/<name>/final exists (the stage contract: final = finished), else calls
-     <script>.main([...]) in-process, in the same torchrun process group; a stage killed midway
-     resumes from its own OUT/last when called again;
-  2. evaluates every domain on its held-out prompts (greedy decoding, the domain's verifier): math
-     with and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's
-     answers to the same prompts (ties count 1/2), as ArenaHard is a judged win rate;
-  3. keeps the teacher registry (RUN/teachers.json): the best checkpoint per domain so far, ties
-     keeping the earlier one. A MOPD stage gets its --teachers from it.
-All of the recipe is checked before anything runs, every stage argument against that stage's own
-argparse parser. Evaluations are cached in RUN/eval.json, so the same command run again after a kill
-recomputes nothing. RUN/report.md holds the stage x domain table (the paper's results table in
-miniature), wall times and, where matplotlib is installed, PNG curves.
+     <script>.main([...]) in-process, in the same torchrun process group (a stage killed midway
+     resumes from its own OUT/last);
+  2. evaluates every domain on its held-out prompts, greedy, with the domain's verifier: math with
+     and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's answers
+     (ties count 1/2; ArenaHard is a judged win rate too);
+  3. updates the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
+     the earlier one), from which a MOPD stage gets its --teachers.
+The whole recipe is checked first, each stage's arguments by that stage's own argparse parser.
+Evaluations are cached in RUN/eval.json: the same command run again after a kill recomputes nothing.
+RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
+with matplotlib, PNG curves. We drop the paper's benchmarks (our synthetic domains' held-out prompts
+stand in), its RLHF branch as chat teacher (ours is whichever checkpoint wins the chat column), and
+FSDP (the stages replicate the model on every rank).
 
-What we keep: the order, the checkpoint handoff, a held-out eval of every domain after every stage,
-MOPD teachers = best so far. What we drop: the benchmarks become our synthetic domains' held-out
-prompts; the chat teacher is whichever checkpoint wins the chat column (the paper trains an RLHF
-branch for it); no checkpoint averaging. Not done: FSDP2 (the stages replicate the model per rank).
-
-Distributed: every rank runs every stage (the stages split their batches over ranks and sum the
-gradients). Evaluation is sharded too: rank r answers prompts r, r+W, r+2W, ..., the scores are
-gathered, so every rank holds the same table; rank 0 writes the files. Multi-node: RUN must be on a
-filesystem all nodes share.
+Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients);
+evaluation is sharded (rank r answers prompts r, r+W, ...; the scores are gathered, so every rank
+holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared filesystem.
 
     python cascade.py                                                 # CPU, recipes/tiny.toml
     torchrun --standalone --nproc_per_node=1 cascade.py               # the same under torchrun
@@ -61,7 +56,7 @@ from rollout import Engine
 
 SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
 TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "eval", "stage"}
-EVAL_KEYS = {"limit", "max_new_tokens", "thinking_max_new_tokens", "thinking", "domains"}
+EVAL_KEYS = {"limit", "max_new_tokens", "thinking", "domains"}
 BUILD_KEYS = {"preset", "sizes", "vocab_size", "doc_lines"}  # data.build's arguments
 STAGE_KEYS = {"name", "script", "args"}
 SET_BY_CASCADE = {"init", "out", "data", "teachers", "config"}  # the cascade wires these itself
@@ -152,31 +147,31 @@ def eval_columns(settings):
 
 
 def evaluate(ckpt, data_dir, settings, dd):
-    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. Each rank
-    answers a strided share of the prompts with grpo.rollout (the multi-turn tool loop of training)
-    at temperature 0; the scores are gathered back in prompt order on every rank."""
+    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. All columns'
+    prompts go to the engine as one batch (grpo.rollout: the multi-turn tool loop of training) at
+    temperature 0, each rank a strided share; the scores are gathered in order on every rank."""
     t0 = time.time()
     model, _ = load_checkpoint(ckpt, device=dd.device)
-    tok, engine, out = data.load_tokenizer(ckpt), Engine(model), {"scores": {}, "chat_judge": None}
-    for column, domain, thinking in eval_columns(settings):
-        records = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl")[:settings["limit"]]
-        mine, texts = list(range(dd.rank, len(records), dd.world_size)), []
-        if mine:
-            budget = settings["thinking_max_new_tokens" if thinking else "max_new_tokens"]
-            rows = [dict(records[i], thinking=thinking) for i in mine]
-            _, texts = grpo.rollout(engine, tok, rows, 1, dict(temperature=0.0, max_new_tokens=budget), seed=0)
-        pairs = list(zip(mine, verifiers.score_many([domain] * len(texts), texts, [records[i]["meta"] for i in mine])))
-        parts = [pairs]
-        if dd.world_size > 1:
-            parts = [None] * dd.world_size
-            dist.all_gather_object(parts, pairs)
-        scores = [s for _, s in sorted(p for part in parts for p in part)]
-        if domain == "chat":
-            out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
-        else:
-            out["scores"][column] = sum(scores) / max(1, len(scores))
+    tok, engine = data.load_tokenizer(ckpt), Engine(model)
+    jobs = [(column, domain, dict(r, thinking=thinking)) for column, domain, thinking in eval_columns(settings)
+            for r in data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl")[:settings["limit"]]]
+    mine = list(range(dd.rank, len(jobs), dd.world_size))
+    params = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"])
+    texts = grpo.rollout(engine, tok, [jobs[j][2] for j in mine], 1, params, seed=0)[1] if mine else []
     engine.release()
-    return {**out, "checkpoint": ckpt, "eval_s": round(time.time() - t0, 1)}
+    pairs = list(zip(mine, verifiers.score_many([jobs[j][1] for j in mine], texts, [jobs[j][2]["meta"] for j in mine])))
+    parts = [pairs] if dd.world_size == 1 else [None] * dd.world_size
+    if dd.world_size > 1:
+        dist.all_gather_object(parts, pairs)
+    scores = dict(p for part in parts for p in part)
+    out = {"scores": {}, "chat_judge": None, "checkpoint": ckpt}
+    for column in dict.fromkeys(job[0] for job in jobs):
+        s = [scores[j] for j in range(len(jobs)) if jobs[j][0] == column]
+        if column == "chat":
+            out["chat_judge"] = s  # the column is a win rate against the reference: see table()
+        else:
+            out["scores"][column] = sum(s) / max(1, len(s))
+    return {**out, "eval_s": round(time.time() - t0, 1)}
 
 
 def win_rate(mine, reference):
@@ -247,19 +242,25 @@ def start_checkpoint(recipe, run, data_dir):
 
 def eval_settings(recipe, data_dir, eval_limit):
     s = {"limit": 32, "max_new_tokens": 128, "thinking": False, **recipe.get("eval", {})}
-    s.setdefault("thinking_max_new_tokens", s["max_new_tokens"])
     s.setdefault("domains", [d for d in data.DOMAINS if os.path.exists(os.path.join(data_dir, "eval", f"{d}.jsonl"))])
     return {**s, "limit": s["limit"] if eval_limit is None else eval_limit}
 
 
+def cached_rows(run, settings):
+    """RUN/eval.json's rows, if they were evaluated with these settings (else they do not compare)."""
+    path = os.path.join(run, "eval.json")
+    cache = json.load(open(path)) if os.path.exists(path) else {}
+    return cache["rows"] if cache.get("settings") == settings else {}
+
+
+def reference(recipe):
+    """The chat column's baseline: the SFT checkpoint (the starting point if there is no SFT stage)."""
+    return next((st["name"] for st in recipe["stage"] if st["script"] == "sft"), "start")
+
+
 def run_cascade(recipe, run, settings, data_dir, start, dd):
-    cache_path = os.path.join(run, "eval.json")
-    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    if cache.get("settings") != settings:  # other eval settings: the cached scores do not compare
-        cache = {"settings": settings, "rows": {}}
-    rows, stages = cache["rows"], recipe["stage"]
-    order = ["start"] + [st["name"] for st in stages]
-    ref = next((st["name"] for st in stages if st["script"] == "sft"), "start")  # chat's baseline
+    cache_path, rows, stages = os.path.join(run, "eval.json"), cached_rows(run, settings), recipe["stage"]
+    cache, order, ref = {"settings": settings, "rows": rows}, ["start"] + [st["name"] for st in stages], reference(recipe)
     candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
     metrics = MetricsLogger(os.path.join(run, "metrics.jsonl"))
 
@@ -378,10 +379,8 @@ def main(argv=None):
     data_dir = prepare_data(recipe, run)
     settings = eval_settings(recipe, data_dir, a.eval_limit)
     if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with
-        cache = json.load(open(os.path.join(run, "eval.json"))) if os.path.exists(os.path.join(run, "eval.json")) else {}
-        rows = cache["rows"] if cache.get("settings") == settings else {}
-        ref = next((st["name"] for st in recipe["stage"] if st["script"] == "sft"), "start")
-        row = table({**rows, "eval": evaluate(a.only_eval, data_dir, settings, dd)}, ["eval"], ref)["eval"]
+        rows = {**cached_rows(run, settings), "eval": evaluate(a.only_eval, data_dir, settings, dd)}
+        row = table(rows, ["eval"], reference(recipe))["eval"]
         print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
         return row
     return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)

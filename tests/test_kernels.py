@@ -10,19 +10,13 @@ import os
 import subprocess
 import sys
 
-# Fallback when run without tests/conftest.py: the interpreter must be on before triton is imported.
+import pytest
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("NANOCASCADE_TRITON", "1")
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton  # noqa: E402
-from kernels.routing import route_reference, route_triton  # noqa: E402
+import kernels
+from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
+from kernels.routing import route_reference, route_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
