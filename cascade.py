@@ -1,31 +1,28 @@
 """
 The cascade: Nemotron-Cascade 2's post-training recipe, one stage after another, in one loop.
 
-The paper (RECIPE.md) post-trains its base model in a fixed order, SFT -> IF-RL -> multi-domain RL ->
-MOPD -> RLHF -> long-context RL -> code RL -> SWE RL, each stage starting from the previous stage's
-final checkpoint with its own hyperparameters, MOPD pulling every domain back to the best checkpoint
-seen so far on it. A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
-  1. skips it if RUN/stages/<name>/final exists (the stage contract: final = finished), else calls
-     <script>.main([...]) in-process, in the same torchrun process group (a stage killed midway
-     resumes from its own OUT/last);
+The paper (RECIPE.md) post-trains in a fixed order, SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF ->
+long-context RL -> code RL -> SWE RL, each stage starting from the previous one's final checkpoint
+with its own hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
+A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
+  1. skips it if RUN/stages/<name>/final exists (the stage contract), else calls <script>.main([...])
+     in-process, in the same torchrun process group (a stage killed midway resumes from OUT/last);
   2. evaluates every domain on its held-out prompts, greedy, with the domain's verifier: math with
      and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's answers
-     (ties count 1/2; ArenaHard is a judged win rate too);
-  3. updates the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
-     the earlier one), from which a MOPD stage gets its --teachers.
+     (ties count 1/2; ArenaHard is a judged win rate too); cached in RUN/eval.json, so the same
+     command run again after a kill recomputes nothing;
+  3. keeps the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
+     the earlier one): a MOPD stage gets its --teachers from it.
 The whole recipe is checked first, each stage's arguments by that stage's own argparse parser.
-Evaluations are cached in RUN/eval.json: the same command run again after a kill recomputes nothing.
 RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
-with matplotlib, PNG curves. We drop the paper's benchmarks (our synthetic domains' held-out prompts
-stand in), its RLHF branch as chat teacher (ours is whichever checkpoint wins the chat column), and
-FSDP (the stages replicate the model on every rank).
+with matplotlib, PNG curves. Dropped: the paper's benchmarks (our domains' held-out prompts stand
+in), its RLHF branch as chat teacher, FSDP (every rank holds the whole model).
 
 Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients);
 evaluation is sharded (rank r answers prompts r, r+W, ...; the scores are gathered, so every rank
 holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared filesystem.
 
-    python cascade.py                                                 # CPU, recipes/tiny.toml
-    torchrun --standalone --nproc_per_node=1 cascade.py               # the same under torchrun
+    torchrun --standalone --nproc_per_node=1 cascade.py  # recipes/tiny.toml, CPU or GPU (or: python cascade.py)
     torchrun --standalone --nproc_per_node=2 cascade.py               # CPU, 2 gloo processes
     torchrun --standalone --nproc_per_node=1 cascade.py --recipe recipes/small.toml   # one GPU
     torchrun --standalone --nproc_per_node=8 cascade.py --recipe recipes/small.toml   # 8 GPUs
@@ -102,7 +99,7 @@ def load_recipe(path, steps_scale=1.0):
     if ("model" in recipe) == ("init" in recipe):
         bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
     recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in", **recipe}
-    if not recipe.get("stage"):
+    if not isinstance(recipe.get("stage"), list) or not recipe["stage"]:
         bad("no [[stage]] tables: a recipe needs at least one stage")
     names = {"start"}  # the starting point's row in the table
     for i, st in enumerate(recipe["stage"]):
@@ -122,7 +119,7 @@ def load_recipe(path, steps_scale=1.0):
         parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
         for key in ("steps", "rm_steps"):  # --steps_scale (quick tests): floor 1; 0 means "derive"
             value = args.get(key, parser.get_default(key))
-            if steps_scale != 1 and value:
+            if steps_scale != 1 and isinstance(value, int) and value > 0:
                 args[key] = max(1, int(value * steps_scale))
         st["argv"] = to_argv(args)
         try:
@@ -147,17 +144,19 @@ def eval_columns(settings):
 
 
 def evaluate(ckpt, data_dir, settings, dd):
-    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. All columns'
-    prompts go to the engine as one batch (grpo.rollout: the multi-turn tool loop of training) at
-    temperature 0, each rank a strided share; the scores are gathered in order on every rank."""
+    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. Each rank
+    answers a strided share of all columns' prompts with grpo.rollout (the multi-turn tool loop of
+    training) at temperature 0; the scores are gathered back in order on every rank."""
     t0 = time.time()
     model, _ = load_checkpoint(ckpt, device=dd.device)
     tok, engine = data.load_tokenizer(ckpt), Engine(model)
     jobs = [(column, domain, dict(r, thinking=thinking)) for column, domain, thinking in eval_columns(settings)
             for r in data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl")[:settings["limit"]]]
-    mine = list(range(dd.rank, len(jobs), dd.world_size))
-    params = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"])
-    texts = grpo.rollout(engine, tok, [jobs[j][2] for j in mine], 1, params, seed=0)[1] if mine else []
+    columns, mine = list(dict.fromkeys(job[0] for job in jobs)), list(range(dd.rank, len(jobs), dd.world_size))
+    params, texts = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"]), []
+    for column in columns:  # a batch per column: similar lengths, less padding
+        batch = [jobs[j][2] for j in mine if jobs[j][0] == column]
+        texts += grpo.rollout(engine, tok, batch, 1, params, seed=0)[1] if batch else []
     engine.release()
     pairs = list(zip(mine, verifiers.score_many([jobs[j][1] for j in mine], texts, [jobs[j][2]["meta"] for j in mine])))
     parts = [pairs] if dd.world_size == 1 else [None] * dd.world_size
@@ -165,7 +164,7 @@ def evaluate(ckpt, data_dir, settings, dd):
         dist.all_gather_object(parts, pairs)
     scores = dict(p for part in parts for p in part)
     out = {"scores": {}, "chat_judge": None, "checkpoint": ckpt}
-    for column in dict.fromkeys(job[0] for job in jobs):
+    for column in columns:
         s = [scores[j] for j in range(len(jobs)) if jobs[j][0] == column]
         if column == "chat":
             out["chat_judge"] = s  # the column is a win rate against the reference: see table()
@@ -231,7 +230,9 @@ def start_checkpoint(recipe, run, data_dir):
     if "init" in recipe:
         return recipe["init"]
     start, config = os.path.join(run, "start"), ModelConfig.from_json(recipe["model"])
-    if not checkpoint_exists(start):
+    exists = checkpoint_exists(start)
+    barrier()  # every rank has looked before rank 0 writes it (save_checkpoint waits for all ranks)
+    if not exists:
         tokenizer = os.path.join(data_dir, "tokenizer.json")
         if data.load_tokenizer(tokenizer).get_vocab_size() > config.vocab_size:
             raise RecipeError(f"{recipe['model']}: vocab_size {config.vocab_size} < the tokenizer's")
@@ -308,19 +309,20 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
 
 def write_report(run, recipe, settings, rows, order, ref, candidates):
     scores, cols = table(rows, order, ref), [c for c, _, _ in eval_columns(settings)]
-    best = {c: max(s.get(c, -1) for s in scores.values()) for c in cols}
-    minutes = lambda s: "-" if s is None else f"{s / 60:.1f}"
+    values = {c: [s[c] for s in scores.values() if c in s] for c in cols}
+    best = {c: max(v) for c, v in values.items() if v and max(v) > min(v)}  # a flat column has none
     lines = [f"# nanocascade: {recipe['name']}", "",
              f"Held-out score per domain after each stage: greedy decoding, {settings['limit']} prompts "
              f"per domain, math with and without thinking, chat = the hidden judge's win rate against "
-             f"`{ref}`. **Bold**: best in its column.", "",
-             "| stage | " + " | ".join(cols) + " | stage min | eval min |", "|---" * (len(cols) + 3) + "|"]
+             f"`{ref}`. **Bold**: the best in its column (when there is one).", "",
+             "| stage | " + " | ".join(cols) + " | stage s | eval s |", "|---" * (len(cols) + 3) + "|"]
     for name, s in scores.items():
-        cells = ["-" if c not in s else f"**{s[c]:.3f}**" if s[c] == best[c] else f"{s[c]:.3f}" for c in cols]
-        lines.append(f"| {name} | {' | '.join(cells)} | {minutes(rows[name].get('stage_s'))} | "
-                     f"{minutes(rows[name]['eval_s'])} |")
-    lines += ["", "Teachers (the best checkpoint per domain; ties keep the earlier one): " + ", ".join(
-        f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
+        cells = ["-" if c not in s else f"**{s[c]:.3f}**" if s[c] == best.get(c) else f"{s[c]:.3f}" for c in cols]
+        lines.append(f"| {name} | {' | '.join(cells)} | {rows[name].get('stage_s') or '-'} | {rows[name]['eval_s']} |")
+    total = sum((r.get("stage_s") or 0) + r["eval_s"] for r in rows.values())
+    lines += ["", f"Stages and evaluations took {total / 60:.1f} min in all (a resumed stage counts its last "
+              "run only). Teachers, the best checkpoint per domain (ties keep the earlier): " + ", ".join(
+                  f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,35 +335,33 @@ def write_report(run, recipe, settings, rows, order, ref, candidates):
 
 
 def plot_curves(plt, run, stages, rows, scores, candidates, ref):
-    """curves.png: each stage's training reward per domain (SFT: its loss); mopd_<name>.png: a MOPD
-    stage's per-domain scores next to its teachers' and its starting point's."""
-    fig, axes = plt.subplots(1, len(stages), figsize=(3 * len(stages), 2.6), squeeze=False)
-    for ax, st in zip(axes[0], stages):
+    """curves.png: each stage's training reward per domain (SFT: its loss), then each MOPD stage's
+    held-out score per domain next to its teachers' and its starting point's."""
+    mopds = [i for i, st in enumerate(stages) if st["script"] == "mopd" and st["name"] in scores]
+    n = len(stages) + len(mopds)
+    fig, axes = plt.subplots((n + 3) // 4, min(4, n), figsize=(12, 2.6 * ((n + 3) // 4)), squeeze=False)
+    for ax, st in zip(axes.flat, stages):
         path = os.path.join(run, "stages", st["name"], "metrics.jsonl")
         log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         for k in sorted({k for r in log for k in r if k.startswith("reward")}) or ["loss"]:
             ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1)
         ax.set_title(st["name"], fontsize=9)
         ax.legend(fontsize=5)
+    for ax, i in zip(axes.flat[len(stages):], mopds):
+        teachers = teacher_registry(rows, candidates[:candidates.index(stages[i]["name"])], ref)
+        doms = [d for d in stages[i]["ns"].domains.split(",") if d in teachers]
+        for k, name in enumerate([stages[i - 1]["name"] if i else "start", stages[i]["name"], "teacher"]):
+            s = {d: t["score"] for d, t in teachers.items()} if name == "teacher" else scores[name]
+            ax.bar([j + 0.27 * (k - 1) for j in range(len(doms))], [s[d] for d in doms], 0.27, label=name)
+        ax.set_xticks(range(len(doms)), doms, fontsize=7)
+        ax.set_title(f"{stages[i]['name']} against its teachers (held-out)", fontsize=9)
+        ax.legend(fontsize=5)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(run, "curves.png"))
-    lines = ["![training curves](curves.png)"]
-    for i, st in enumerate(stages):
-        if st["script"] != "mopd" or st["name"] not in scores:
-            continue
-        teachers = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
-        doms, before = [d for d in st["ns"].domains.split(",") if d in teachers], stages[i - 1]["name"] if i else "start"
-        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(doms), 2.6))
-        for k, (label, s) in enumerate([(before, scores[before]), (st["name"], scores[st["name"]]),
-                                        ("teacher", {d: t["score"] for d, t in teachers.items()})]):
-            ax.bar([j + 0.27 * (k - 1) for j in range(len(doms))], [s[d] for d in doms], 0.27, label=label)
-        ax.set_xticks(range(len(doms)), doms)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(run, f"mopd_{st['name']}.png"))
-        lines.append(f"![{st['name']} against its teachers](mopd_{st['name']}.png)")
-    plt.close("all")
-    return lines
+    plt.close(fig)
+    return ["![training curves, and MOPD against its teachers](curves.png)"]
 
 
 def main(argv=None):

@@ -167,7 +167,9 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
     evals = [r["stage"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["event"] == "eval"]
     assert sorted(evals) == sorted(after) and len(evals) == 9  # each evaluation happened exactly once
 
-    # MOPD got one teacher per domain of its --domains, each the best earlier checkpoint
+    # MOPD started from the previous stage's final checkpoint, with one teacher per domain of its
+    # --domains: the best checkpoint before it
+    assert seen[0][seen[0].index("--init") + 1] == str(run / "stages" / "multi_rl" / "final")
     teachers = dict(kv.split("=") for kv in seen[0][seen[0].index("--teachers") + 1].split(","))
     assert sorted(teachers) == sorted(["math", "if", "tool", "mcqa", "structured"])
     registry = cascade.teacher_registry(after, ["sft", "if_rl", "multi_rl"], "sft")
