@@ -181,12 +181,20 @@ def lr_at(step, total, warmup, peak, final_frac=0.1, schedule="cosine"):
 
 
 class MetricsLogger:
-    """One JSON object per line per step (rank 0 only); appends, so a resumed run keeps its history."""
+    """One JSON object per line per step (rank 0 only); appends, so a resumed run keeps its history.
 
-    def __init__(self, path):
+    drop_from_step: a run resumed from a checkpoint first drops the rows with "step" >= this, the
+    steps it logged after that checkpoint and is about to log again."""
+
+    def __init__(self, path, drop_from_step=None):
         self.path = path
         if is_main():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if drop_from_step is not None and os.path.exists(path):
+                rows = [r for r in read_metrics(path) if r.get("step", -1) < drop_from_step]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                os.replace(path + ".tmp", path)
 
     def log(self, row):
         if is_main():

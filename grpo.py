@@ -211,11 +211,12 @@ def setup(args, freeze_router=False):
     mix = [float(w) for w in args.mix.split(",")] if args.mix else [1.0] * len(domains)
     if len(mix) != len(domains) or min(mix) < 0 or sum(mix) <= 0:
         raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
+    step = state.get("step", 0) if start == last else 0   # steps done (rows are numbered from 0)
     return SimpleNamespace(
         dist=d, model=model, tok=tok, tok_path=os.path.join(start, "tokenizer.json"), optimizer=opt,
-        params=params, step=state.get("step", 0) if start == last else 0,
+        params=params, step=step, domains=domains, mix=mix,
         autocast=lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16),
-        logger=common.MetricsLogger(os.path.join(args.out, "metrics.jsonl")), domains=domains, mix=mix,
+        logger=common.MetricsLogger(os.path.join(args.out, "metrics.jsonl"), drop_from_step=step),
         pools=load_prompts(args.data, domains, args.prompts), engine=Engine(model))
 
 

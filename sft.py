@@ -160,14 +160,6 @@ def batch_rows(n_rows, batch_size, seed, epoch, pos):
     return torch.tensor(rows), epoch, pos
 
 
-def truncate_metrics(path, step):
-    """Drop metrics rows after `step`: a run killed after its last checkpoint logged steps that the
-    resumed run will log again. (Rank 0 only.)"""
-    if common.is_main() and os.path.exists(path):
-        rows = [r for r in common.read_metrics(path) if r.get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -229,9 +221,8 @@ def main(argv=None):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    truncate_metrics(metrics_path, step)
-    logger = common.MetricsLogger(metrics_path)
+    # rows are numbered from 1: a resume after `step` steps drops the rows of later steps
+    logger = common.MetricsLogger(os.path.join(args.out, "metrics.jsonl"), drop_from_step=step + 1)
 
     model.train()
     t_start, first_step, loss, tokens_per_s = time.time(), step, float("nan"), 0.0

@@ -85,3 +85,13 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
     wrong = torch.optim.AdamW(list(model2.parameters())[:3], lr=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         load_optimizer(str(tmp_path / "ck"), wrong, state)
+
+
+def test_metrics_logger_drops_steps_a_resumed_run_will_log_again(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLogger(path)
+    for step in range(5):
+        log.log({"step": step})
+    log.log({"rm_loss": 0.5})                     # rows without a step are kept
+    MetricsLogger(path, drop_from_step=3).log({"step": 3})
+    assert [r.get("step") for r in read_metrics(path)] == [0, 1, 2, None, 3]
