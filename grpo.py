@@ -343,7 +343,8 @@ def train(args, reward_fn=None):
         kept = (~drop_N).nonzero().squeeze(1).tolist()
         t0 = time.time()
         stats.update(grpo_update(run, args, [samples[i] for i in kept], advantages_N[kept], ref),
-                     train_s=time.time() - t0, groups=len(no_signal_P), filtered=no_signal_P.sum().item(),
+                     train_s=time.time() - t0, groups=len(no_signal_P),
+                     filtered=no_signal_P.sum().item() if args.filter_groups == "on" else 0,
                      truncated=truncated_N.sum().item())
         row, g = step_row(run, step, stats)
         row.update(filtered_frac=g["filtered"] / g["groups"], truncated_frac=g["truncated"] / g["samples"],
@@ -372,7 +373,8 @@ def add_rl_args(p, lr, group_size):
     a("--prompts_per_step", type=int, default=16, help="prompts per step, global over all ranks")
     a("--max_new_tokens", type=int, default=256, help="cap on each response (tool output included)")
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
-    a("--micro_batch", type=int, default=16, help="sequences per training forward (memory knob only)")
+    a("--micro_batch", type=int, default=16, help="sequences per training forward (a memory knob; only the "
+      "MoE aux loss, averaged per forward, depends on it)")
     a("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
     a("--log_every", type=int, default=1, help="print a progress line every N steps")
     return p
@@ -382,7 +384,8 @@ def build_parser():
     p = add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8)
     a = p.add_argument
     a("--temperature", type=float, default=1.0, help="sampling temperature (the trained policy's too)")
-    a("--top_p", type=float, default=1.0, help="nucleus sampling")
+    a("--top_p", type=float, default=1.0, help="nucleus sampling; < 1 makes pi_old the truncated "
+      "distribution, so the ratio pi/pi_old is the kept mass (< 1) even strictly on-policy")
     a("--epochs", type=int, default=1, help="optimizer steps per rollout batch (>1: the PPO clip binds)")
     a("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
     a("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (clip-higher)")

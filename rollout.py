@@ -316,14 +316,15 @@ class Engine:
             out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             S = meta.num_decode
             if S:
-                out_N_Hq_D[:S] = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool,
-                                                        meta.block_tables_S_M, meta.context_lens_S)
+                out_N_Hq_D[:S] = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool, meta.block_tables_S_M,
+                                                        meta.context_lens_S).to(out_N_Hq_D.dtype)
             if meta.rows_P_T is not None:
                 out = F.scaled_dot_product_attention(
                     q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
                     v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
                     enable_gqa=True)                                       # [P, Hq, T, D]
-                out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T]
+                # (.to: under autocast q may be fp32 while SDPA's output is bf16)
+                out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T].to(out_N_Hq_D.dtype)
             return out_N_Hq_D.transpose(0, 1)[None]
         return attention
 

@@ -139,8 +139,12 @@ def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tens
 
 
 def _precision(t: Tensor) -> str:
-    # fp32 inputs get true fp32 products (like torch's default matmul), not tf32.
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+    # fp32 inputs follow torch's own matmul setting: true fp32 products by default, tf32 tensor-core
+    # products where the user allowed them (torch.backends.cuda.matmul.allow_tf32, as the RL stages
+    # do for their fp32 rollouts). The interpreter always computes exactly.
+    if t.dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for bf16/fp16 inputs
+    return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 # ---------------------------------------------------------------------------------------------

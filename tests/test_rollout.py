@@ -5,6 +5,7 @@ whole sequence so far through `model(ids)`, once per new token. Exact-token comp
 run the model in float64, so that two mathematically equal computations cannot flip an argmax on
 a near-tie; the logprob comparisons run in float32, the dtype RL trains in, at fp32 tolerance.
 """
+import math
 import os
 
 import pytest
@@ -146,6 +147,18 @@ def test_same_seed_same_samples(model32):
     assert tokens(seed=5) == first
     assert tokens(seed=6) != first
     assert first[0][0] != first[0][1], "the samples of one prompt should differ"
+
+
+def test_generate_under_bf16_autocast(model32):
+    # a stage may call the engine inside its bf16 autocast: prefill (SDPA, bf16 out) and decode must
+    # write into the same attention output whatever dtype each path returns
+    engine = Engine(model32, block_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = engine.generate(make_prompts([5, 17], seed=3), SamplingParams(temperature=1.0, max_new_tokens=6),
+                              n=2, seed=0)
+    lengths = [len(s.token_ids) for group in out for s in group]
+    assert len(lengths) == 4 and all(n == 6 for n in lengths)
+    assert all(math.isfinite(lp) and lp <= 0 for group in out for s in group for lp in s.logprobs)
 
 
 def test_no_block_leaks_over_thousands_of_sequences(model32):
