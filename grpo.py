@@ -112,7 +112,10 @@ def rollout(engine, tok, rows, group_size, params, seed):
                             hook_token_ids=(tok.token_to_id("</tool_call>"),))
     groups = engine.generate(prompts, params, n=group_size, seed=seed, env_hook=env_hook) if rows else []
     samples = [s for group in groups for s in group]
-    return samples, [chat.decode(tok, s.token_ids) for s in samples]
+    # verifiers read the assistant turn: in thinking mode it opens with the <think> of the prompt, so
+    # a response that never closes its reasoning has no answer (rather than its reasoning scored)
+    opener = ["<think>\n" if r["thinking"] else "" for r in rows for _ in range(group_size)]
+    return samples, [o + chat.decode(tok, s.token_ids) for o, s in zip(opener, samples)]
 
 
 def micro_batches(samples, size, pad_id, device):

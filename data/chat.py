@@ -157,7 +157,8 @@ def parse_response(text):
     - tool_calls: every well-formed <tool_call> the model wrote, in order (tool responses skipped);
       argument values are JSON-decoded where they parse, else kept as strings.
     - answer: the final assistant segment (after the last </tool_response>), after its last </think>,
-      cut at <|im_end|>, with tool calls removed. With no </think> it is that whole segment.
+      cut at <|im_end|>, with tool calls removed. With no </think> it is that whole segment, unless
+      the segment opened a <think> it never closed: then the model is still thinking, answer "".
     - reasoning: the text before the first </think> (empty without one).
     """
     text = str(text)
@@ -165,8 +166,11 @@ def parse_response(text):
     for m in _CALL.finditer(_TOOL_RESPONSE.sub("", text)):
         args = {k: _parse_value(v) for k, v in _PARAM.findall(m.group(2))}
         calls.append({"name": m.group(1), "arguments": args})
-    reasoning = text.split("</think>", 1)[0].removeprefix("<think>").strip() if "</think>" in text else ""
+    reasoning = text.split("</think>", 1)[0].removeprefix("<think>\n").removeprefix("<think>").strip() \
+        if "</think>" in text else ""
     segment = text.rsplit("</tool_response>", 1)[-1]
+    if "<think>" in segment and "</think>" not in segment.rsplit("<think>", 1)[-1]:
+        segment = ""  # reasoning cut off (or never closed): no answer to score
     answer = segment.rsplit("</think>", 1)[-1].split(IM_END, 1)[0]
     answer = re.sub(r"<tool_call>.*?(</tool_call>|$)", "", answer, flags=re.S)
     for special in SPECIAL_TOKENS + ["<|endoftext|>"]:

@@ -90,5 +90,10 @@ def test_parse_response():
     assert parse_response("2 + 3 = 5.\n</think>\nThe answer is \\boxed{5}.<|im_end|>junk")["answer"] == \
         "The answer is \\boxed{5}."
     assert parse_response("no think at all")["answer"] == "no think at all"
+    # thinking mode: the verifiers see the turn from its <think>; reasoning never closed = no answer
+    assert parse_response("<think>\nthe answer is \\boxed{5}<|im_end|>")["answer"] == ""
+    closed = parse_response("<think>\n2 + 3 = 5.\n</think>\n\\boxed{5}<|im_end|>")
+    assert closed == {"reasoning": "2 + 3 = 5.", "answer": "\\boxed{5}", "tool_calls": []}
+    assert parse_response("<think></think>\\boxed{5}<|im_end|>")["answer"] == "\\boxed{5}"
     for garbage in ["", "</think>" * 5, "<tool_call><function=", "\x00\xff" * 100, "<tool_call>" * 1000]:
         assert isinstance(parse_response(garbage)["answer"], str)

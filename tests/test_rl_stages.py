@@ -230,7 +230,7 @@ def test_rlhf_main(tiny_setup):
     root, data_dir, init = tiny_setup
     out = str(root / "rlhf")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--rm_steps", "3", "--rm_batch", "4",
-            "--group_size", "2", "--eval_prompts", "2", "--overlong", "none"] + COMMON
+            "--group_size", "2", "--eval_prompts", "2", "--overlong", "none", "--thinking", "off"] + COMMON
     summary = rlhf.main(argv)
     assert os.path.isfile(os.path.join(out, "reward_model", "score_head.safetensors"))
     rows = check_outputs(out, summary, rlhf.main, argv)
