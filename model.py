@@ -218,7 +218,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, valid_N=None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
@@ -237,7 +237,7 @@ class MoE(nn.Module):
             gate_up_proj=nn.Parameter(torch.empty(self.E, H, 2 * I)),   # gate | up, fused
             down_proj=nn.Parameter(torch.empty(self.E, I, H))))
 
-    def forward(self, x_B_T_H):
+    def forward(self, x_B_T_H, valid_N=None):
         B, T, H = x_B_T_H.shape
         x_N_H = x_B_T_H.reshape(-1, H)
         N = x_N_H.shape[0]
@@ -253,8 +253,14 @@ class MoE(nn.Module):
         # Load balancing (Switch Transformer eq. 4, Qwen3-MoE's form): E * sum_e f_e * P_e, with
         # f_e the fraction of tokens sent to expert e (counted over the k slots, so sum_e f_e = k,
         # as transformers does) and P_e the mean router probability. Only P_e carries gradient.
-        f_E = r.counts_E.float() / N
-        aux = self.E * (f_E * r.probs_N_E.mean(dim=0)).sum()
+        # Padding tokens (valid_N False) are left out, so how a batch is padded does not change it.
+        if valid_N is None:
+            f_E, P_E = r.counts_E.float() / N, r.probs_N_E.mean(dim=0)
+        else:
+            n = valid_N.sum().clamp(min=1)
+            f_E = torch.bincount(r.experts_N_K[valid_N].flatten(), minlength=self.E).float() / n
+            P_E = (r.probs_N_E * valid_N[:, None]).sum(dim=0) / n
+        aux = self.E * (f_E * P_E).sum()
         return out_N_H.view(B, T, H), aux
 
 
@@ -266,9 +272,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MoE(c) if c.is_moe_layer(layer_idx) else MLP(c)
 
-    def forward(self, x, cos, sin, mask, attention):
+    def forward(self, x, cos, sin, mask, attention, valid_N=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, attention)
-        mlp_out, aux = self.mlp(self.post_attention_layernorm(x))
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(x), valid_N)
         return x + mlp_out, aux
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +323,7 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, input_ids_B_T, positions_B_T=None, doc_ids_B_T=None, attention=None,
-                logits_index=None, return_hidden=False):
+                logits_index=None, return_hidden=False, token_mask_B_T=None):
         """-> (logits [B, T, V] or [len(logits_index), V], load-balancing aux loss).
         attention: None for training (causal, block-diagonal with doc_ids), or a callable
           attention(layer_idx, q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D) -> out_B_Hq_T_D that receives
@@ -325,6 +331,8 @@ class Transformer(nn.Module):
         logits_index: flat indices into B*T; only those positions go through the LM head.
         return_hidden: return the final-norm hidden states [B, T, C] instead of logits (the reward
           model of rlhf.py puts its own scalar head on them).
+        token_mask_B_T: True on real tokens, False on padding, which the aux loss then ignores
+          (default: doc_ids >= 0 when doc_ids are given, since packing marks padding with -1).
         aux: mean over MoE layers of E * sum_e f_e P_e, NOT multiplied by router_aux_loss_coef.
           (transformers pools f and P over all layers at once; the per-layer mean is Switch's
           definition and equals it when there is one MoE layer.)"""
@@ -335,12 +343,15 @@ class Transformer(nn.Module):
             positions_B_T = doc_positions_B_T if positions_B_T is None else positions_B_T
         if positions_B_T is None:
             positions_B_T = torch.arange(T, device=input_ids_B_T.device).expand(B, T)
+        if token_mask_B_T is None and doc_ids_B_T is not None:
+            token_mask_B_T = doc_ids_B_T >= 0
+        valid_N = None if token_mask_B_T is None else token_mask_B_T.reshape(-1).bool()
         x = self.model.embed_tokens(input_ids_B_T)
         c = self.config
         cos, sin = rope_cos_sin(positions_B_T, c.head_dim, c.rope_theta, x.dtype)
         aux_losses = []
         for block in self.model.layers:
-            x, aux = block(x, cos, sin, mask, attention)
+            x, aux = block(x, cos, sin, mask, attention, valid_N)
             if aux is not None:
                 aux_losses.append(aux)
         x = self.model.norm(x)

@@ -189,6 +189,29 @@ def test_logits_index():
     torch.testing.assert_close(some, full.reshape(15, -1)[index], rtol=1e-12, atol=1e-12)
 
 
+def test_aux_loss_ignores_padding():
+    # the same two sequences, padded to different lengths: with the padding masked out the aux loss
+    # (and its gradient) must not depend on how much padding there is
+    model = make_model()
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(1, BASE["vocab_size"], (n,), generator=g) for n in (7, 4))
+    auxes = []
+    for T in (7, 11):
+        ids = torch.zeros(2, T, dtype=torch.long)
+        ids[0, :7], ids[1, :4] = a, b
+        valid = torch.arange(T)[None, :] < torch.tensor([[7], [4]])
+        auxes.append(model(ids, token_mask_B_T=valid)[1])
+    torch.testing.assert_close(auxes[0], auxes[1], rtol=1e-12, atol=1e-12)
+    ids = torch.zeros(1, 11, dtype=torch.long)
+    ids[0, :7] = a
+    unmasked = model(ids)[1]
+    assert not torch.allclose(unmasked, model(ids, token_mask_B_T=torch.arange(11)[None] < 7)[1])
+    # packing marks padding with doc id -1: the same thing, by default
+    docs = torch.where(torch.arange(11) < 7, 0, -1)[None]
+    torch.testing.assert_close(model(ids, doc_ids_B_T=docs)[1],
+                               model(ids, doc_ids_B_T=docs, token_mask_B_T=docs >= 0)[1])
+
+
 def test_return_hidden_is_what_the_lm_head_reads():
     model = make_model()
     ids = torch.randint(0, BASE["vocab_size"], (2, 6))
