@@ -103,10 +103,8 @@ def rollout(engine, tok, rows, group_size, params, seed):
     def env_hook(i, j, response_ids):
         if rows[i]["domain"] != "tool":
             return None
-        last_turn = chat.decode(tok, response_ids).rsplit("</tool_response>", 1)[-1]
-        calls = chat.parse_response(last_turn)["tool_calls"]
-        return chat.tool_response_ids(tok, [env.run(c["name"], c["arguments"]) for c in calls],
-                                      rows[i]["thinking"]) if calls else None
+        results = env.respond(chat.decode(tok, response_ids))   # the latest turn's calls, executed
+        return chat.tool_response_ids(tok, results, rows[i]["thinking"]) if results else None
     prompts = [chat.generation_prompt_ids(tok, r["messages"], r.get("tools"), r["thinking"]) for r in rows]
     params = SamplingParams(**params, stop_token_ids=tuple(chat.stop_ids(tok)),
                             hook_token_ids=(tok.token_to_id("</tool_call>"),))
