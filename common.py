@@ -140,6 +140,16 @@ def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
     barrier()
 
 
+def finished_summary(out):
+    """The stage contract: OUT/final exists iff the stage ran to the end. -> its stored summary
+    (trainer_state.json's "summary"), or None when the stage still has to run."""
+    final = os.path.join(out, "final")
+    if not checkpoint_exists(final):
+        return None
+    with open(os.path.join(final, "trainer_state.json")) as f:
+        return json.load(f).get("summary", {})
+
+
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """-> (model, trainer_state dict). The model class lives in model.py."""
     from model import Transformer

@@ -21,7 +21,6 @@ torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its sh
 """
 
 import argparse
-import json
 import os
 import random
 import time
@@ -185,12 +184,6 @@ def sync_grads(params):
 
 
 # ---- the stage's skeleton (also mopd.py's and rlhf.py's): start or resume, roll out, log, finish
-def finished(out):
-    """The summary of a stage whose OUT/final exists (it is then not run again), else None."""
-    if common.checkpoint_exists(final := os.path.join(out, "final")):
-        return json.load(open(os.path.join(final, "trainer_state.json"))).get("summary", {})
-
-
 def setup(args, freeze_router=False):
     """An RL stage's state, as a plain namespace: the policy (OUT/last when resuming, else --init),
     tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights."""
@@ -325,7 +318,7 @@ def grpo_update(run, args, samples, advantages_N, ref=None):
 def train(args, reward_fn=None):
     """The GRPO loop. reward_fn(rows_N, texts_N) -> one reward per sample (default: the verifiers
     of the rows' domains); rlhf.py passes its reward model."""
-    if (summary := finished(args.out)) is not None:
+    if (summary := common.finished_summary(args.out)) is not None:
         return summary
     run = setup(args, freeze_router=args.freeze_router)
     ref = None

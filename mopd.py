@@ -160,7 +160,7 @@ def evaluate(run, args, engine, pools):
 
 
 def train(args):
-    if (summary := grpo.finished(args.out)) is not None:
+    if (summary := common.finished_summary(args.out)) is not None:
         return summary
     run = grpo.setup(args, freeze_router=True)   # router frozen, aux loss off
     teachers = load_teachers(args.teachers, run.domains, run.tok_path, run.dist.device)

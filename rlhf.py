@@ -185,7 +185,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    summary = grpo.finished(args.out)
+    summary = common.finished_summary(args.out)
     if summary is not None and "judge_win_rate" in summary:   # done, judge's verdict included
         return summary
     d = common.init_distributed(args.device)

@@ -169,10 +169,9 @@ def main(argv=None):
     d = common.init_distributed(args.device)
     rank, world, device = d.rank, d.world_size, d.device
     final, last = os.path.join(args.out, "final"), os.path.join(args.out, "last")
-    if common.checkpoint_exists(final):  # the stage already ran to the end
+    if (summary := common.finished_summary(args.out)) is not None:  # the stage already ran to the end
         common.print0(f"{final} exists: SFT already done")
-        with open(os.path.join(final, "trainer_state.json")) as f:
-            return json.load(f)["summary"]
+        return summary
     if args.batch_size % (world * args.grad_accum):
         raise ValueError(f"--batch_size {args.batch_size} must be divisible by world size {world} "
                          f"x --grad_accum {args.grad_accum}")

@@ -95,3 +95,16 @@ def test_metrics_logger_drops_steps_a_resumed_run_will_log_again(tmp_path):
     log.log({"rm_loss": 0.5})                     # rows without a step are kept
     MetricsLogger(path, drop_from_step=3).log({"step": 3})
     assert [r.get("step") for r in read_metrics(path)] == [0, 1, 2, None, 3]
+
+
+def test_finished_summary_is_the_stage_contract(tmp_path):
+    from common import finished_summary
+    out = tmp_path / "stage"
+    assert finished_summary(str(out)) is None                 # never ran
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "config.json").write_text("{}")
+    assert finished_summary(str(out)) is None                 # interrupted: resumes from last/
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    (out / "final" / "trainer_state.json").write_text(json.dumps({"summary": {"loss": 0.5}}))
+    assert finished_summary(str(out)) == {"loss": 0.5}       # done: not run again
