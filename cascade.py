@@ -16,9 +16,10 @@ A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
 The whole recipe is checked first, each stage's arguments by that stage's own argparse parser.
 RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
 with matplotlib, PNG curves. Dropped: the paper's benchmarks (our domains' held-out prompts stand
-in), its RLHF branch as chat teacher, FSDP (every rank holds the whole model).
+in), its RLHF branch as chat teacher.
 
-Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients);
+Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients;
+with `fsdp = true` in the recipe, every stage shards the trained model with FSDP2, see common.py);
 evaluation is sharded (rank r answers prompts r, r+W, ...; the scores are gathered, so every rank
 holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared filesystem.
 
@@ -52,11 +53,11 @@ from model import ModelConfig, Transformer
 from rollout import Engine
 
 SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
-TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "eval", "stage"}
+TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "fsdp", "eval", "stage"}
 EVAL_KEYS = {"limit", "max_new_tokens", "thinking", "domains"}
 BUILD_KEYS = {"preset", "sizes", "vocab_size", "doc_lines"}  # data.build's arguments
 STAGE_KEYS = {"name", "script", "args"}
-SET_BY_CASCADE = {"init", "out", "data", "teachers", "config"}  # the cascade wires these itself
+SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "fsdp"}  # the cascade wires these itself
 
 # ----------------------------------------------------------------------------------------------
 # The recipe: read it, check all of it, turn each stage into its command line
@@ -98,6 +99,8 @@ def load_recipe(path, steps_scale=1.0):
         bad(f"[build]: unknown preset '{recipe['build']['preset']}' (expected one of {sorted(data.PRESETS)})")
     if ("model" in recipe) == ("init" in recipe):
         bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
+    if not isinstance(recipe.get("fsdp", False), bool):
+        bad(f"fsdp = {recipe['fsdp']!r}: must be true or false")
     recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in", **recipe}
     if not isinstance(recipe.get("stage"), list) or not recipe["stage"]:
         bad("no [[stage]] tables: a recipe needs at least one stage")
@@ -283,6 +286,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         final, stage_s = os.path.join(out, "final"), None
         if not checkpoint_exists(final):
             argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i)]
+            argv += ["--fsdp"] if recipe.get("fsdp") else []
             if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
                 best = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
                 wanted = st["ns"].domains.split(",")

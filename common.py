@@ -4,9 +4,11 @@ schedule and the metrics log. The stage scripts (sft.py, grpo.py, mopd.py, rlhf.
 nothing here knows about any particular stage.
 
 Checkpoints are Hugging Face layout directories (config.json + model.safetensors + tokenizer.json),
-plus, for resuming, optimizer.safetensors and trainer_state.json. They are written into a temporary
-directory next to the target and renamed into place, so a crash or a kill never leaves half a
-checkpoint: the reader sees either the previous one or the new one.
+plus, for resuming, optimizer.safetensors (keyed by parameter name) and trainer_state.json. They are
+written into a temporary directory next to the target and renamed into place, so a crash or a kill
+never leaves half a checkpoint: the reader sees either the previous one or the new one. A model
+sharded with FSDP2 (--fsdp) is gathered first, so its checkpoint is the same full one, and any
+checkpoint resumes with or without --fsdp, on any number of ranks.
 """
 
 import contextlib
@@ -22,6 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python x.py` is one process
@@ -84,6 +91,65 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): for a model whose training state does not fit on one GPU. Every rank keeps 1/W of
+# each parameter, of its gradient and of its AdamW moments (16 bytes per parameter in fp32 become
+# 16/W); a transformer block's full weights exist only while it runs (all-gathered just before its
+# forward and its backward; its gradient reduce-scattered right after). The gradients are summed
+# over ranks, not averaged, as grpo.sync_grads does without FSDP: the stages divide each rank's
+# loss by the *global* token count. Only trained models are sharded; frozen ones (MOPD teachers,
+# the KL reference, the reward model during RL, evaluation) stay plain modules, and rollouts
+# gather the policy's full weights (full_parameters), so the weights themselves must fit.
+
+
+def shard(model, device):
+    """Shard a model in place with FSDP2: each transformer Block is one all-gather unit, the root
+    (embeddings, final norm, LM head, a reward head) another. Returns the model."""
+    from model import Block
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)   # also moves the (CPU-loaded) parameters to the mesh's device
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)          # sum over ranks, not mean
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-scaled one)
+    return model
+
+
+def is_sharded(model):
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_parameters(model):
+    """Gather every block's full weights once and keep them for the duration: the rollout engine
+    runs hundreds of forwards of a few tokens each, and all-gathering every layer for each would cost
+    far more than the decoding. A collective: every rank enters, even one with nothing to generate.
+    A plain module: nothing to do."""
+    if not is_sharded(model):
+        yield
+        return
+    model.set_reshard_after_forward(False)   # recursive: forwards keep what is gathered here
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)   # FSDP2's default for the root
+
+
+def clip_grad_norm(params, max_norm):
+    """Clip the global gradient norm to max_norm; -> the norm before clipping, a plain tensor (under
+    FSDP the gradients are shards and torch returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# -----------------------------------------------------------------------------
 # atomic directories and checkpoints
 
 
@@ -121,18 +187,29 @@ def checkpoint_exists(path):
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)   # whole tensors, on rank 0's CPU
+
+
+def full_state_dict(model):
+    """The model's whole state dict on rank 0 ({} on the others). Every rank must call it: under
+    FSDP it all-gathers the shards."""
+    return get_model_state_dict(unwrap(model), options=GATHER)
+
+
 def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
     """Write an HF-layout checkpoint (+ optimizer and trainer state for resuming), atomically.
-    Rank 0 writes; every rank waits for it."""
+    Every rank calls it (FSDP gathers); rank 0 writes; every rank waits for it."""
+    model_state = full_state_dict(model)
+    # the optimizer's state keyed by parameter name ("model.norm.weight.exp_avg"), not by position
+    opt = get_optimizer_state_dict(unwrap(model), optimizer, options=GATHER) if optimizer else None
     if is_main():
         with atomic_dir(path) as tmp:
-            unwrap(model).save_pretrained(tmp)  # first: it claims the (empty) directory itself
+            unwrap(model).save_pretrained(tmp, model_state)  # first: it claims the (empty) directory
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
             state = dict(state or {})
-            if optimizer is not None:
-                opt = optimizer.state_dict()
-                tensors = {f"{i}.{k}": v.detach().contiguous().cpu()
-                           for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+            if opt is not None:
+                tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
+                           for name, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
                 save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
                 state["optimizer_param_groups"] = opt["param_groups"]
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -162,18 +239,22 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     return model, state
 
 
-def load_optimizer(path, optimizer, state):
-    """Restore the optimizer saved by save_checkpoint into a freshly built optimizer."""
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+def load_optimizer(path, model, optimizer, state):
+    """Restore the optimizer saved by save_checkpoint into a freshly built optimizer of `model`
+    (plain or sharded: under FSDP every rank keeps its shard of the whole saved state)."""
     opt_state = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        opt_state.setdefault(int(i), {})[k] = v
+    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+        name, k = key.rsplit(".", 1)
+        opt_state.setdefault(name, {})[k] = v
     groups = state["optimizer_param_groups"]
-    if len(groups) != len(optimizer.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups)):
-        raise ValueError(f"{path}: optimizer state does not match this model's parameters")
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    name_of = {id(p): n for n, p in unwrap(model).named_parameters()}
+    ours = [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    if [g["params"] for g in groups] != ours:
+        raise ValueError(f"{path}: the saved optimizer state is for other parameters than this "
+                         f"optimizer's (saved: {[len(g['params']) for g in groups]} per group, "
+                         f"here: {[len(g) for g in ours]}); it does not match")
+    set_optimizer_state_dict(unwrap(model), optimizer, {"state": opt_state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=is_sharded(unwrap(model))))
 
 
 # -----------------------------------------------------------------------------

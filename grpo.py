@@ -27,6 +27,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import common
 import data
@@ -107,12 +108,31 @@ def rollout(engine, tok, rows, group_size, params, seed):
     prompts = [chat.generation_prompt_ids(tok, r["messages"], r.get("tools"), r["thinking"]) for r in rows]
     params = SamplingParams(**params, stop_token_ids=tuple(chat.stop_ids(tok)),
                             hook_token_ids=(tok.token_to_id("</tool_call>"),))
-    groups = engine.generate(prompts, params, n=group_size, seed=seed, env_hook=env_hook) if rows else []
+    # (called with no rows too: under FSDP generate is a collective)
+    groups = engine.generate(prompts, params, n=group_size, seed=seed, env_hook=env_hook)
     samples = [s for group in groups for s in group]
     # verifiers read the assistant turn: in thinking mode it opens with the <think> of the prompt, so
     # a response that never closes its reasoning has no answer (rather than its reasoning scored)
     opener = ["<think>\n" if r["thinking"] else "" for r in rows for _ in range(group_size)]
     return samples, [o + chat.decode(tok, s.token_ids) for o, s in zip(opener, samples)]
+
+
+def empty_batch(pad_id, device):
+    """A micro-batch with no target: its forward and backward run, its loss and gradient are 0."""
+    zeros = torch.zeros(1, 1, device=device)
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    return dict(inputs_B_T=ids, targets_B_T=ids, mask_B_T=zeros, inf_logprobs_B_T=zeros,
+                valid_B_T=zeros.bool())
+
+
+def same_count(run, mbs, fill):
+    """FSDP: every forward and backward all-gathers the weights from all ranks, so every rank must run
+    as many micro-batches as the busiest one; the others get `fill`s (empty_batch). No-op otherwise."""
+    if not common.is_sharded(run.model):
+        return mbs
+    n = torch.tensor(len(mbs), device=run.dist.device)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    return mbs + [fill] * (n.item() - len(mbs))
 
 
 def micro_batches(samples, size, pad_id, device):
@@ -175,12 +195,22 @@ def per_domain(run, values_N, domains_N, name):
 
 def sync_grads(params):
     """Sum (not average, as DDP would) gradients over ranks: each rank's loss is already divided by the
-    *global* token count, so the sum is the gradient of the global token-mean loss."""
-    if torch.distributed.is_initialized():
+    *global* token count, so the sum is the gradient of the global token-mean loss. Under FSDP
+    (sharded parameters) the backward has already summed them (common.shard)."""
+    if torch.distributed.is_initialized() and not any(isinstance(p, DTensor) for p in params):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = common.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p).clone()
+
+
+def optimizer_step(run, args):
+    """Sum the gradients over ranks, clip their global norm to --grad_clip, step. -> the norm before
+    clipping (the same on every rank)."""
+    sync_grads(run.params)
+    norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    run.optimizer.step()
+    return norm.item()
 
 
 # ---- the stage's skeleton (also mopd.py's and rlhf.py's): start or resume, roll out, log, finish
@@ -190,17 +220,20 @@ def setup(args, freeze_router=False):
     d = common.init_distributed(args.device)
     last = os.path.join(args.out, "last")
     start = last if common.checkpoint_exists(last) else args.init
-    model, state = common.load_checkpoint(start, d.device)
+    fsdp = args.fsdp and d.world_size > 1
+    model, state = common.load_checkpoint(start, "cpu" if fsdp else d.device)
     tok = data.load_tokenizer(os.path.join(start, "tokenizer.json"))
     if tok.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"{start}: the tokenizer has {tok.get_vocab_size()} tokens > vocab_size "
                          f"{model.config.vocab_size}")
     for name, p in model.named_parameters():
         p.requires_grad_(not (freeze_router and name.endswith("mlp.gate.weight")))   # the MoE router
+    if fsdp:
+        common.shard(model, d.device)   # the engine gathers the weights for rollouts
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)   # none in RL
-    if start == last:   # resuming
-        common.load_optimizer(last, opt, state)
+    if start == last:   # resuming (a checkpoint written with or without --fsdp, by any number of ranks)
+        common.load_optimizer(last, model, opt, state)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
     domains = args.domains.split(",")
@@ -244,7 +277,7 @@ def rollout_step(run, args, step, sampling, reward_fn=None):
 
 def step_row(run, step, stats):
     """The step's local stats -> global sums -> the metrics every RL stage logs (and g, the sums)."""
-    g = global_sums(stats, run.dist.device)
+    g = global_sums({k: v for k, v in stats.items() if k != "grad_norm"}, run.dist.device)
     n, world = max(g["tokens"], 1), run.dist.world_size
     row = dict(step=step, lr=stats["lr"], **{f"reward/{x}": g[f"{x}/reward"] / g[f"{x}/n"]
                                             for x in run.domains if g[f"{x}/n"]})
@@ -252,6 +285,8 @@ def step_row(run, step, stats):
                entropy=g["entropy"] / n, mismatch_abs=g["mismatch_abs"] / n, mismatch_k3=g["mismatch_k3"] / n,
                rollout_tok_s=g["gen_tokens"] / g["rollout_s"] * world,
                train_tok_s=g["fwd_tokens"] / max(g["train_s"], 1e-9) * world)
+    if "grad_norm" in stats:   # already global (no step: no norm)
+        row["grad_norm"] = stats["grad_norm"]
     return row, g
 
 
@@ -282,6 +317,7 @@ def grpo_update(run, args, samples, advantages_N, ref=None):
     """One rollout batch -> args.epochs optimizer steps (1 = strict on-policy). Returns local sums."""
     pad_id = run.tok.token_to_id("<|pad|>")
     mbs = micro_batches(samples, args.micro_batch, pad_id, run.dist.device)
+    mbs = same_count(run, mbs, ([], empty_batch(pad_id, run.dist.device)))
     local = sum(b["mask_B_T"].sum().item() for _, b in mbs)
     num_tokens = global_sums(dict(n=local), run.dist.device)["n"]   # sum_i |o_i| of the global batch
     sums = dict(tokens=local, fwd_tokens=0, entropy=0, mismatch_abs=0, mismatch_k3=0, clip=0, kl=0)
@@ -308,10 +344,7 @@ def grpo_update(run, args, samples, advantages_N, ref=None):
             sums["clip"] += clip_frac.item() * mask_B_T.sum().item() / args.epochs
             if epoch == 0:
                 token_stats(sums, b, lp_B_T, ent_B_T, pad_id)
-        sync_grads(run.params)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip)
-        run.optimizer.step()
+        sums["grad_norm"] = optimizer_step(run, args)
     return sums
 
 
@@ -328,7 +361,7 @@ def train(args, reward_fn=None):
     history, G = [], args.group_size
     for step in range(run.step, args.steps):
         _, samples, rewards, stats = rollout_step(run, args, step, sampling, reward_fn)
-        truncated_N = torch.tensor([s.finish_reason == "length" for s in samples])
+        truncated_N = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool)
         rewards_N = torch.where(truncated_N & (args.overlong == "penalize"), 0.0,   # overlong: reward 0
                                 torch.tensor(rewards, dtype=torch.float64))
         advantages_N = group_advantages(rewards_N, G).float().to(run.dist.device)
@@ -371,6 +404,8 @@ def add_rl_args(p, lr, group_size):
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
     a("--micro_batch", type=int, default=16, help="sequences per training forward (a memory knob)")
     a("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
+    a("--fsdp", action="store_true", help="shard the policy's weights, gradients and optimizer state "
+      "over the ranks (FSDP2); rollouts gather the full weights; no effect on one process")
     a("--log_every", type=int, default=1, help="print a progress line every N steps")
     return p
 

@@ -375,10 +375,10 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Hugging Face layout: config.json + model.safetensors, one key per expert in [out, in].
 
-    def hf_state_dict(self):
-        """Our state as the checkpoint's tensors (views, no copies)."""
+    def hf_state_dict(self, state=None):
+        """Our state (or `state`, a state dict of this model) as the checkpoint's tensors (views)."""
         out = {}
-        for name, t in self.state_dict().items():
+        for name, t in (self.state_dict() if state is None else state).items():
             if name.endswith("experts.gate_up_proj"):
                 prefix, I = name[: -len("gate_up_proj")], t.shape[2] // 2
                 for e in range(t.shape[0]):
@@ -391,8 +391,10 @@ class Transformer(nn.Module):
                 out[name] = t
         return out
 
-    def save_pretrained(self, path):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
+    def save_pretrained(self, path, state=None):
+        """state: a full state dict to write instead of the module's own (common.save_checkpoint
+        passes one gathered from FSDP shards)."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict(state).items()}
         config = self.config.to_dict()
         config["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         with atomic_dir(path) as tmp:

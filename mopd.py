@@ -27,7 +27,9 @@ What we change: the paper's teachers run in separate inference servers. Ours liv
 which costs memory: each distinct teacher is one full copy of the model (bf16 weights on a GPU,
 fp32 on a CPU; eval mode, no grad, no optimizer state), plus the activations of its scoring forward
 (one micro-batch at a time; its logits only at the response tokens: tokens x vocab floats). K
-distinct teachers cost K models; a checkpoint named for several domains is loaded once.
+distinct teachers cost K models; a checkpoint named for several domains is loaded once. With
+--fsdp only the student is sharded: the teachers never train, so they have no gradients or optimizer
+state to shard, and each rank holds them whole.
 
 Run: python mopd.py --init runs/mdrl/final --teachers math=runs/sft/final,if=runs/mdrl/final \
         --domains math,if --mix 0.5,0.5 --data runs/data --out runs/mopd
@@ -115,6 +117,7 @@ def mopd_update(run, args, samples, domains_N, teachers):
         mine = [i for i, x in enumerate(domains_N) if x == dom]
         mbs += [(dom, b) for _, b in grpo.micro_batches([samples[i] for i in mine], args.micro_batch,
                                                   pad_id, run.dist.device)]
+    mbs = grpo.same_count(run, mbs, (run.domains[0], grpo.empty_batch(pad_id, run.dist.device)))
     local = sum(b["mask_B_T"].sum().item() for _, b in mbs)
     num_tokens = grpo.global_sums(dict(n=local), run.dist.device)["n"]   # |V| of the global batch
     sums = dict(tokens=local, dropped=0, fwd_tokens=0, entropy=0, mismatch_abs=0, mismatch_k3=0,
@@ -134,10 +137,7 @@ def mopd_update(run, args, samples, domains_N, teachers):
         sums["dropped"] += ((w_B_T == 0) & (mask_B_T > 0)).sum().item()
         grpo.token_stats(sums, b, lp_B_T, ent_B_T, pad_id)
     if num_tokens > 0:
-        grpo.sync_grads(run.params)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip)
-        run.optimizer.step()
+        sums["grad_norm"] = grpo.optimizer_step(run, args)
     return sums
 
 
@@ -148,7 +148,7 @@ def evaluate(run, args, engine, pools):
     rows = [dict(r, thinking=args.thinking != "off") for rs in pools.values() for r in rs[:args.eval_prompts]]
     rows = rows[d.rank::d.world_size]
     texts = grpo.rollout(engine, run.tok, rows, 1, dict(temperature=0.0, max_new_tokens=args.max_new_tokens),
-                         args.seed)[1] if rows else []
+                         args.seed)[1]   # (with no rows too: under FSDP generate is a collective)
     domains = [r["domain"] for r in rows]
     scores = verifiers.score_many(domains, texts, [r["meta"] for r in rows])
     g = grpo.global_sums(grpo.per_domain(run, scores, domains, "score"), d.device)

@@ -71,7 +71,7 @@ def rm_ids(tok, messages, answer):
 
 def rm_scores(rm, seqs, pad_id, device, batch_size=32):
     """Score token sequences with the reward model, in right-padded batches."""
-    out = []
+    out = [torch.zeros(0, device=device)]   # (no sequences: no scores)
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         T = max(map(len, chunk))
@@ -93,29 +93,37 @@ def pair_accuracy(rm, pairs, pad_id, device):
     return (rc > rr).float().mean().item()
 
 
-def train_reward_model(args, tok, tok_path, d, logger):
+def train_reward_model(args, tok, d, logger):
     """Bradley-Terry on DATA/prefs/train.jsonl; held-out pair accuracy on prefs/eval.jsonl."""
-    body, _ = common.load_checkpoint(args.init, d.device)
-    rm = RewardModel(body).to(d.device)
+    fsdp = args.fsdp and d.world_size > 1
+    body, _ = common.load_checkpoint(args.init, "cpu" if fsdp else d.device)
+    rm = RewardModel(body).to("cpu" if fsdp else d.device)
+    if fsdp:
+        common.shard(rm, d.device)
     pad_id = tok.token_to_id("<|pad|>")
     train = pair_ids(tok, data.load_jsonl(os.path.join(args.data, "prefs", "train.jsonl"), "prefs"))
     held_out = pair_ids(tok, data.load_jsonl(os.path.join(args.data, "prefs", "eval.jsonl"), "prefs"))
+    if min(args.rm_batch, len(train)) < d.world_size:
+        raise ValueError(f"--rm_batch {args.rm_batch} (and {len(train)} training pairs) must give every "
+                         f"one of the {d.world_size} ranks at least one pair")
     opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     for step in range(args.rm_steps):
         rng = random.Random(f"rm-{args.seed}-{step}")
         batch = rng.sample(train, min(args.rm_batch, len(train)))
         mine = batch[d.rank::d.world_size]
-        rc, rr = rm_scores(rm, [c for c, _ in mine] + [r for _, r in mine], pad_id, d.device).chunk(2)
+        seqs = [c for c, _ in mine] + [r for _, r in mine]
+        # one forward per rank and step (FSDP needs every rank to run the same number)
+        rc, rr = rm_scores(rm, seqs, pad_id, d.device, batch_size=len(seqs)).chunk(2)
         local_loss = bradley_terry_loss(rc, rr)
         opt.zero_grad(set_to_none=True)
         # the mean over the global batch: each rank's share of it, summed over ranks by sync_grads
         (local_loss * len(mine) / len(batch)).backward()
         grpo.sync_grads(list(rm.parameters()))
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:
             acc = (rc > rr).float().mean().item()
-            logger.log(dict(rm_step=step, rm_loss=local_loss.item(), rm_batch_acc=acc))
+            logger.log(dict(rm_step=step, rm_loss=local_loss.item(), rm_batch_acc=acc, rm_grad_norm=grad_norm))
             print0(f"rm step {step} | loss {local_loss.item():.4f} | batch acc {acc:.3f}")
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
@@ -126,10 +134,13 @@ def train_reward_model(args, tok, tok_path, d, logger):
 
 
 def save_reward_model(path, rm, tok_path, stats):
+    """The body as an HF-layout checkpoint, plus score_head.safetensors (every rank calls it)."""
+    state = common.full_state_dict(rm)   # gathered from the shards under FSDP
     if common.is_main():
         with common.atomic_dir(path) as tmp:
-            rm.body.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in rm.head.state_dict().items()},
+            part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            rm.body.save_pretrained(tmp, part("body."))
+            save_file({k: v.contiguous() for k, v in part("head.").items()},
                       os.path.join(tmp, "score_head.safetensors"))
             with open(tok_path, "rb") as f, open(os.path.join(tmp, "tokenizer.json"), "wb") as g:
                 g.write(f.read())
@@ -194,11 +205,12 @@ def main(argv=None):
     tok = data.load_tokenizer(tok_path)
     logger = common.MetricsLogger(os.path.join(args.out, "metrics.jsonl"))
     rm_path = os.path.join(args.out, "reward_model")
-    if common.checkpoint_exists(rm_path):
-        rm, rm_stats = load_reward_model(rm_path, d.device)
-    else:
-        rm, rm_stats = train_reward_model(args, tok, tok_path, d, logger)
+    if not common.checkpoint_exists(rm_path):
+        rm, rm_stats = train_reward_model(args, tok, d, logger)
         save_reward_model(rm_path, rm, tok_path, rm_stats)
+        del rm
+    # scoring reads the saved reward model, a plain module on every rank (also after FSDP training)
+    rm, rm_stats = load_reward_model(rm_path, d.device)
     rm.eval().requires_grad_(False)
     pad_id = tok.token_to_id("<|pad|>")
 

@@ -47,7 +47,9 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    mismatch weights compare against. temperature == 0 is greedy (argmax); since the point mass it
    samples from has logprob 0, we return log_softmax of the raw logits instead, the useful number.
    Same seed, prompts, parameters and engine settings -> same samples (the order of random draws
-   depends on the schedule, which is deterministic).
+   depends on the schedule, which is deterministic). A sequence stops ("stop") at a stop token or
+   when its text comes to contain a stop string (decoding only its last few tokens), or at
+   max_new_tokens ("length"); the stopping token is kept, with its logprob.
 
 5. Multi-turn environments. When a sequence samples one of `hook_token_ids` (say </tool_call>),
    `env_hook(prompt_index, sample_index, response_ids_so_far)` may return tokens (a tool response)
@@ -60,6 +62,10 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    8, 16, 32, ...) and replayed, which removes the launch overhead of hundreds of small kernels.
    Graphs stay valid while the parameters keep their storage (optimizers update in place); if
    parameters are reallocated, or a model's forward cannot be captured, we re-capture or fall back.
+
+7. A policy sharded with FSDP2 (--fsdp) holds 1/W of each weight per rank; generate gathers the
+   full weights once, for the whole call (common.full_parameters; so every rank must call it), and
+   decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
 """
 import warnings
 from collections import deque
@@ -70,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common import full_parameters, is_sharded
 from kernels.paged_attention import paged_decode_attention
 
 
@@ -80,6 +87,7 @@ class SamplingParams:
     top_k: int = 0                 # 0 = off; else keep the tokens whose logit >= the k-th largest
     max_new_tokens: int = 256      # cap on len(token_ids), generated + appended
     stop_token_ids: tuple = ()     # e.g. <|im_end|>, EOS (data.chat.stop_ids)
+    stop_strings: tuple = ()       # stop once the response's text contains one (generate's `decode`)
     hook_token_ids: tuple = ()     # e.g. </tool_call>: stop and ask env_hook for tokens to append
 
 
@@ -148,6 +156,16 @@ def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generato
     return tokens_R, logprobs_R_V.gather(1, tokens_R[:, None])[:, 0]
 
 
+def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode) -> bool:
+    """Does the last token complete one of params.stop_strings, i.e. does one occur in the text and
+    end inside that token's text? Occurrences already there before it (say, in a tool response the
+    environment appended) do not count. Only the response's tail is decoded: a token is at least
+    one byte and a character at most four, so the last 4 * len + 1 tokens hold any occurrence."""
+    tail = response_ids[-(4 * max(map(len, params.stop_strings)) + 1):]
+    text, before = decode(tail), len(decode(tail[:-1]))
+    return any(s in text[max(0, before - len(s) + 1):] for s in params.stop_strings)
+
+
 @dataclass
 class StepMeta:
     """Everything the attention callable needs to know about one step's N flattened tokens."""
@@ -177,7 +195,8 @@ class Engine:
         self.max_len = cfg.max_position_embeddings
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.use_graphs = self.device.type == "cuda" and not is_sharded(model) if cuda_graphs is None \
+            else cuda_graphs
         self.k_cache = self.v_cache = None
         self.graphs, self.graph_pool, self.graph_key = {}, None, None
         self.stats = {}
@@ -379,16 +398,22 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, seed: int = 0,
-                 env_hook=None) -> list[list[Sample]]:
-        """G = n samples per prompt; returns samples[prompt_index][sample_index]."""
+                 env_hook=None, decode=None) -> list[list[Sample]]:
+        """G = n samples per prompt; returns samples[prompt_index][sample_index]. For a policy sharded
+        with FSDP this is a collective (the weights are gathered): every rank calls it, even with
+        no prompts."""
         if not prompts:
-            return []
+            with full_parameters(self.model):   # (the gather the other ranks wait for)
+                return []
         if n < 1 or n > self.max_seqs:
             raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
         sp = params
         if sp.max_new_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
             raise ValueError(f"rollout.py: bad {params}: need max_new_tokens >= 1, temperature >= 0, "
                              "0 < top_p <= 1, top_k >= 0")
+        if params.stop_strings and (decode is None or not all(params.stop_strings)):
+            raise ValueError("rollout.py: stop_strings need generate(..., decode=tokenizer's ids -> text), "
+                             f"and must not be empty: {params.stop_strings!r}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("rollout.py: empty prompt at index "
                              f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
@@ -401,17 +426,19 @@ class Engine:
         if self.k_cache.shape[1] - 1 < self._blocks_for(longest):
             raise ValueError(f"rollout.py: a pool of {self.k_cache.shape[1]} blocks of {self.block_size} "
                              f"tokens cannot hold one sequence of {longest} tokens")
-        key = [p.data_ptr() for p in self.model.parameters()]
-        if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
-            self.graphs, self.graph_pool, self.graph_key = {}, None, key
+        if self.use_graphs:
+            key = [p.data_ptr() for p in self.model.parameters()]
+            if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
+                self.graphs, self.graph_pool, self.graph_key = {}, None, key
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, params, n, seed, env_hook, longest)
+            with full_parameters(self.model):
+                return self._generate(prompts, params, n, seed, env_hook, decode, longest)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompts, params, n, seed, env_hook, longest) -> list[list[Sample]]:
+    def _generate(self, prompts, params, n, seed, env_hook, decode, longest) -> list[list[Sample]]:
         alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids, hook_ids = set(params.stop_token_ids), set(params.hook_token_ids)
@@ -462,7 +489,8 @@ class Engine:
                 seq.logprobs.append(logprob)
                 seq.gen_mask.append(1)
                 num_response = len(seq.tokens) - seq.num_prompt
-                if token in stop_ids:
+                if token in stop_ids or params.stop_strings and ends_in_stop_string(
+                        seq.tokens[seq.num_prompt:], params, decode):
                     seq.finish_reason = "stop"
                 elif num_response >= params.max_new_tokens:
                     seq.finish_reason = "length"

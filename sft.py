@@ -29,7 +29,8 @@ warmup (recipes/ set them).
 
 What we drop, and why:
 - 256K-token rows: our models have short contexts; --seq_len sets the row length.
-- Sequence/context parallelism and distributed optimizers: plain DDP is enough at this scale.
+- Sequence/context parallelism: our rows are short. Data parallelism is DDP, or with --fsdp FSDP2,
+  which shards the weights, gradients and AdamW state over the ranks (common.shard).
 - Repacking every epoch: we pack once (after a seeded shuffle) and shuffle the rows every epoch,
   which keeps the data position a simple (epoch, index) pair for resuming.
 
@@ -92,6 +93,8 @@ def build_parser():
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state "
+                   "over the ranks (FSDP2) instead of replicating them (DDP); no effect on one process")
     p.add_argument("--log_every", type=int, default=10, help="progress line and metrics row every N steps")
     return p
 
@@ -191,32 +194,36 @@ def main(argv=None):
 
     # model: resume from OUT/last, else start from --init or from scratch (--config)
     resume = common.checkpoint_exists(last)
+    fsdp = args.fsdp and world > 1
+    load_to = "cpu" if fsdp else device   # FSDP: every rank loads on the CPU, keeps its shard on device
     if resume or args.init:
-        model, state = common.load_checkpoint(last if resume else args.init, device)
+        model, state = common.load_checkpoint(last if resume else args.init, load_to)
         state = state if resume else {}
     else:
         common.set_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        model, state = Transformer(ModelConfig.from_json(args.config)).to(device), {}
+        model, state = Transformer(ModelConfig.from_json(args.config)).to(load_to), {}
     cfg = model.config
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{tok_path}: tokenizer has {tok.get_vocab_size()} ids but the model's "
                          f"vocab_size is {cfg.vocab_size}")
+    if fsdp:
+        common.shard(model, device)   # before the optimizer: it must hold the sharded parameters
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                              dict(params=no_decay, weight_decay=0.0)],
-                            lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+                            lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda" and not fsdp)
     step, epoch, pos = 0, 0, 0
     if resume:
         for key in ("seed", "batch_size", "seq_len"):
             if state["args"][key] != getattr(args, key):
                 raise ValueError(f"{last} was written with --{key} {state['args'][key]}, this run has "
                                  f"{getattr(args, key)}: same arguments, or a fresh --out")
-        common.load_optimizer(last, opt, state)
+        common.load_optimizer(last, model, opt, state)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         common.print0(f"resuming from {last} at step {step}")
-    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = world > 1 and not fsdp
+    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if ddp else model
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -239,18 +246,20 @@ def main(argv=None):
         sums = torch.zeros(2, device=device)  # [sum of CE, sum of aux] on this rank, for logging
         for k in range(args.grad_accum):
             mb = mine[k * micro:(k + 1) * micro]
-            # DDP all-reduces gradients on the last microbatch only
-            sync = world == 1 or k == args.grad_accum - 1
+            # DDP all-reduces gradients on the last microbatch only (FSDP reduce-scatters after
+            # every backward: skipping it would keep whole gradients, the memory FSDP saves)
+            sync = not ddp or k == args.grad_accum - 1
             with contextlib.nullcontext() if sync else train_model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     ce, aux = sft_loss(train_model, input_ids[mb].to(device), doc_ids[mb].to(device),
                                        labels[mb].to(device))
-                # DDP averages gradients over ranks, hence * world: the sum over ranks and
-                # microbatches of these is exactly (sum of CE over the global batch) / n_trained
-                loss_k = ce * world / n_trained + cfg.router_aux_loss_coef * aux / args.grad_accum
-                loss_k.backward()
+                # summed over ranks and microbatches: (sum of CE over the global batch) / n_trained
+                # plus the mean aux loss; FSDP sums gradients over ranks (common.shard), DDP
+                # averages them, hence * world
+                loss_k = ce / n_trained + cfg.router_aux_loss_coef * aux / (world * args.grad_accum)
+                (loss_k * (world if ddp else 1)).backward()
             sums += torch.stack([ce.detach(), aux.detach().float()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):  # stop before the optimizer writes NaNs into the weights
             raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}")
         opt.step()

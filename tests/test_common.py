@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), n
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    load_optimizer(str(tmp_path / "ck"), opt2, state)
+    load_optimizer(str(tmp_path / "ck"), model2, opt2, state)
     for p1, p2 in zip(model.parameters(), model2.parameters()):
         s1, s2 = opt.state[p1], opt2.state[p2]
         assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
@@ -84,7 +84,7 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
         assert torch.equal(a, b)
     wrong = torch.optim.AdamW(list(model2.parameters())[:3], lr=1e-3)
     with pytest.raises(ValueError, match="does not match"):
-        load_optimizer(str(tmp_path / "ck"), wrong, state)
+        load_optimizer(str(tmp_path / "ck"), model2, wrong, state)
 
 
 def test_metrics_logger_drops_steps_a_resumed_run_will_log_again(tmp_path):

@@ -81,6 +81,33 @@ def test_stop_token_ends_a_sequence(model64):
     assert s.finish_reason == "stop" and s.token_ids == free_run[:free_run.index(stop) + 1]
 
 
+def test_stop_string_ends_a_sequence_at_the_token_that_completes_it(model64):
+    """Sampled (a random model's greedy text repeats one token), so the reference is the same seed's
+    run without stop strings: the same draws up to where the stop string must end it."""
+    prompt = make_prompts([7], seed=1)[0]
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)   # a stand-in tokenizer: every id is text
+
+    def run(stops, hook=(), env_hook=None):
+        params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_strings=stops, hook_token_ids=hook)
+        return Engine(model64, block_size=4).generate([prompt], params, seed=3, env_hook=env_hook,
+                                                      decode=decode)[0][0]
+    free = run(()).token_ids
+    stop = decode(free[5:7])[2:-2]   # from inside token 5 to inside token 6: completed by token 6
+    s = run(("no such text", stop))
+    first = next(k for k in range(1, 13) if stop in decode(free[:k]))
+    assert first <= 7 and s.finish_reason == "stop" and s.token_ids == free[:first]
+    # text that was already there before the last token does not stop it again: an environment's
+    # reply containing the stop string is appended after token 0, and generation goes on past it
+    reply = lambda i, j, ids: free[5:7] if len(ids) == 1 else None
+    free_hooked, s = (run(stops, (free[0],), reply) for stops in ((), (stop,)))
+    assert s.gen_mask[:3] == [1, 0, 0] and stop in decode(s.token_ids[:3])
+    new = [k for k in range(4, len(free_hooked.token_ids) + 1)   # occurrences completed by a sampled token
+           if decode(free_hooked.token_ids[:k]).count(stop) > decode(free_hooked.token_ids[:k - 1]).count(stop)]
+    assert s.token_ids == free_hooked.token_ids[:new[0] if new else None] and len(s.token_ids) > 3
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model64).generate([prompt], SamplingParams(stop_strings=("x",)))
+
+
 def test_prefix_sharing_same_tokens_prompt_prefilled_once(model64):
     # 8 = exactly two blocks (nothing to copy); 6 and 13 end in a partial block (copy-on-write)
     prompts, n, new = make_prompts([6, 8, 13], seed=2), 4, 9

@@ -1,6 +1,7 @@
 """Tests for sft.py: packing keeps documents apart, the labels are the next trained token, a tiny
-model overfits a fixed batch, DDP (2 gloo processes) equals one process on the same global batch,
-a resumed run continues bit-exactly, and a malformed JSONL line is reported with file:line.
+model overfits a fixed batch, DDP and FSDP2 (2 gloo processes) equal one process on the same global
+batch, a resumed run continues bit-exactly (and across FSDP and one process, both ways), and a
+malformed JSONL line is reported with file:line.
 
 The data is hand-written (arithmetic with and without reasoning, a tool call) with a tokenizer of
 384 ids trained on it once per module; the model is configs/tiny.json made smaller."""
@@ -163,30 +164,89 @@ def test_step_gradient_is_the_token_level_mean(data_dir, tmp_path):
     assert logged["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
 
 
-def test_ddp_two_processes_equal_one_process(data_dir, tmp_path):
+class Killed(Exception):
+    pass
+
+
+def run_killed_after_checkpoint(monkeypatch, argv):
+    """sft.main, killed right after it writes its first OUT/last checkpoint."""
+    save = common.save_checkpoint
+
+    def save_then_die(path, *a, **k):
+        save(path, *a, **k)
+        if os.path.basename(path) == "last":
+            raise Killed
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        sft.main(argv)
+    monkeypatch.undo()
+
+
+def torchrun(*argv, code=None):
+    """Two gloo processes running sft.py (or the Python `code`, given sft.py's arguments)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = ["--no-python", sys.executable, "-c", code] if code else ["sft.py"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *cmd, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_run(a, b, tol=1e-6):
+    """Same logged loss, aux loss and gradient norm at every step, and the same final weights."""
+    a_rows, b_rows = (common.read_metrics(os.path.join(r, "metrics.jsonl")) for r in (a, b))
+    for key in ("step", "loss", "aux_loss", "grad_norm"):  # grad_norm: the update is not just Adam-invariant
+        assert [r[key] for r in b_rows] == pytest.approx([r[key] for r in a_rows], rel=tol), key
+    wa, wb = (load_file(os.path.join(r, "final", "model.safetensors")) for r in (a, b))
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=0, atol=tol), key
+    return wa
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(data_dir, tmp_path, parallel):
+    """DDP (replicated) and FSDP2 (sharded weights, gradients and AdamW state, --fsdp) both compute
+    what one process computes on the same global batch."""
     common_args = ["--steps", 2, "--batch_size", 4, "--seq_len", 96, "--lr", 1e-2, "--warmup", 1]
     sft.main(args(data_dir, tmp_path / "one", *common_args, "--grad_accum", 2))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "sft.py",
-                          *args(data_dir, tmp_path / "two", *common_args, "--grad_accum", 1)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun(*args(data_dir, tmp_path / "two", *common_args, "--grad_accum", 1,
+                         *(["--fsdp"] if parallel == "fsdp" else [])))
     assert run.returncode == 0, run.stderr[-3000:]
-    one_rows, two_rows = (common.read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
-    for key in ("loss", "aux_loss", "grad_norm"):  # grad_norm: the update is not just Adam-invariant
-        assert [r[key] for r in two_rows] == pytest.approx([r[key] for r in one_rows], rel=1e-6), key
-    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    one = assert_same_run(tmp_path / "one", tmp_path / "two")
     torch.manual_seed(0)
     init = Transformer(ModelConfig.from_json(data_dir / "config.json")).hf_state_dict()
-    for key in one:
-        assert torch.allclose(one[key], two[key], rtol=0, atol=1e-6), key
     moved = max((one[k] - init[k]).abs().max().item() for k in one)
     assert moved > 1e-2  # two steps at lr 1e-2 really changed the weights
 
 
-class Killed(Exception):
-    pass
+KILL_AFTER_CHECKPOINT = """
+import sys, common, sft
+save = common.save_checkpoint
+def save_then_die(path, *a, **k):
+    save(path, *a, **k)
+    if path.endswith("last"):
+        sys.exit(3)
+common.save_checkpoint = save_then_die
+sft.main(sys.argv[1:])
+"""
+
+
+def test_fsdp_checkpoints_resume_with_and_without_fsdp(data_dir, tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint resumes to the same result whichever way it is run:
+    written by 2 FSDP ranks (gathered: a full model and optimizer) and resumed by one process, and
+    written by one process and resumed by 2 FSDP ranks (each keeps its shard of the optimizer)."""
+    run = ["--steps", 4, "--batch_size", 4, "--seq_len", 96, "--lr", 1e-2, "--warmup", 1, "--save_every", 2]
+    sft.main(args(data_dir, tmp_path / "straight", *run, "--grad_accum", 2))
+
+    killed = torchrun(*args(data_dir, tmp_path / "fsdp_then_one", *run, "--fsdp"), code=KILL_AFTER_CHECKPOINT)
+    assert killed.returncode != 0 and (tmp_path / "fsdp_then_one" / "last" / "optimizer.safetensors").exists()
+    assert not (tmp_path / "fsdp_then_one" / "final").exists()
+    sft.main(args(data_dir, tmp_path / "fsdp_then_one", *run, "--grad_accum", 2))
+    assert_same_run(tmp_path / "straight", tmp_path / "fsdp_then_one")
+
+    run_killed_after_checkpoint(monkeypatch, args(data_dir, tmp_path / "one_then_fsdp", *run, "--grad_accum", 2))
+    resumed = torchrun(*args(data_dir, tmp_path / "one_then_fsdp", *run, "--fsdp"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "one_then_fsdp")
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
@@ -195,17 +255,7 @@ def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
     # the run crosses an epoch boundary (a new permutation), and some conversations were cut
     assert summary["rows"] < 6 * 4 and summary["truncated"] > 0
 
-    save = common.save_checkpoint
-
-    def save_then_die(path, *a, **k):  # a kill right after the step-3 checkpoint
-        save(path, *a, **k)
-        if os.path.basename(path) == "last":
-            raise Killed
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        sft.main(args(data_dir, tmp_path / "resumed", *run, "--save_every", 3))
-    monkeypatch.undo()
+    run_killed_after_checkpoint(monkeypatch, args(data_dir, tmp_path / "resumed", *run, "--save_every", 3))
     assert len(losses(tmp_path / "resumed")) == 3
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
