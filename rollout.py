@@ -39,6 +39,7 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    multi-token chunks padded into one SDPA call over their context gathered through the block
    tables. When the pool runs out, the newest sequence is preempted: its blocks are freed, and
    it is later recomputed from its prompt + tokens so far (the same tokens, so the same result).
+   In steady state every step is pure decode, and the engine runs such steps in bursts (8).
 
 4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
    draw with one seeded torch.Generator. The logprob returned for a token is its log-probability
@@ -66,6 +67,19 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
 7. A policy sharded with FSDP2 (--fsdp) holds 1/W of each weight per rank; generate gathers the
    full weights once, for the whole call (common.full_parameters; so every rank must call it), and
    decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
+
+8. Decode bursts (`decode_burst`, default 16). A step as in 3 costs the host a few microseconds
+   per sequence (schedule, tables, reading the sampled tokens back, appending them), which at
+   batch 2048 is several milliseconds: far more than the GPU needs for the step. So when every
+   running sequence just decodes and no waiting one could join, the engine reserves blocks for
+   the next k tokens of each, runs k steps back to back on the device (each feeds the token the
+   last one sampled; the block tables and positions never leave the device), and reads the k x S
+   tokens back once. Then each sequence keeps its tokens up to its first stop, tool call or
+   max_new_tokens; a sequence that ended early decoded junk for the rest of the burst, into its
+   own blocks, which is the price (at most k - 1 steps per sequence; k is cut to the longest
+   remaining response). New sequences join at the next burst boundary. The samples are the same
+   as with one step per sync (decode_burst=1) for greedy decoding; sampled ones draw their random
+   numbers in a different order, so they differ, with the same distribution.
 """
 import warnings
 from collections import deque
@@ -183,14 +197,16 @@ class StepMeta:
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
-    running sequences (and the largest CUDA graph). After each generate, `stats` holds steps,
-    forward_tokens, preemptions, graph_steps and peak_blocks. Pass the bare module, not a DDP wrapper."""
+    running sequences (and the largest CUDA graph). decode_burst: decode steps per host sync
+    (docstring, 8; 1: one). After each generate, `stats` holds steps, forward_tokens, preemptions,
+    graph_steps, peak_blocks and bursts. Pass the bare module, not a DDP wrapper."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None):
+                 max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
+                 decode_burst: int = 16):
         cfg = model.config
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
-        self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
+        self.max_batch_tokens, self.max_seqs, self.decode_burst = max_batch_tokens, max_seqs, decode_burst
         self.shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         self.max_len = cfg.max_position_embeddings
         param = next(model.parameters())
@@ -258,20 +274,27 @@ class Engine:
 
     # ---- scheduling: which tokens of which sequences run this step
 
+    def _reserve_or_preempt(self, i: int, num_new: int, waiting: deque, running: list,
+                            alloc: BlockAllocator) -> bool:
+        """Reserve blocks for running[i]'s next num_new tokens, preempting the newest sequences
+        (freed, recomputed later) while the pool is full. False if running[i] itself was preempted."""
+        seq = running[i]
+        while not self._reserve(seq, num_new, alloc):
+            victim = running.pop()
+            self._free(victim, alloc)
+            waiting.appendleft(victim)
+            self.stats["preemptions"] += 1
+            if victim is seq:
+                return False
+        return True
+
     def _schedule(self, waiting: deque, running: list, alloc: BlockAllocator) -> list:
         batch, budget = [], self.max_batch_tokens
         i = 0
         while i < len(running) and budget > 0:   # oldest first: they hold blocks, let them finish
             seq = running[i]
             num_new = min(len(seq.tokens) - seq.num_cached, budget)
-            while not self._reserve(seq, num_new, alloc):
-                victim = running.pop()     # pool full: preempt the newest, recompute it later
-                self._free(victim, alloc)
-                waiting.appendleft(victim)
-                self.stats["preemptions"] += 1
-                if victim is seq:
-                    break
-            if i < len(running):           # seq was not preempted
+            if self._reserve_or_preempt(i, num_new, waiting, running, alloc):
                 batch.append((seq, num_new))
                 budget -= num_new
             i += 1
@@ -304,10 +327,8 @@ class Engine:
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
         slots_N = tables_S_M[seq_N, pos_N // bs].long() * bs + pos_N % bs
         ids_N = torch.tensor(ids, device=dev)
-        if self.use_graphs and num_decode == S:
-            logits = self._replay_graph(ids_N, pos_N, slots_N, tables_S_M, cached_S + 1)
-            if logits is not None:
-                return logits[last]
+        if num_decode == S:
+            return self._decode_logits(ids_N, pos_N, slots_N, tables_S_M)[last]
         meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
         if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
             p = slice(num_decode, S)
@@ -322,6 +343,68 @@ class Engine:
         logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
                                logits_index=torch.tensor(last, device=dev))
         return logits
+
+    def _decode_logits(self, ids_S: Tensor, pos_S: Tensor, slots_S: Tensor, tables_S_M: Tensor) -> Tensor:
+        """A decode-only step, one token per sequence: a CUDA graph replay where there is one, else
+        an eager forward. Everything stays on the device: no host sync."""
+        if self.use_graphs:
+            logits = self._replay_graph(ids_S, pos_S, slots_S, tables_S_M, pos_S + 1)
+            if logits is not None:
+                return logits
+        meta = StepMeta(slots_S, len(ids_S), tables_S_M, (pos_S + 1).int())
+        return self.model(ids_S[None], pos_S[None], attention=self._attention(meta),
+                          logits_index=torch.arange(len(ids_S), device=self.device))[0]
+
+    # ---- decode bursts: k decode steps with one host sync
+
+    def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
+        """Every running sequence decodes (one uncached token each) and no waiting one could join
+        now (no seat under max_seqs, or no room in the pool): nothing for the host to decide."""
+        if self.decode_burst < 2 or not running or len(running) > self.max_batch_tokens:
+            return False
+        if any(len(seq.tokens) - seq.num_cached != 1 for seq in running):
+            return False
+        if not waiting:
+            return True
+        seats = len(running) + 1 + len(waiting[0].children) <= self.max_seqs
+        return not (seats and self._blocks_for(len(waiting[0].tokens)) <= len(alloc.free))
+
+    def _burst(self, waiting: deque, running: list, alloc: BlockAllocator, params: SamplingParams,
+               generator: torch.Generator):
+        """Up to decode_burst decode steps of the running sequences, back to back on the device:
+        each step feeds the token the previous one sampled, and the host reads all of them once
+        at the end. A sequence that stops (or calls a tool) within the burst goes on decoding junk
+        until the end of it, into its own blocks, at positions its attention never reads before
+        they are rewritten; the host keeps its tokens up to the stop. -> (seqs, tokens[S][k],
+        logprobs[S][k])"""
+        dev, bs = self.device, self.block_size
+        # no longer than the longest remaining response: the tail of a rollout wastes no steps
+        k = min(self.decode_burst, max(params.max_new_tokens - (len(s.tokens) - s.num_prompt) for s in running))
+        # the last position a sequence may ever feed (its last response token is never fed)
+        last_pos = lambda seq: seq.num_prompt + params.max_new_tokens - 2
+        i = 0
+        while i < len(running):   # blocks for the whole burst, up front
+            seq = running[i]
+            i += self._reserve_or_preempt(i, min(k, last_pos(seq) - seq.num_cached + 1), waiting, running, alloc)
+        seqs = list(running)
+        if not seqs:
+            return [], [], []
+        width = max(len(seq.block_table) for seq in seqs)
+        tables_S_M = torch.from_numpy(self.tables[[seq.row for seq in seqs], :width]).to(dev)
+        pos_S = torch.tensor([seq.num_cached for seq in seqs], device=dev)
+        last_S = torch.tensor([last_pos(seq) for seq in seqs], device=dev)
+        ids_S = torch.tensor([seq.tokens[-1] for seq in seqs], device=dev)
+        tokens_k_S = torch.empty(k, len(seqs), dtype=torch.long, device=dev)
+        logprobs_k_S = torch.empty(k, len(seqs), device=dev)
+        for j in range(k):
+            p_S = torch.minimum(pos_S + j, last_S)   # past its end a sequence rewrites its last slot
+            slots_S = tables_S_M.gather(1, (p_S // bs)[:, None])[:, 0].long() * bs + p_S % bs
+            ids_S, logprobs_k_S[j] = sample(self._decode_logits(ids_S, p_S, slots_S, tables_S_M), params,
+                                            generator)
+            tokens_k_S[j] = ids_S
+        self.stats["steps"] += k
+        self.stats["forward_tokens"] += k * len(seqs)
+        return seqs, tokens_k_S.T.tolist(), logprobs_k_S.T.tolist()   # the burst's one sync
 
     def _attention(self, meta: StepMeta):
         """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
@@ -441,74 +524,107 @@ class Engine:
     def _generate(self, prompts, params, n, seed, env_hook, decode, longest) -> list[list[Sample]]:
         alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        stop_ids, hook_ids = set(params.stop_token_ids), set(params.hook_token_ids)
-        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0)
+        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0)
         groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
                   for i, p in enumerate(prompts)]
         # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
         self.tables = np.zeros((len(prompts) * n, self._blocks_for(longest)), dtype=np.int32)
         for group in groups:
             group[0].children = group[1:]
+        accept = lambda seq, token, logprob: self._accept(seq, token, logprob, params, env_hook, decode, alloc)
         waiting, running = deque(group[0] for group in groups), []
         while waiting or running:
-            batch = self._schedule(waiting, running, alloc)
-            if not batch:
-                raise RuntimeError("rollout.py: nothing fits in a step (pool or max_batch_tokens too small)")
-            self.stats["steps"] += 1
-            in_use = len(alloc.ref_count) - 1 - len(alloc.free)
-            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], in_use)
-            batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
-            # sequences whose chunk reaches the end of their tokens sample one token from its logits
-            last, samplers, end = [], [], 0
-            for seq, num_new in batch:
-                end += num_new
-                if seq.num_cached + num_new == len(seq.tokens):
-                    last.append(end - 1)
-                    samplers.append(seq)
-            logits_R_V = self._forward(batch, last)
-            for seq, num_new in batch:
-                seq.num_cached += num_new
-            rows, seqs = [], []
-            for r, seq in enumerate(samplers):
-                if seq.children:   # prompt cached: fork the other samples onto its blocks
-                    for child in seq.children:
-                        for block in seq.block_table:
-                            alloc.share(block)
-                        child.block_table, child.num_cached = list(seq.block_table), seq.num_cached
-                        self.tables[child.row] = self.tables[seq.row]
-                    at = running.index(seq) + 1
-                    running[at:at] = seq.children
-                    rows += [r] * len(seq.children)
-                    seqs += seq.children
-                    seq.children = []
-                rows.append(r)
-                seqs.append(seq)
-            tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator)
-            for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
-                seq.tokens.append(token)
-                seq.logprobs.append(logprob)
-                seq.gen_mask.append(1)
-                num_response = len(seq.tokens) - seq.num_prompt
-                if token in stop_ids or params.stop_strings and ends_in_stop_string(
-                        seq.tokens[seq.num_prompt:], params, decode):
-                    seq.finish_reason = "stop"
-                elif num_response >= params.max_new_tokens:
-                    seq.finish_reason = "length"
-                elif token in hook_ids:
-                    extra = env_hook(seq.prompt_index, seq.sample_index, seq.tokens[seq.num_prompt:]) \
-                        if env_hook else None
-                    if not extra:
-                        seq.finish_reason = "stop"
-                    else:
-                        extra = list(extra)[:params.max_new_tokens - num_response]
-                        seq.tokens += extra
-                        seq.logprobs += [0.0] * len(extra)
-                        seq.gen_mask += [0] * len(extra)
-                        if len(seq.tokens) - seq.num_prompt >= params.max_new_tokens:
-                            seq.finish_reason = "length"
-                if seq.finish_reason:
-                    self._free(seq, alloc)
+            if self._can_burst(waiting, running, alloc):
+                self._run_burst(waiting, running, alloc, params, generator, accept)
+            else:
+                self._step(waiting, running, alloc, params, generator, accept)
+            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
             running[:] = [seq for seq in running if seq.finish_reason is None]
         assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
         return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
                         s.finish_reason) for s in group] for group in groups]
+
+    def _step(self, waiting, running, alloc, params, generator, accept):
+        """One scheduled step: prefill chunks and decodes in one forward, one token sampled for every
+        sequence whose tokens are all cached after it (and for the samples forked from it)."""
+        batch = self._schedule(waiting, running, alloc)
+        if not batch:
+            raise RuntimeError("rollout.py: nothing fits in a step (pool or max_batch_tokens too small)")
+        self.stats["steps"] += 1
+        batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
+        # sequences whose chunk reaches the end of their tokens sample one token from its logits
+        last, samplers, end = [], [], 0
+        for seq, num_new in batch:
+            end += num_new
+            if seq.num_cached + num_new == len(seq.tokens):
+                last.append(end - 1)
+                samplers.append(seq)
+        logits_R_V = self._forward(batch, last)
+        for seq, num_new in batch:
+            seq.num_cached += num_new
+        rows, seqs = [], []
+        for r, seq in enumerate(samplers):
+            if seq.children:   # prompt cached: fork the other samples onto its blocks
+                for child in seq.children:
+                    for block in seq.block_table:
+                        alloc.share(block)
+                    child.block_table, child.num_cached = list(seq.block_table), seq.num_cached
+                    self.tables[child.row] = self.tables[seq.row]
+                at = running.index(seq) + 1
+                running[at:at] = seq.children
+                rows += [r] * len(seq.children)
+                seqs += seq.children
+                seq.children = []
+            rows.append(r)
+            seqs.append(seq)
+        tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator)
+        for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
+            accept(seq, token, logprob)
+
+    def _run_burst(self, waiting, running, alloc, params, generator, accept):
+        """A decode burst (_burst), then each sequence takes its tokens up to the first that ends it,
+        calls a tool or reaches max_new_tokens; the rest of its burst is dropped."""
+        seqs, tokens_S_k, logprobs_S_k = self._burst(waiting, running, alloc, params, generator)
+        self.stats["bursts"] += 1
+        events = set(params.stop_token_ids) | set(params.hook_token_ids)
+        k = len(tokens_S_k[0]) if seqs else 0
+        for seq, tokens, logprobs in zip(seqs, tokens_S_k, logprobs_S_k):
+            if (not params.stop_strings and events.isdisjoint(tokens)
+                    and len(seq.tokens) - seq.num_prompt + k < params.max_new_tokens):
+                seq.tokens += tokens           # the common case: nothing happened, take all k
+                seq.logprobs += logprobs
+                seq.gen_mask += [1] * k
+                seq.num_cached += k
+                continue
+            for token, logprob in zip(tokens, logprobs):
+                seq.num_cached += 1            # the token fed at this step
+                accept(seq, token, logprob)
+                if seq.finish_reason or len(seq.tokens) - seq.num_cached > 1:
+                    break                      # ended, or a tool's reply appended: later tokens are void
+
+    def _accept(self, seq, token, logprob, params, env_hook, decode, alloc):
+        """Append a sampled token; decide whether the sequence ends (stop token or string, length), or
+        ask the environment for tokens to append after a hook token."""
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        seq.gen_mask.append(1)
+        num_response = len(seq.tokens) - seq.num_prompt
+        if token in params.stop_token_ids or params.stop_strings and ends_in_stop_string(
+                seq.tokens[seq.num_prompt:], params, decode):
+            seq.finish_reason = "stop"
+        elif num_response >= params.max_new_tokens:
+            seq.finish_reason = "length"
+        elif token in params.hook_token_ids:
+            extra = env_hook(seq.prompt_index, seq.sample_index, seq.tokens[seq.num_prompt:]) \
+                if env_hook else None
+            if not extra:
+                seq.finish_reason = "stop"
+            else:
+                extra = list(extra)[:params.max_new_tokens - num_response]
+                seq.tokens += extra
+                seq.logprobs += [0.0] * len(extra)
+                seq.gen_mask += [0] * len(extra)
+                if len(seq.tokens) - seq.num_prompt >= params.max_new_tokens:
+                    seq.finish_reason = "length"
+        if seq.finish_reason:
+            self._free(seq, alloc)

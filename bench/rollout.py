@@ -7,7 +7,8 @@ decode step against its memory-bandwidth floor.
 Workload (GPU defaults): 256 prompts of 128 random tokens, 8 samples each, exactly 256 new tokens per
 sample (no stop tokens, so every path does the same work), temperature 1. Rows of the first table:
     paged engine     rollout.Engine: prompt prefilled once per group, continuous batching, paged KV,
-                     Triton decode attention, CUDA graphs for decode steps
+                     Triton decode attention, CUDA graphs for decode steps, decode bursts of 16
+                     steps per host sync (and the same with one step per sync: decode_burst=1)
     static KV loop   a plain generate loop written here: the 2048 sequences as one static batch with
                      a preallocated contiguous [L, B, Hkv, len, D] cache, through the model's own
                      `attention` hook (prefill in row chunks, then one [B, 1] forward per token)
@@ -27,6 +28,11 @@ once, every byte the step must read from HBM at 3.35e12 B/s (H100 SXM):
     floor   = bytes / 3.35e12
 Compute (2 * active params * B FLOPs) is far below the H100's bf16 peak at these sizes, so bytes
 are the bound. ratio = measured / floor; the target is <= 3 at B >= 256.
+
+Host cost. The last table runs the engine over a stub model that does no math (zero logits over 16
+tokens): what is left is the engine's own bookkeeping per decode step (scheduling, block tables,
+sampling, appending tokens), which the GPU waits for unless it is small next to the step. Measured
+with one host sync per step (decode_burst=1) and per burst of 16.
 """
 import argparse
 import os
@@ -119,6 +125,33 @@ def hf_generate(hf, prompts_B_P, new_tokens, n):
                        min_new_tokens=new_tokens, num_return_sequences=n, pad_token_id=0)
 
 
+class StubModel(torch.nn.Module):
+    """The engine's interface (config, parameters, forward) with no math behind it."""
+    def __init__(self, config, device):
+        super().__init__()
+        self.config, self.dummy = config, torch.nn.Parameter(torch.zeros(1, device=device))
+
+    def forward(self, ids_1_N, positions_1_N=None, attention=None, logits_index=None):
+        return self.dummy.new_zeros(len(logits_index), 16), None
+
+
+def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
+    """ms per decode step and us per sequence per step of the engine's bookkeeping alone."""
+    print(f"engine host cost per decode step (stub model, no math; {new_tokens} new tokens per sequence)")
+    print(f"{'batch':>6s} {'burst':>6s} {'step ms':>8s} {'us/seq':>7s}")
+    stub = StubModel(config, device)
+    for B in batch_sizes:
+        for burst in (1, 16):
+            engine = Engine(stub, max_seqs=B, max_batch_tokens=max(16384, B * prompt_len), cuda_graphs=False,
+                            decode_burst=burst)
+            run = lambda: engine.generate([[1] * prompt_len] * B, SamplingParams(max_new_tokens=new_tokens))
+            run()   # warm: the pool is allocated
+            seconds, _ = timed(run, device)
+            step = seconds / engine.stats["steps"]
+            print(f"{B:6d} {burst:6d} {step * 1e3:8.2f} {step / B * 1e6:7.2f}")
+            engine.release()
+
+
 def decode_floor_s(model, B, context, cache_itemsize):
     """The bandwidth floor of one decode step (module docstring)."""
     c = model.config
@@ -176,9 +209,11 @@ def main():
     rows = []
     # warmup: Triton compiles and autotunes, CUDA graphs are captured
     engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4), n=G)
-    seconds, out = timed(lambda: engine.generate(prompts, params, n=G, seed=1), device)
-    assert all(len(s.token_ids) == M for group in out for s in group)
-    rows.append(("paged engine (rollout.py)", args.prompts * G, seconds))
+    for burst in (1, 16):   # 16 (the default) last: its stats are printed
+        engine.decode_burst = burst
+        seconds, out = timed(lambda: engine.generate(prompts, params, n=G, seed=1), device)
+        assert all(len(s.token_ids) == M for group in out for s in group)
+        rows.append((f"paged engine, burst {burst}", args.prompts * G, seconds))
     stats = engine.stats
     engine.release()
 
@@ -225,6 +260,8 @@ def main():
         floor = decode_floor_s(model, B, context, engine.k_cache.dtype.itemsize)
         print(f"{B:6d} {context:8.0f} {step * 1e3:8.3f} {floor * 1e3:9.3f} {step / floor:6.1f}")
         engine.release()
+    print()
+    host_cost(model.config, device, [256, 2048])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ whole sequence so far through `model(ids)`, once per new token. Exact-token comp
 run the model in float64, so that two mathematically equal computations cannot flip an argmax on
 a near-tie; the logprob comparisons run in float32, the dtype RL trains in, at fp32 tolerance.
 """
+import dataclasses
 import math
 import os
 
@@ -108,23 +109,68 @@ def test_stop_string_ends_a_sequence_at_the_token_that_completes_it(model64):
         Engine(model64).generate([prompt], SamplingParams(stop_strings=("x",)))
 
 
-def test_prefix_sharing_same_tokens_prompt_prefilled_once(model64):
+@pytest.mark.parametrize("burst", [1, 4])
+def test_prefix_sharing_same_tokens_prompt_prefilled_once(model64, burst):
     # 8 = exactly two blocks (nothing to copy); 6 and 13 end in a partial block (copy-on-write)
     prompts, n, new = make_prompts([6, 8, 13], seed=2), 4, 9
     params = SamplingParams(temperature=0, max_new_tokens=new)
-    shared = Engine(model64, block_size=4)
+    shared = Engine(model64, block_size=4, decode_burst=burst)
     out = shared.generate(prompts, params, n=n)
-    unshared = Engine(model64, block_size=4)
+    unshared = Engine(model64, block_size=4, decode_burst=burst)
     alone = unshared.generate([p for p in prompts for _ in range(n)], params)
     for i, group in enumerate(out):
         assert len(group) == n
         for j, s in enumerate(group):
             assert s.token_ids == alone[i * n + j][0].token_ids
     # each prompt went through the model once; each sample then fed its own new tokens but the last
+    # (the first new token comes from the prefill, the other 8 from 2 bursts of 4 or 8 steps)
     prompt_tokens = sum(len(p) for p in prompts)
     assert shared.stats["forward_tokens"] == prompt_tokens + len(prompts) * n * (new - 1)
     assert unshared.stats["forward_tokens"] == n * prompt_tokens + len(prompts) * n * (new - 1)
+    assert shared.stats["bursts"] == (0 if burst == 1 else 2)
     assert shared.stats["peak_blocks"] < unshared.stats["peak_blocks"]
+
+
+@pytest.fixture(scope="module")
+def varied64():
+    """A random model whose greedy text does not just repeat one token (untied, loud LM head), so
+    that stop and hook tokens turn up in the middle of responses."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(CONFIG, tie_word_embeddings=False)).double()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)
+    return model
+
+
+def test_decode_bursts_change_nothing_but_the_schedule(varied64):
+    """Greedy, so the schedule cannot matter: steps of one token (decode_burst=1) and bursts of 5 or
+    16 give the same samples, with stop tokens, tool calls and max_new_tokens landing inside a
+    burst, and with a pool so tight that bursts preempt."""
+    prompts = make_prompts([3, 7, 12, 20, 9], seed=8)
+    free = [greedy_reference(varied64, p, 24) for p in prompts]
+    stop, hook = free[1][6], free[3][4]   # each ends some responses mid-burst
+    calls = []
+
+    def env_hook(i, j, ids):   # the first hook of each sample gets a 3-token reply
+        calls.append((i, j))
+        return [5, 6, 7] if calls.count((i, j)) == 1 else None
+    params = SamplingParams(temperature=0, max_new_tokens=23, stop_token_ids=(stop,), hook_token_ids=(hook,))
+    runs = {}
+    for burst, blocks in [(1, None), (5, None), (16, None), (5, 40)]:
+        calls.clear()
+        engine = Engine(varied64, block_size=4, num_blocks=blocks, decode_burst=burst)
+        runs[burst, blocks] = engine.generate(prompts, params, n=2, env_hook=env_hook), dict(engine.stats)
+        assert sorted(engine.alloc.free) == list(range(1, engine.k_cache.shape[1]))
+    reference, stats = runs[1, None]
+    assert stats["bursts"] == 0 and {s.finish_reason for g in reference for s in g} == {"stop", "length"}
+    assert any(0 in s.gen_mask for g in reference for s in g)   # a tool reply was appended somewhere
+    for key, (out, stats) in runs.items():
+        assert stats["bursts"] > 0 or key[0] == 1
+        for g_ref, g in zip(reference, out):
+            for a, b in zip(g_ref, g):
+                assert (b.token_ids, b.gen_mask, b.finish_reason) == (a.token_ids, a.gen_mask, a.finish_reason), key
+                torch.testing.assert_close(b.logprobs, a.logprobs)
+    assert runs[5, 40][1]["preemptions"] > 0
 
 
 def keep_mask_reference(logits_T_V, temperature, top_k, top_p):

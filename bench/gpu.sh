@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything this project measures on a GPU, in three parts that each fit in one 10-minute call of
+# a lent machine (torch, triton, transformers, pytest preinstalled; nothing to install):
+#
+#   bash bench/gpu.sh kernels   # the test suite on CUDA, bench/kernels.py, bench/train_step.py
+#   bash bench/gpu.sh rollout   # bench/rollout.py: engine vs static-KV loop vs transformers, decode floor
+#   bash bench/gpu.sh recipe    # the small recipe end to end: report.md, wall time
+#
+# Each part writes its whole log (and the recipe its report) to $OUT, or bench/out/ without it,
+# headed by the device, versions, commit and date that bench/RESULTS.md records with every figure.
+set -o pipefail
+out=${OUT:-bench/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+header() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)') | $(date -u '+%Y-%m-%d %H:%M UTC')"
+}
+
+case "$1" in
+kernels)
+    { header
+      python -m pytest -q -x tests 2>&1 | tail -15
+      python bench/kernels.py
+      python bench/train_step.py
+    } 2>&1 | tee "$out/kernels.txt" ;;
+rollout)
+    { header; python bench/rollout.py; } 2>&1 | tee "$out/rollout.txt" ;;
+recipe)
+    { header
+      start=$(date +%s)
+      torchrun --standalone --nproc_per_node=1 cascade.py --recipe recipes/small.toml --run_dir /tmp/small
+      echo "wall time: $(( $(date +%s) - start )) s"
+    } 2>&1 | tee "$out/recipe.txt"
+    cp /tmp/small/report.md "$out/report.md" 2>/dev/null
+    cp /tmp/small/curves.png "$out/curves.png" 2>/dev/null ;;
+*)
+    echo "usage: bash bench/gpu.sh kernels|rollout|recipe" >&2
+    exit 2 ;;
+esac
