@@ -589,12 +589,13 @@ class Engine:
         events = set(params.stop_token_ids) | set(params.hook_token_ids)
         k = len(tokens_S_k[0]) if seqs else 0
         for seq, tokens, logprobs in zip(seqs, tokens_S_k, logprobs_S_k):
-            if (not params.stop_strings and events.isdisjoint(tokens)
-                    and len(seq.tokens) - seq.num_prompt + k < params.max_new_tokens):
-                seq.tokens += tokens           # the common case: nothing happened, take all k
-                seq.logprobs += logprobs
-                seq.gen_mask += [1] * k
-                seq.num_cached += k
+            take = min(k, params.max_new_tokens - (len(seq.tokens) - seq.num_prompt))
+            if not params.stop_strings and events.isdisjoint(tokens[:take]):
+                seq.tokens += tokens[:take - 1]    # the common case: no stop, no tool call
+                seq.logprobs += logprobs[:take - 1]
+                seq.gen_mask += [1] * (take - 1)
+                seq.num_cached += take
+                accept(seq, tokens[take - 1], logprobs[take - 1])   # (which may end it at max_new_tokens)
                 continue
             for token, logprob in zip(tokens, logprobs):
                 seq.num_cached += 1            # the token fed at this step
