@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, in three parts that each fit in one 10-minute call of
-# a lent machine (torch, triton, transformers, pytest preinstalled; nothing to install):
+# Everything this project checks and measures on a GPU, in four parts that each fit in one 10-minute
+# call of a lent machine (torch, triton, transformers, pytest preinstalled; nothing to install):
 #
-#   bash bench/gpu.sh kernels   # the test suite on CUDA, bench/kernels.py, bench/train_step.py
+#   bash bench/gpu.sh tests     # the test suite on CUDA (bf16 kernels, CUDA graphs, the tiny cascade)
+#   bash bench/gpu.sh kernels   # bench/kernels.py, bench/train_step.py
 #   bash bench/gpu.sh rollout   # bench/rollout.py: engine vs static-KV loop vs transformers, decode floor
 #   bash bench/gpu.sh recipe    # the small recipe end to end: report.md, wall time
 #
@@ -20,9 +21,10 @@ header() {
 }
 
 case "$1" in
+tests)
+    { header; python -m pytest -q tests 2>&1 | tail -40; } 2>&1 | tee "$out/tests.txt" ;;
 kernels)
     { header
-      python -m pytest -q -x tests 2>&1 | tail -15
       python bench/kernels.py
       python bench/train_step.py
     } 2>&1 | tee "$out/kernels.txt" ;;
@@ -37,6 +39,6 @@ recipe)
     cp /tmp/small/report.md "$out/report.md" 2>/dev/null
     cp /tmp/small/curves.png "$out/curves.png" 2>/dev/null ;;
 *)
-    echo "usage: bash bench/gpu.sh kernels|rollout|recipe" >&2
+    echo "usage: bash bench/gpu.sh tests|kernels|rollout|recipe" >&2
     exit 2 ;;
 esac
