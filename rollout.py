@@ -310,36 +310,46 @@ class Engine:
 
     # ---- one forward over the flattened step
 
+    def _block_tables(self, seqs: list) -> Tensor:
+        """The sequences' block tables as one [S, M] tensor on the device (M: the longest table)."""
+        width = max(len(seq.block_table) for seq in seqs)
+        return torch.from_numpy(self.tables[[seq.row for seq in seqs], :width]).to(self.device)
+
+    def _slots(self, tables_S_M: Tensor, seq: Tensor, pos: Tensor) -> Tensor:
+        """The pool slot of position `pos` of sequence `seq` (broadcast together): the block in its
+        table at pos // block_size, row pos % block_size (docstring, 1)."""
+        bs = self.block_size
+        return tables_S_M[seq, pos // bs].long() * bs + pos % bs
+
     def _forward(self, batch: list, last: list) -> Tensor:
         """Runs the step's tokens; returns logits at the flat token indices `last`."""
-        dev, bs = self.device, self.block_size
+        dev = self.device
         S, num_decode = len(batch), sum(num_new == 1 for _, num_new in batch)
         ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
         N = len(ids)
         self.stats["forward_tokens"] += N
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables_S_M = torch.from_numpy(self.tables[[seq.row for seq, _ in batch], :width]).to(dev)
+        tables_S_M = self._block_tables([seq for seq, _ in batch])
         num_new_S = torch.tensor([num_new for _, num_new in batch], device=dev)
         cached_S = torch.tensor([seq.num_cached for seq, _ in batch], device=dev)
         # per token: its sequence, its position, and the slot its k/v goes to
         seq_N = torch.repeat_interleave(torch.arange(S, device=dev), num_new_S, output_size=N)
         start_S = num_new_S.cumsum(0) - num_new_S
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
-        slots_N = tables_S_M[seq_N, pos_N // bs].long() * bs + pos_N % bs
+        slots_N = self._slots(tables_S_M, seq_N, pos_N)
         ids_N = torch.tensor(ids, device=dev)
         if num_decode == S:
             return self._decode_logits(ids_N, pos_N, slots_N, tables_S_M)[last]
         meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
-        if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
-            p = slice(num_decode, S)
-            T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
-            t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
-            meta.valid_P_T = t_T < num_new_S[p, None]
-            meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
-            # a padding token pretends to sit at position 0 so that its softmax row is not empty
-            pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
-            meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
-            meta.slots_P_C = tables_S_M[p][:, c_C // bs].long() * bs + c_C % bs
+        # chunks: pad to [P, T] queries over [P, C] context positions
+        p = slice(num_decode, S)
+        T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
+        t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
+        meta.valid_P_T = t_T < num_new_S[p, None]
+        meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
+        # a padding token pretends to sit at position 0 so that its softmax row is not empty
+        pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
+        meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
+        meta.slots_P_C = self._slots(tables_S_M, torch.arange(num_decode, S, device=dev)[:, None], c_C)
         logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
                                logits_index=torch.tensor(last, device=dev))
         return logits
@@ -377,7 +387,7 @@ class Engine:
         until the end of it, into its own blocks, at positions its attention never reads before
         they are rewritten; the host keeps its tokens up to the stop. -> (seqs, tokens[S][k],
         logprobs[S][k])"""
-        dev, bs = self.device, self.block_size
+        dev = self.device
         # no longer than the longest remaining response: the tail of a rollout wastes no steps
         k = min(self.decode_burst, max(params.max_new_tokens - (len(s.tokens) - s.num_prompt) for s in running))
         # the last position a sequence may ever feed (its last response token is never fed)
@@ -389,8 +399,7 @@ class Engine:
         seqs = list(running)
         if not seqs:
             return [], [], []
-        width = max(len(seq.block_table) for seq in seqs)
-        tables_S_M = torch.from_numpy(self.tables[[seq.row for seq in seqs], :width]).to(dev)
+        tables_S_M, seq_S = self._block_tables(seqs), torch.arange(len(seqs), device=dev)
         pos_S = torch.tensor([seq.num_cached for seq in seqs], device=dev)
         last_S = torch.tensor([last_pos(seq) for seq in seqs], device=dev)
         ids_S = torch.tensor([seq.tokens[-1] for seq in seqs], device=dev)
@@ -398,9 +407,8 @@ class Engine:
         logprobs_k_S = torch.empty(k, len(seqs), device=dev)
         for j in range(k):
             p_S = torch.minimum(pos_S + j, last_S)   # past its end a sequence rewrites its last slot
-            slots_S = tables_S_M.gather(1, (p_S // bs)[:, None])[:, 0].long() * bs + p_S % bs
-            ids_S, logprobs_k_S[j] = sample(self._decode_logits(ids_S, p_S, slots_S, tables_S_M), params,
-                                            generator)
+            logits_S_V = self._decode_logits(ids_S, p_S, self._slots(tables_S_M, seq_S, p_S), tables_S_M)
+            ids_S, logprobs_k_S[j] = sample(logits_S_V, params, generator)
             tokens_k_S[j] = ids_S
         self.stats["steps"] += k
         self.stats["forward_tokens"] += k * len(seqs)

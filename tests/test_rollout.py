@@ -123,7 +123,7 @@ def test_prefix_sharing_same_tokens_prompt_prefilled_once(model64, burst):
         for j, s in enumerate(group):
             assert s.token_ids == alone[i * n + j][0].token_ids
     # each prompt went through the model once; each sample then fed its own new tokens but the last
-    # (the first new token comes from the prefill, the other 8 from 2 bursts of 4 or 8 steps)
+    # (the first new token comes from the prefill, the other 8 from 8 steps or 2 bursts of 4)
     prompt_tokens = sum(len(p) for p in prompts)
     assert shared.stats["forward_tokens"] == prompt_tokens + len(prompts) * n * (new - 1)
     assert unshared.stats["forward_tokens"] == n * prompt_tokens + len(prompts) * n * (new - 1)
