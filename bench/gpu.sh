@@ -22,7 +22,8 @@ header() {
 
 case "$1" in
 tests)
-    { header; python -m pytest -q tests 2>&1 | tail -40; } 2>&1 | tee "$out/tests.txt" ;;
+    par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where installed
+    { header; python -m pytest -q $par tests 2>&1 | tail -60; } 2>&1 | tee "$out/tests.txt" ;;
 kernels)
     { header
       python bench/kernels.py

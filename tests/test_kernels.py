@@ -19,6 +19,9 @@ from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
 from kernels.routing import route_reference, route_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The exact-math tests below run on the GPU when there is one (compiled kernels, fp32 "ieee" dots),
+# else on the CPU under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +31,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
                                         (5, 6, 1, False)])
 def test_route_matches_reference(N, E, K, norm):
     torch.manual_seed(N * E + K)
-    logits = torch.randn(N, E) * 3
+    logits = (torch.randn(N, E) * 3).to(DEVICE)
     r = route_triton(logits, K, norm)
 
     probs64 = torch.softmax(logits.double(), -1)
@@ -49,12 +52,12 @@ def test_route_matches_reference(N, E, K, norm):
 
     # The permutation itself, checked from its definition rather than against argsort:
     flat = r.experts_N_K.flatten()
-    assert torch.equal(r.offsets_E1, torch.cat([torch.zeros(1, dtype=torch.long),
+    assert torch.equal(r.offsets_E1, torch.cat([torch.zeros(1, dtype=torch.long, device=DEVICE),
                                                 torch.bincount(flat, minlength=E).cumsum(0)]))
     for e in range(E):  # expert e's segment holds exactly its copies, in increasing flat index
         seg = r.sort_idx[r.offsets_E1[e]:r.offsets_E1[e + 1]]
         assert (flat[seg] == e).all() and (seg.diff() > 0).all()
-    assert torch.equal(r.sort_idx[r.unsort_idx], torch.arange(N * K))
+    assert torch.equal(r.sort_idx[r.unsort_idx], torch.arange(N * K, device=DEVICE))
 
 
 @pytest.mark.parametrize("norm", [True, False])
@@ -72,13 +75,13 @@ def test_route_gradient_matches_reference(norm):
 
     for with_probs in [True, False]:  # the aux loss path adds a probs gradient; the MoE output not
         x = logits.float().requires_grad_()
-        r = route_triton(x, K, norm)
-        loss = (r.weights_N_K.double() * dweights).sum()
+        r = route_triton(x.to(DEVICE), K, norm)
+        loss = (r.weights_N_K.double().cpu() * dweights).sum()
         x64 = logits.clone().requires_grad_()
         w64, p64 = reference(x64)
         loss64 = (w64 * dweights).sum()
         if with_probs:
-            loss = loss + (r.probs_N_E.double() * dprobs).sum()
+            loss = loss + (r.probs_N_E.double().cpu() * dprobs).sum()
             loss64 = loss64 + (p64 * dprobs).sum()
         loss.backward()
         loss64.backward()
@@ -106,9 +109,10 @@ def test_grouped_mm_forward_and_backward(counts, K, N, gather):
     x64, w64 = torch.randn(T, K, dtype=torch.float64), torch.randn(E, K, N, dtype=torch.float64)
     dy64 = torch.randn(M, N, dtype=torch.float64)
 
-    x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
-    y = grouped_mm_triton(x, w, offsets, gather_idx)
-    dx, dw = torch.autograd.grad(y, (x, w), dy64.float())
+    x, w = x64.float().to(DEVICE).requires_grad_(), w64.float().to(DEVICE).requires_grad_()
+    y = grouped_mm_triton(x, w, offsets.to(DEVICE), gather_idx if gather_idx is None else gather_idx.to(DEVICE))
+    dx, dw = torch.autograd.grad(y, (x, w), dy64.float().to(DEVICE))
+    y, dx, dw = y.cpu(), dx.cpu(), dw.cpu()
 
     # float64 reference, written out per expert (independent of grouped_mm_reference)
     xs = x64 if gather_idx is None else x64[gather_idx]
@@ -141,9 +145,10 @@ def test_grouped_mm_bf16():
     x64, w64 = torch.randn(13, K, dtype=torch.float64), torch.randn(len(counts), K, N, dtype=torch.float64)
     gather_idx = torch.randint(0, 13, (sum(counts),))
     x, w = x64.bfloat16().requires_grad_(), w64.bfloat16().requires_grad_()
-    y = grouped_mm_triton(x, w, offsets, gather_idx)
-    dy = torch.randn_like(y)
-    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y = grouped_mm_triton(x.to(DEVICE), w.to(DEVICE), offsets.to(DEVICE), gather_idx.to(DEVICE))
+    dy = torch.randn(y.shape).bfloat16()
+    dx, dw = torch.autograd.grad(y, (x, w), dy.to(DEVICE))
+    y = y.cpu()
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     y_ref = grouped_mm_reference(xr, wr, offsets, gather_idx)
     dx_ref, dw_ref = torch.autograd.grad(y_ref, (xr, wr), dy.double())
@@ -158,10 +163,10 @@ def test_moe_layer_end_to_end():
     N, E, K, H, F = 23, 6, 2, 24, 20
     logits = torch.randn(N, E)
     x64, w64 = torch.randn(N, H, dtype=torch.float64), torch.randn(E, H, F, dtype=torch.float64)
-    r = kernels.route(logits, K, True)
-    y_sorted = kernels.grouped_mm(x64.float(), w64.float(), r.offsets_E1, r.sort_idx // K)
+    r = kernels.route(logits.to(DEVICE), K, True)
+    y_sorted = kernels.grouped_mm(x64.float().to(DEVICE), w64.float().to(DEVICE), r.offsets_E1, r.sort_idx // K)
     y_N_K_F = y_sorted[r.unsort_idx].view(N, K, F)
-    out = (r.weights_N_K[..., None] * y_N_K_F).sum(1)
+    out = (r.weights_N_K[..., None] * y_N_K_F).sum(1).cpu()
 
     probs = torch.softmax(logits.double(), -1)
     top, experts = torch.topk(probs, K)
