@@ -235,7 +235,7 @@ class Engine:
             bytes_per_block = 2 * L * self.block_size * Hkv * D * self.dtype.itemsize
             free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
                     - torch.cuda.memory_allocated(self.device)
-                    + (self.k_cache is not None) * 2 * self.k_cache.nbytes)
+                    + (2 * self.k_cache.nbytes if self.k_cache is not None else 0))
             num_blocks = min(num_blocks, free // 2 // bytes_per_block)
         if self.k_cache is not None and self.k_cache.shape[1] >= num_blocks:
             return

@@ -22,8 +22,10 @@ header() {
 
 case "$1" in
 tests)
-    par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where installed
-    { header; python -m pytest -q $par tests 2>&1 | tail -60; } 2>&1 | tee "$out/tests.txt" ;;
+    # -v: one line per test as it finishes, so a log cut short still says how far it got
+    par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")              # where installed
+    par="$par $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")"
+    { header; python -m pytest -v -rfE $par tests; } 2>&1 | tee "$out/tests.txt" ;;
 kernels)
     { header
       python bench/kernels.py
