@@ -56,7 +56,6 @@ else:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM)
     _CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_SM=p), num_warps=w,
                               num_stages=s)
                 for bm, bn, bk, w, s, p in [(128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
-                                            (128, 256, 64, 8, 4, 1), (256, 128, 64, 8, 3, 1),
                                             (128, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2),
                                             (128, 64, 64, 4, 4, 2), (64, 64, 64, 4, 3, 2),
                                             (64, 256, 32, 8, 4, 1)]]
