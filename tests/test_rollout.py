@@ -5,6 +5,7 @@ whole sequence so far through `model(ids)`, once per new token. Exact-token comp
 run the model in float64, so that two mathematically equal computations cannot flip an argmax on
 a near-tie; the logprob comparisons run in float32, the dtype RL trains in, at fp32 tolerance.
 """
+import copy
 import dataclasses
 import math
 import os
@@ -316,17 +317,21 @@ def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
 
 
 def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch):
-    # the Triton kernel inside the engine (block_size 16, as it requires); the model stays on torch
+    """The engine's greedy tokens are the same with the Triton decode kernel as with the torch path
+    (block_size 16, as the kernel requires). On a CPU the kernel runs under the interpreter in fp32
+    inside the fp64 model; on a GPU on the fp32 model in CUDA, as the engine runs it."""
+    model = model64 if DEVICE == "cpu" else copy.deepcopy(model64).float().to(DEVICE)
     prompts, params = make_prompts([3, 20], seed=8), SamplingParams(temperature=0, max_new_tokens=4)
-    expected = Engine(model64).generate(prompts, params, n=2)
     calls = []
 
     def triton_path(*args):
         calls.append(1)
         fp32 = (a.float() if a.is_floating_point() else a for a in args)
-        return paged_decode_attention_triton(*fp32).double()
+        return paged_decode_attention_triton(*fp32).to(args[0].dtype)
+    monkeypatch.setattr(rollout, "paged_decode_attention", paged_decode_attention_torch)
+    expected = Engine(model).generate(prompts, params, n=2)
     monkeypatch.setattr(rollout, "paged_decode_attention", triton_path)
-    got = Engine(model64).generate(prompts, params, n=2)
+    got = Engine(model).generate(prompts, params, n=2)
     assert calls and [[s.token_ids for s in g] for g in got] == [[s.token_ids for s in g] for g in expected]
 
 
