@@ -53,11 +53,11 @@ from model import ModelConfig, Transformer
 from rollout import Engine
 
 SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
-TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "fsdp", "eval", "stage"}
+TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "device", "fsdp", "eval", "stage"}
 EVAL_KEYS = {"limit", "max_new_tokens", "thinking", "domains"}
 BUILD_KEYS = {"preset", "sizes", "vocab_size", "doc_lines"}  # data.build's arguments
 STAGE_KEYS = {"name", "script", "args"}
-SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "fsdp"}  # the cascade wires these itself
+SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "device", "fsdp"}  # the cascade wires these itself
 
 # ----------------------------------------------------------------------------------------------
 # The recipe: read it, check all of it, turn each stage into its command line
@@ -101,7 +101,10 @@ def load_recipe(path, steps_scale=1.0):
         bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
     if not isinstance(recipe.get("fsdp", False), bool):
         bad(f"fsdp = {recipe['fsdp']!r}: must be true or false")
-    recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in", **recipe}
+    if recipe.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        bad(f"device = {recipe['device']!r}: must be \"auto\", \"cpu\" or \"cuda\"")
+    recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in",
+              "device": "auto", **recipe}
     if not isinstance(recipe.get("stage"), list) or not recipe["stage"]:
         bad("no [[stage]] tables: a recipe needs at least one stage")
     names = {"start"}  # the starting point's row in the table
@@ -285,7 +288,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         out = os.path.join(run, "stages", st["name"])
         final, stage_s = os.path.join(out, "final"), None
         if not checkpoint_exists(final):
-            argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i)]
+            argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
+                    "--device", recipe["device"]]
             argv += ["--fsdp"] if recipe.get("fsdp") else []
             if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
                 best = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
@@ -379,7 +383,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     recipe = load_recipe(a.recipe, a.steps_scale)  # all of it checked before anything runs
     run = a.run_dir or os.path.join("runs", recipe["name"])
-    dd = init_distributed()
+    dd = init_distributed(recipe["device"])
     data_dir = prepare_data(recipe, run)
     settings = eval_settings(recipe, data_dir, a.eval_limit)
     if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with

@@ -50,6 +50,10 @@ def init_distributed(device="auto"):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if "RANK" in os.environ and not dist.is_initialized():
         if use_cuda:
+            if local_rank >= torch.cuda.device_count():
+                raise SystemExit(f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} CUDA "
+                                 f"device(s): run at most that many processes per node (--nproc_per_node), "
+                                 f"or on the CPU (--device cpu; a recipe: device = \"cpu\")")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0

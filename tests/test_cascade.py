@@ -91,6 +91,8 @@ def minimal(**stage):
     ({**minimal(name="rl", script="grpo"), "eval": {"limt": 3}}, "[eval]: unknown key 'limt'"),
     ({"model": CONFIG, "stage": [{"name": "a", "script": "sft", "argz": {}}]}, "unknown key 'argz'"),
     ({"stage": [{"name": "a", "script": "sft"}]}, "exactly one of 'model'"),
+    ({**minimal(name="rl", script="grpo"), "device": "gpu"}, "device = 'gpu': must be"),
+    (minimal(name="rl", script="grpo", args={"device": "cpu"}), "argument 'device' is set by the cascade"),
 ])
 def test_recipe_errors_name_the_key_and_the_file(tmp_path, recipe, message):
     path = write_recipe(tmp_path / "bad.toml", recipe)
@@ -200,7 +202,7 @@ def short_recipe(path, data_dir, fsdp):
     different numbers of micro-batches (FSDP pads them to the same count: grpo.same_count)."""
     rl = dict(prompts_per_step=3, group_size=2, max_new_tokens=8, micro_batch=1, lr=1e-3)
     return write_recipe(path, {
-        "model": CONFIG, "data": data_dir, "fsdp": fsdp,
+        "model": CONFIG, "data": data_dir, "fsdp": fsdp, "device": "cpu",  # gloo, also on a 1-GPU machine
         "eval": {"limit": 3, "max_new_tokens": 8, "domains": ["math", "chat"]},
         "stage": [{"name": "sft", "script": "sft", "args": {"steps": 2, "batch_size": 4, "seq_len": 512}},
                   {"name": "if_rl", "script": "grpo", "args": dict(rl, steps=2, domains=["if", "math"], save_every=1,

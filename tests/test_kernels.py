@@ -28,7 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Routing
 
 @pytest.mark.parametrize("N,E,K,norm", [(37, 8, 2, True), (50, 12, 3, False), (20, 128, 8, True),
-                                        (5, 6, 1, False)])
+                                        (5, 6, 1, False),
+                                        (700, 128, 2, True)])  # 44 blocks: _offsets_kernel loops twice
 def test_route_matches_reference(N, E, K, norm):
     torch.manual_seed(N * E + K)
     logits = (torch.randn(N, E) * 3).to(DEVICE)
@@ -234,6 +235,8 @@ def compile_all_for_h100():
     _compile_for_h100(rt._topk_kernel, dict(logits_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32",
                                             experts_ptr="*i64", block_counts_ptr="*i32"),
                       dict(E=128, TOP_K=8, NORM=True, BLOCK_N=16, BLOCK_E=128, BLOCK_K=8))
+    _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
+                                               base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
     _compile_for_h100(rt._permute_kernel, dict(experts_ptr="*i64", base_ptr="*i32", sort_ptr="*i64",
                                                unsort_ptr="*i64"),
                       dict(E=128, COPIES=128, BLOCK_J=128, BLOCK_E=128))

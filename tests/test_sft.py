@@ -191,14 +191,18 @@ def torchrun(*argv, code=None):
                            *cmd, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def assert_same_run(a, b, tol=1e-6):
-    """Same logged loss, aux loss and gradient norm at every step, and the same final weights."""
+def assert_same_run(a, b, tol=1e-6, weight_tol=1e-5):
+    """Same logged loss, aux loss and gradient norm at every step (rel. 1e-6), and the same final
+    weights (1e-5; lr is 1e-2). Why the weights get more room: AdamW divides by sqrt(v), so an element
+    whose gradient is pure rounding noise moves by a fraction of lr whatever its size, and the order
+    in which ranks' gradients are summed decides that noise. On torch 2.11 (an H100 machine) FSDP's
+    reduce-scatter moved one element of 4096 by 1.4e-6, every other one by at most 2.7e-7."""
     a_rows, b_rows = (common.read_metrics(os.path.join(r, "metrics.jsonl")) for r in (a, b))
     for key in ("step", "loss", "aux_loss", "grad_norm"):  # grad_norm: the update is not just Adam-invariant
         assert [r[key] for r in b_rows] == pytest.approx([r[key] for r in a_rows], rel=tol), key
     wa, wb = (load_file(os.path.join(r, "final", "model.safetensors")) for r in (a, b))
     for key in wa:
-        assert torch.allclose(wa[key], wb[key], rtol=0, atol=tol), key
+        assert torch.allclose(wa[key], wb[key], rtol=0, atol=weight_tol), key
     return wa
 
 
