@@ -28,6 +28,7 @@ import torch
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (automatic without CUDA)")
 parser.add_argument("--reps", type=int, default=20, help="timed repetitions per entry (median reported)")
+parser.add_argument("--only", choices=["gemm", "route"], help="time only the grouped GEMM or only routing")
 args = parser.parse_args()
 CPU = args.cpu_smoke or not torch.cuda.is_available()
 if CPU:  # the interpreter must be on before triton is imported
@@ -89,9 +90,16 @@ def torch_grouped_mm_fns(xs, w, dy, offsets):
 
 
 def bench_shape(name, tokens, hidden, width, E, K, rows):
-    dt = torch.bfloat16
     g = torch.Generator(device=DEVICE).manual_seed(0)
     logits = torch.randn(tokens, E, device=DEVICE, generator=g)
+    if args.only != "route":
+        bench_grouped_mm(name, tokens, hidden, width, E, K, rows, logits, g)
+    if args.only != "gemm":
+        bench_route(name, K, rows, logits)
+
+
+def bench_grouped_mm(name, tokens, hidden, width, E, K, rows, logits, g):
+    dt = torch.bfloat16
     r = route_triton(logits, K, True)
     counts = (r.counts_E + 7) // 8 * 8  # aligned group sizes for torch._grouped_mm (see top)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -150,7 +158,20 @@ def bench_shape(name, tokens, hidden, width, E, K, rows):
         vs = f"{ref / ms[p, impl]:.2f}x" if ref else "n/a"
         rows.append((name, p, impl, f"{ms[p, impl]:.3f}", f"{f / ms[p, impl] / 1e9:.3g}", vs))
 
-    # Routing: the fused kernels against softmax + topk + argsort + bincount in torch.
+
+
+def bench_route(name, K, rows, logits):
+    """The fused kernels against softmax + topk + argsort + bincount in torch, after checking that
+    they choose the same experts (up to last-ulp ties between the two softmaxes) and that their
+    permutation sorts the copies by expert."""
+    ours, ref = route_triton(logits, K, True), route_reference(logits, K, True)
+    differ = (ours.experts_N_K != ref.experts_N_K).any(-1).float().mean().item()
+    flat = ours.experts_N_K.flatten()
+    assert differ < 1e-3, f"{name}: routing picks other experts for {differ:.2%} of tokens"
+    assert torch.equal(ours.sort_idx[ours.unsort_idx], torch.arange(flat.numel(), device=flat.device))
+    assert torch.equal(flat[ours.sort_idx], flat.sort(stable=True).values), f"{name}: copies not sorted"
+    assert torch.equal(ours.counts_E, torch.bincount(flat, minlength=logits.shape[1]))
+    print(f"{name}: routing checked (experts differ from torch's for {differ:.4%} of tokens)")
     t_ours, t_ref = timeit(lambda: route_triton(logits, K, True)), timeit(lambda: route_reference(logits, K, True))
     rows.append((name, "route", "triton", f"{t_ours:.3f}", "-", f"{t_ref / t_ours:.2f}x vs torch"))
     rows.append((name, "route", "torch reference", f"{t_ref:.3f}", "-", "1.00x"))
