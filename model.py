@@ -243,7 +243,8 @@ class MoE(nn.Module):
         N = x_N_H.shape[0]
         r = route(self.gate(x_N_H).float(), self.K, self.norm_topk_prob)
         token_of_row_M = r.sort_idx // self.K                      # row j of sorted copies -> token
-        h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, token_of_row_M)
+        h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, token_of_row_M,
+                            r.unsort_idx.view(N, self.K))          # token -> rows of its copies
         gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
         y_M_H = grouped_mm(F.silu(gate_M_I) * up_M_I, self.experts["down_proj"], r.offsets_E1)
         # back to token order (copy index = token*K + k) and a weighted sum over the k experts;

@@ -17,7 +17,8 @@ export PYTHONUNBUFFERED=1
 header() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)') | $(date -u '+%Y-%m-%d %H:%M UTC')"
+    # COMMIT=<hash> overrides git where the tree was copied without its current .git
+    echo "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')} | $(date -u '+%Y-%m-%d %H:%M UTC')"
 }
 
 case "$1" in

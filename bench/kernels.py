@@ -6,7 +6,8 @@
 Grouped GEMM rows, all on the same inputs (x_sorted [M, hidden] bf16, w [E, hidden, width] bf16):
     triton            kernels.grouped_mm_triton on pre-gathered rows
     triton+gather     the same with the row gather fused into the loads (what model.py runs),
-                      on the raw (unpadded) routing offsets
+                      on the raw (unpadded) routing offsets; its dx sums each token's copies
+                      through routing's unsort_idx (copies_N_K), as model.py does
     torch._grouped_mm PyTorch's CUTLASS grouped GEMM (bf16, sm90); the speed reference
     dense matmul      one [M, hidden] @ [hidden, width] matmul: the same FLOPs, no grouping
     python loop       kernels.grouped_mm_reference, one matmul per expert
@@ -114,7 +115,7 @@ def bench_grouped_mm(name, tokens, hidden, width, E, K, rows, logits, g):
     y = grouped_mm_triton(xs_g, w_g, offsets)
     ours_bwd = lambda: torch.autograd.grad(y, (xs_g, w_g), dy, retain_graph=True)
     xt_g = x_tok.detach().requires_grad_()
-    yg = grouped_mm_triton(xt_g, w_g, r.offsets_E1, gather_idx)
+    yg = grouped_mm_triton(xt_g, w_g, r.offsets_E1, gather_idx, r.unsort_idx.view(tokens, K))  # as model.py
     gather_bwd = lambda: torch.autograd.grad(yg, (xt_g, w_g), dy[: yg.shape[0]], retain_graph=True)
     tg_fwd, tg_bwd = torch_grouped_mm_fns(xs, w, dy, offsets)
 

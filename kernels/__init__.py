@@ -28,7 +28,9 @@ def route(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) -> Routin
 
 
 def grouped_mm(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
-               gather_idx_M: Tensor | None = None) -> Tensor:
-    """Rows offsets[e]:offsets[e+1] of (x or x[gather_idx]) times w[e]. See kernels/grouped_gemm.py."""
-    fn = grouped_mm_triton if _use_triton(x_M_K) else grouped_mm_reference
-    return fn(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)
+               gather_idx_M: Tensor | None = None, copies_N_K: Tensor | None = None) -> Tensor:
+    """Rows offsets[e]:offsets[e+1] of (x or x[gather_idx]) times w[e]. copies_N_K (the rows of each
+    token's copies) lets the Triton backward sum them by a gather. See kernels/grouped_gemm.py."""
+    if _use_triton(x_M_K):
+        return grouped_mm_triton(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)
+    return grouped_mm_reference(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)

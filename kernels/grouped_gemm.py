@@ -11,7 +11,11 @@ the kernel, so the [M, K] copy of gathered rows is never written to memory.
 
 Backward, two more grouped GEMMs:
     dX_e = dY_e @ W[e]^T   the forward kernel again, on W viewed transposed (strides, no copy);
-                           with gather_idx, dx = zeros.index_add_(0, gather_idx, dX) sums the copies
+                           with gather_idx each token sums the gradients of its copies: given
+                           `copies_N_K` (routing's unsort_idx: the rows of token t's K copies) as
+                           dx = dX[copies_N_K].sum(1), a gather, deterministic, summed in fp32;
+                           else dx = zeros.index_add_(0, gather_idx, dX), atomic adds. On the H100
+                           the atomic version made the backward 2.5x slower (bench/RESULTS.md).
     dW_e = X_e^T @ dY_e    `_grouped_dw_kernel`: one [BLOCK_M, BLOCK_N] tile of dW per program,
                            reducing over the (ragged) rows of its expert; empty experts get dW = 0.
 
@@ -208,28 +212,33 @@ def _grouped_dw(x: Tensor, dy: Tensor, offsets_E1: Tensor, gather_idx: Tensor | 
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, offsets_E1, gather_idx):
+    def forward(ctx, x, w, offsets_E1, gather_idx, copies_N_K):
         M = x.shape[0] if gather_idx is None else gather_idx.shape[0]
-        ctx.save_for_backward(x, w, offsets_E1, gather_idx)
+        ctx.save_for_backward(x, w, offsets_E1, gather_idx, copies_N_K)
         return _grouped_mm(x, w, offsets_E1, gather_idx, M)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, offsets_E1, gather_idx = ctx.saved_tensors
+        x, w, offsets_E1, gather_idx, copies_N_K = ctx.saved_tensors
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # dX = dY @ W^T per group: the forward kernel with B = W viewed [E, N, K].
             dx = _grouped_mm(dy, w.transpose(1, 2), offsets_E1, None, dy.shape[0])
-            if gather_idx is not None:  # each token collects the gradients of its K copies
+            if copies_N_K is not None:    # each token collects the gradients of its K copies
+                dx = dx[copies_N_K].sum(1, dtype=torch.float32).to(x.dtype)
+            elif gather_idx is not None:  # any gather: the same sum, by atomic adds
                 dx = torch.zeros_like(x).index_add_(0, gather_idx, dx)
         if ctx.needs_input_grad[1]:
             dw = _grouped_dw(x, dy, offsets_E1, gather_idx, w.shape[0])
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def grouped_mm_triton(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
-                      gather_idx_M: Tensor | None = None) -> Tensor:
+                      gather_idx_M: Tensor | None = None, copies_N_K: Tensor | None = None) -> Tensor:
+    """copies_N_K (optional, with gather_idx): row n lists the rows i with gather_idx[i] == n, every
+    token the same number of times, as routing's unsort_idx.view(N, K) does. It only changes how
+    the backward sums each token's gradient (see the top of the file)."""
     assert x_M_K.dim() == 2 and w_E_K_N.dim() == 3 and x_M_K.shape[1] == w_E_K_N.shape[1], \
         f"grouped_mm: x {tuple(x_M_K.shape)} and w {tuple(w_E_K_N.shape)} need x [M, K], w [E, K, N]"
     assert offsets_E1.shape == (w_E_K_N.shape[0] + 1,), \
@@ -238,4 +247,8 @@ def grouped_mm_triton(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
         dtype = torch.get_autocast_dtype(x_M_K.device.type)
         x_M_K, w_E_K_N = x_M_K.to(dtype), w_E_K_N.to(dtype)
     w_E_K_N = w_E_K_N.to(x_M_K.dtype)
-    return _GroupedMM.apply(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)
+    if copies_N_K is not None:
+        assert gather_idx_M is not None and copies_N_K.shape[0] == x_M_K.shape[0] \
+            and copies_N_K.numel() == gather_idx_M.shape[0], \
+            f"grouped_mm: copies {tuple(copies_N_K.shape)} must be [tokens, copies per token] of the gathered rows"
+    return _GroupedMM.apply(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)

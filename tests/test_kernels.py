@@ -6,6 +6,8 @@ for this file, NANOCASCADE_TRITON=1), so the shapes are small and the products a
 experts and ragged sizes that are not multiples of the (16-wide) interpreter tiles. GPU tests at
 the end check the bf16 path at a realistic size.
 """
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -138,6 +140,34 @@ def test_grouped_mm_forward_and_backward(counts, K, N, gather):
     torch.testing.assert_close(y2, y_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_backward_by_copies_equals_atomic_adds(dtype):
+    """The MoE's gather (row j reads token sort_idx[j] // K) with copies_N_K = unsort_idx.view(N, K):
+    dx sums each token's K copies by a gather. Same dx as index_add_ (and float64), same y and dw."""
+    torch.manual_seed(11)
+    N, E, K, H, F = 21, 5, 3, 24, 40
+    r = route_reference(torch.randn(N, E), K, True)
+    gather_idx, copies = (r.sort_idx // K).to(DEVICE), r.unsort_idx.view(N, K).to(DEVICE)
+    x64, w64 = torch.randn(N, H, dtype=torch.float64), torch.randn(E, H, F, dtype=torch.float64)
+    dy64 = torch.randn(N * K, F, dtype=torch.float64)
+    results = []
+    for copies_N_K in [copies, None]:
+        x, w = x64.to(DEVICE, dtype).requires_grad_(), w64.to(DEVICE, dtype).requires_grad_()
+        y = grouped_mm_triton(x, w, r.offsets_E1.to(DEVICE), gather_idx, copies_N_K)
+        dx, dw = torch.autograd.grad(y, (x, w), dy64.to(DEVICE, dtype))
+        results.append([t.double().cpu() for t in (y, dx, dw)])
+    (y, dx, dw), (y_atomic, dx_atomic, dw_atomic) = results
+    xr = x64.to(dtype).double().requires_grad_()  # the same rounded inputs, in float64
+    y_ref = grouped_mm_reference(xr, w64.to(dtype).double(), r.offsets_E1, r.sort_idx // K)
+    dx_ref, = torch.autograd.grad(y_ref, xr, dy64.to(dtype).double())
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    torch.testing.assert_close(dx, dx_atomic, **tol)
+    assert torch.equal(y, y_atomic) and torch.equal(dw, dw_atomic)  # only dx's summation differs
+    with pytest.raises(AssertionError, match="copies"):
+        grouped_mm_triton(x64.float(), w64.float(), r.offsets_E1, r.sort_idx // K, r.unsort_idx.view(K, N))
+
+
 def test_grouped_mm_bf16():
     """bf16 inputs (on a CPU the kernels upcast right after loading), fp32 accumulation."""
     torch.manual_seed(3)
@@ -175,6 +205,35 @@ def test_moe_layer_end_to_end():
     ref = torch.stack([sum(top[t, k] * x64[t] @ w64[experts[t, k]] for k in range(K))
                        for t in range(N)])
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_moe_block_through_the_kernels_equals_the_torch_path(monkeypatch):
+    """model.MoE forward and backward through routing + grouped GEMM kernels (fused gather, dx summed
+    by copies_N_K) equal its torch path (the references, on the CPU) for every gradient."""
+    from model import MoE, ModelConfig
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.json")) as f:
+        config = ModelConfig.from_dict({**json.load(f), "hidden_size": 32, "moe_intermediate_size": 24,
+                                        "num_experts": 6, "num_experts_per_tok": 3})
+    torch.manual_seed(5)
+    moe = MoE(config)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 9, config.hidden_size)
+    dy = torch.randn(2, 9, config.hidden_size)
+
+    def run(module, device):
+        xd = x.to(device).requires_grad_()
+        out, aux = module(xd)
+        grads = torch.autograd.grad((out * dy.to(device)).sum() + aux, [xd, *module.parameters()])
+        return [t.detach().cpu() for t in (out, aux, *grads)]
+    kernel = run(copy.deepcopy(moe).to(DEVICE), DEVICE)
+    monkeypatch.delenv("NANOCASCADE_TRITON")
+    reference = run(moe, "cpu")
+    monkeypatch.setenv("NANOCASCADE_TRITON", "1")  # the autouse fixture deletes it after the test
+    assert len(kernel) == len(reference) == 3 + len(list(moe.parameters()))
+    for got, want in zip(kernel, reference):  # fp32 on both sides: only the order of sums differs
+        assert (got - want).norm() <= 1e-5 * want.norm() and want.norm() > 0
 
 
 def test_dispatch(monkeypatch):
