@@ -294,10 +294,11 @@ def test_tool_response_is_masked_and_continuation_equals_recomputation(model64):
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (8, 1, 64), (6, 6, 16)])
 def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
     g = torch.Generator().manual_seed(Hq * D)
-    S, block_size, num_blocks, M = 5, 16, 30, 5
+    S, block_size, num_blocks, M = 5, 16, 30, 9
     k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
     v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
-    context_lens = torch.tensor([1, 16, 17, 45, 80], dtype=torch.int32)   # 80 = all M blocks
+    # 144 = all M blocks: three of the kernel's 64-token chunks, the last one partial
+    context_lens = torch.tensor([1, 16, 17, 45, 144], dtype=torch.int32)
     block_tables = torch.stack([torch.randperm(num_blocks, generator=g)[:M] for _ in range(S)]).int()
     q = torch.randn(S, Hq, D, generator=g)
     expected = paged_decode_attention_torch(q.double(), k_cache.double(), v_cache.double(),
