@@ -160,7 +160,6 @@ def bench_grouped_mm(name, tokens, hidden, width, E, K, rows, logits, g):
         rows.append((name, p, impl, f"{ms[p, impl]:.3f}", f"{f / ms[p, impl] / 1e9:.3g}", vs))
 
 
-
 def bench_route(name, K, rows, logits):
     """The fused kernels against softmax + topk + argsort + bincount in torch, after checking that
     they choose the same experts (up to last-ulp ties between the two softmaxes) and that their

@@ -250,5 +250,6 @@ def grouped_mm_triton(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
     if copies_N_K is not None:
         assert gather_idx_M is not None and copies_N_K.shape[0] == x_M_K.shape[0] \
             and copies_N_K.numel() == gather_idx_M.shape[0], \
-            f"grouped_mm: copies {tuple(copies_N_K.shape)} must be [tokens, copies per token] of the gathered rows"
+            f"grouped_mm: copies {tuple(copies_N_K.shape)} must be [tokens, copies per token] " \
+            f"of the {gather_idx_M.shape[0] if gather_idx_M is not None else 0} gathered rows"
     return _GroupedMM.apply(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)

@@ -19,8 +19,8 @@ Two implementations with the same contract:
   Hq/Hkv query heads that share this kv head as one [G, D] tile (so each K/V block is read once for
   the whole group, which is the point of GQA at decode time), then walks the sequence's context
   BLOCK_T tokens (a few blocks, each looked up in the block table) at a time with an online softmax
-  (running max m, running sum l, rescaled accumulator), as in FlashAttention. It reads exactly the cached tokens and nothing else, which is what a
-  memory-bound decode step wants.
+  (running max m, running sum l, rescaled accumulator), as in FlashAttention. It reads exactly the
+  cached tokens and nothing else, which is what a memory-bound decode step wants.
 `paged_decode_attention` picks Triton when the tensors are on a GPU or NANOCASCADE_TRITON=1 (the
 rule of kernels/__init__.py), and the torch path otherwise.
 """

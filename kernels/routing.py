@@ -108,8 +108,8 @@ def _topk_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, block_counts_p
 
 # ---------------------------------------------------------------------------------------------
 # Kernel 2: per-block histograms [nblocks, E] -> counts, offsets, and each block's start per expert.
-# (In torch this was a sum, two cumsums, a cat and a cast; the cumsum down the [nblocks, E] columns
-# alone took 77% of the routing time on the H100.)
+# One small launch: in torch, the cumsum down the [nblocks, E] columns alone took 77% of the routing
+# time on the H100 (bench/RESULTS.md).
 
 @triton.jit
 def _offsets_kernel(block_counts_ptr, counts_ptr, offsets_ptr, base_ptr, nblocks,
@@ -120,7 +120,8 @@ def _offsets_kernel(block_counts_ptr, counts_ptr, offsets_ptr, base_ptr, nblocks
     for b0 in range(0, nblocks, BLOCK_B):  # pass 1: copies per expert
         rows = b0 + tl.arange(0, BLOCK_B)
         mask = (rows[:, None] < nblocks) & col_ok[None, :]
-        total += tl.sum(tl.load(block_counts_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0), axis=0)
+        c = tl.load(block_counts_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0)
+        total += tl.sum(c, axis=0)
     start = tl.cumsum(total, axis=0) - total  # exclusive: where expert e's segment begins
     tl.store(counts_ptr + cols, total.to(tl.int64), mask=col_ok)
     tl.store(offsets_ptr + cols, start.to(tl.int64), mask=col_ok)
@@ -129,7 +130,8 @@ def _offsets_kernel(block_counts_ptr, counts_ptr, offsets_ptr, base_ptr, nblocks
         rows = b0 + tl.arange(0, BLOCK_B)
         mask = (rows[:, None] < nblocks) & col_ok[None, :]
         c = tl.load(block_counts_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0)
-        tl.store(base_ptr + rows[:, None] * E + cols[None, :], start[None, :] + tl.cumsum(c, axis=0) - c, mask=mask)
+        first = start[None, :] + tl.cumsum(c, axis=0) - c  # exclusive cumsum down the blocks
+        tl.store(base_ptr + rows[:, None] * E + cols[None, :], first, mask=mask)
         start += tl.sum(c, axis=0)
 
 

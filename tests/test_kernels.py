@@ -228,9 +228,8 @@ def test_moe_block_through_the_kernels_equals_the_torch_path(monkeypatch):
         grads = torch.autograd.grad((out * dy.to(device)).sum() + aux, [xd, *module.parameters()])
         return [t.detach().cpu() for t in (out, aux, *grads)]
     kernel = run(copy.deepcopy(moe).to(DEVICE), DEVICE)
-    monkeypatch.delenv("NANOCASCADE_TRITON")
+    monkeypatch.delenv("NANOCASCADE_TRITON")  # restored at teardown, before the autouse fixture's
     reference = run(moe, "cpu")
-    monkeypatch.setenv("NANOCASCADE_TRITON", "1")  # the autouse fixture deletes it after the test
     assert len(kernel) == len(reference) == 3 + len(list(moe.parameters()))
     for got, want in zip(kernel, reference):  # fp32 on both sides: only the order of sums differs
         assert (got - want).norm() <= 1e-5 * want.norm() and want.norm() > 0
