@@ -154,23 +154,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalize in fp32, scale in the input dtype (as transformers does, so bf16 matches)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # One fused kernel on the GPU: normalize in fp32, scale, round once. (transformers rounds to
+        # the input dtype before scaling, so in bf16 the two can differ in the last bit.) The weight
+        # takes x's dtype: under autocast fp32 weights meet bf16 activations, which the fused
+        # kernel does not take.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_cos_sin(positions_B_T, head_dim, theta, dtype):
-    """cos/sin [B, 1, T, D] for rotary embeddings at arbitrary (e.g. per-document) positions."""
+    """cos and signed sin [B, 1, T, D] for rotary embeddings at arbitrary (e.g. per-document)
+    positions: cos = (cos a, cos a), sin = (-sin a, sin a), a = position * theta^(-2i/D)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_B_T.device,
                                             dtype=torch.float32) / head_dim)
     angles_B_T_D2 = positions_B_T.float()[..., None] * inv_freq
-    angles_B_T_D = torch.cat([angles_B_T_D2, angles_B_T_D2], dim=-1)
-    return angles_B_T_D.cos()[:, None].to(dtype), angles_B_T_D.sin()[:, None].to(dtype)
+    cos, sin = angles_B_T_D2.cos(), angles_B_T_D2.sin()
+    return (torch.cat([cos, cos], dim=-1)[:, None].to(dtype),
+            torch.cat([-sin, sin], dim=-1)[:, None].to(dtype))
 
 
 def apply_rope(x_B_H_T_D, cos, sin):
-    # "rotate half" convention (GPT-NeoX / Llama / Qwen): pairs are (i, i + D/2), not (2i, 2i+1)
-    x1, x2 = x_B_H_T_D.chunk(2, dim=-1)
-    return x_B_H_T_D * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """The "rotate half" convention (GPT-NeoX / Llama / Qwen): dims i and i + D/2 form a pair
+    (x1, x2), rotated to (x1 cos a - x2 sin a, x2 cos a + x1 sin a). x rolled by D/2 is (x2, x1);
+    times the signed sin it is the second term of both. Three kernels: a roll, a mul, an addcmul."""
+    return torch.addcmul(x_B_H_T_D * cos, x_B_H_T_D.roll(x_B_H_T_D.shape[-1] // 2, dims=-1), sin)
 
 
 def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
@@ -255,6 +261,9 @@ class MoE(nn.Module):
         # f_e the fraction of tokens sent to expert e (counted over the k slots, so sum_e f_e = k,
         # as transformers does) and P_e the mean router probability. Only P_e carries gradient.
         # Padding tokens (valid_N False) are left out, so how a batch is padded does not change it.
+        # A training loss: not computed in eval mode (the rollout engine's decode steps).
+        if not self.training:
+            return out_N_H.view(B, T, H), None
         if valid_N is None:
             f_E, P_E = r.counts_E.float() / N, r.probs_N_E.mean(dim=0)
         else:
@@ -336,7 +345,8 @@ class Transformer(nn.Module):
           (default: doc_ids >= 0 when doc_ids are given, since packing marks padding with -1).
         aux: mean over MoE layers of E * sum_e f_e P_e, NOT multiplied by router_aux_loss_coef.
           (transformers pools f and P over all layers at once; the per-layer mean is Switch's
-          definition and equals it when there is one MoE layer.)"""
+          definition and equals it when there is one MoE layer.) 0 in eval mode, where it is not
+          computed."""
         B, T = input_ids_B_T.shape
         mask = None
         if doc_ids_B_T is not None:

@@ -81,6 +81,7 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    as with one step per sync (decode_burst=1) for greedy decoding; sampled ones draw their random
    numbers in a different order, so they differ, with the same distribution.
 """
+import gc
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -310,6 +311,10 @@ class Engine:
 
     # ---- one forward over the flattened step
 
+    def _tensor(self, ints: list) -> Tensor:
+        """A list of ints as an int64 tensor on the device (via numpy: ~5x faster than torch.tensor)."""
+        return torch.from_numpy(np.array(ints, dtype=np.int64)).to(self.device)
+
     def _block_tables(self, seqs: list) -> Tensor:
         """The sequences' block tables as one [S, M] tensor on the device (M: the longest table)."""
         width = max(len(seq.block_table) for seq in seqs)
@@ -329,14 +334,14 @@ class Engine:
         N = len(ids)
         self.stats["forward_tokens"] += N
         tables_S_M = self._block_tables([seq for seq, _ in batch])
-        num_new_S = torch.tensor([num_new for _, num_new in batch], device=dev)
-        cached_S = torch.tensor([seq.num_cached for seq, _ in batch], device=dev)
+        num_new_S = self._tensor([num_new for _, num_new in batch])
+        cached_S = self._tensor([seq.num_cached for seq, _ in batch])
         # per token: its sequence, its position, and the slot its k/v goes to
         seq_N = torch.repeat_interleave(torch.arange(S, device=dev), num_new_S, output_size=N)
         start_S = num_new_S.cumsum(0) - num_new_S
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
         slots_N = self._slots(tables_S_M, seq_N, pos_N)
-        ids_N = torch.tensor(ids, device=dev)
+        ids_N = self._tensor(ids)
         if num_decode == S:
             return self._decode_logits(ids_N, pos_N, slots_N, tables_S_M)[last]
         meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
@@ -351,7 +356,7 @@ class Engine:
         meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
         meta.slots_P_C = self._slots(tables_S_M, torch.arange(num_decode, S, device=dev)[:, None], c_C)
         logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
-                               logits_index=torch.tensor(last, device=dev))
+                               logits_index=self._tensor(last))
         return logits
 
     def _decode_logits(self, ids_S: Tensor, pos_S: Tensor, slots_S: Tensor, tables_S_M: Tensor) -> Tensor:
@@ -385,8 +390,8 @@ class Engine:
         each step feeds the token the previous one sampled, and the host reads all of them once
         at the end. A sequence that stops (or calls a tool) within the burst goes on decoding junk
         until the end of it, into its own blocks, at positions its attention never reads before
-        they are rewritten; the host keeps its tokens up to the stop. -> (seqs, tokens[S][k],
-        logprobs[S][k])"""
+        they are rewritten; the host keeps its tokens up to the stop. -> (seqs, tokens [S, k],
+        logprobs [S, k]) as numpy arrays"""
         dev = self.device
         # no longer than the longest remaining response: the tail of a rollout wastes no steps
         k = min(self.decode_burst, max(params.max_new_tokens - (len(s.tokens) - s.num_prompt) for s in running))
@@ -398,11 +403,11 @@ class Engine:
             i += self._reserve_or_preempt(i, min(k, last_pos(seq) - seq.num_cached + 1), waiting, running, alloc)
         seqs = list(running)
         if not seqs:
-            return [], [], []
+            return [], None, None
         tables_S_M, seq_S = self._block_tables(seqs), torch.arange(len(seqs), device=dev)
-        pos_S = torch.tensor([seq.num_cached for seq in seqs], device=dev)
-        last_S = torch.tensor([last_pos(seq) for seq in seqs], device=dev)
-        ids_S = torch.tensor([seq.tokens[-1] for seq in seqs], device=dev)
+        pos_S = self._tensor([seq.num_cached for seq in seqs])
+        last_S = self._tensor([last_pos(seq) for seq in seqs])
+        ids_S = self._tensor([seq.tokens[-1] for seq in seqs])
         tokens_k_S = torch.empty(k, len(seqs), dtype=torch.long, device=dev)
         logprobs_k_S = torch.empty(k, len(seqs), device=dev)
         for j in range(k):
@@ -412,7 +417,7 @@ class Engine:
             tokens_k_S[j] = ids_S
         self.stats["steps"] += k
         self.stats["forward_tokens"] += k * len(seqs)
-        return seqs, tokens_k_S.T.tolist(), logprobs_k_S.T.tolist()   # the burst's one sync
+        return seqs, tokens_k_S.T.contiguous().cpu().numpy(), logprobs_k_S.T.contiguous().cpu().numpy()  # one sync
 
     def _attention(self, meta: StepMeta):
         """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
@@ -423,18 +428,21 @@ class Engine:
             k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
             k_slots.index_copy_(0, meta.slots_N, k_N_Hkv_D.to(k_slots.dtype))
             v_slots.index_copy_(0, meta.slots_N, v_N_Hkv_D.to(v_slots.dtype))
-            out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             S = meta.num_decode
+            if meta.rows_P_T is None:   # decode only (every CUDA-graph step): the kernel's output is all
+                out_N_Hq_D = paged_decode_attention(q_N_Hq_D, k_pool, v_pool, meta.block_tables_S_M,
+                                                    meta.context_lens_S).to(q_N_Hq_D.dtype)
+                return out_N_Hq_D.transpose(0, 1)[None]
+            out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             if S:
                 out_N_Hq_D[:S] = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool, meta.block_tables_S_M,
                                                         meta.context_lens_S).to(out_N_Hq_D.dtype)
-            if meta.rows_P_T is not None:
-                out = F.scaled_dot_product_attention(
-                    q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
-                    v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
-                    enable_gqa=True)                                       # [P, Hq, T, D]
-                # (.to: under autocast q may be fp32 while SDPA's output is bf16)
-                out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T].to(out_N_Hq_D.dtype)
+            out = F.scaled_dot_product_attention(
+                q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
+                v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
+                enable_gqa=True)                                       # [P, Hq, T, D]
+            # (.to: under autocast q may be fp32 while SDPA's output is bf16)
+            out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T].to(out_N_Hq_D.dtype)
             return out_N_Hq_D.transpose(0, 1)[None]
         return attention
 
@@ -521,13 +529,19 @@ class Engine:
             key = [p.data_ptr() for p in self.model.parameters()]
             if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
                 self.graphs, self.graph_pool, self.graph_key = {}, None, key
-        was_training = self.model.training
+        was_training, gc_was_on = self.model.training, gc.isenabled()
         self.model.eval()
+        # No cyclic garbage collection while generating: the engine makes no reference cycles, but
+        # its thousands of growing token lists set off full collections that walk all of them
+        # (at batch 2048, a third of the host's time per decode step, bench/RESULTS.md).
+        gc.disable()
         try:
             with full_parameters(self.model):
                 return self._generate(prompts, params, n, seed, env_hook, decode, longest)
         finally:
             self.model.train(was_training)
+            if gc_was_on:
+                gc.enable()
 
     def _generate(self, prompts, params, n, seed, env_hook, decode, longest) -> list[list[Sample]]:
         alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
@@ -594,9 +608,11 @@ class Engine:
         calls a tool or reaches max_new_tokens; the rest of its burst is dropped."""
         seqs, tokens_S_k, logprobs_S_k = self._burst(waiting, running, alloc, params, generator)
         self.stats["bursts"] += 1
+        if not seqs:
+            return
         events = set(params.stop_token_ids) | set(params.hook_token_ids)
-        k = len(tokens_S_k[0]) if seqs else 0
-        for seq, tokens, logprobs in zip(seqs, tokens_S_k, logprobs_S_k):
+        k = tokens_S_k.shape[1]
+        for seq, tokens, logprobs in zip(seqs, tokens_S_k.tolist(), logprobs_S_k.tolist()):
             take = min(k, params.max_new_tokens - (len(seq.tokens) - seq.num_prompt))
             if not params.stop_strings and events.isdisjoint(tokens[:take]):
                 seq.tokens += tokens[:take - 1]    # the common case: no stop, no tool call
