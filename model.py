@@ -154,10 +154,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # One fused kernel on the GPU: normalize in fp32, scale, round once. (transformers rounds to
-        # the input dtype before scaling, so in bf16 the two can differ in the last bit.) The weight
-        # takes x's dtype: under autocast fp32 weights meet bf16 activations, which the fused
-        # kernel does not take.
+        # torch's rms_norm with the weight, which it can run as one fused kernel: normalize in fp32,
+        # scale, round once (transformers rounds before scaling, so bf16 results may differ in the
+        # last bit). The weight takes x's dtype: under autocast fp32 weights meet bf16
+        # activations, and torch does not fuse mixed dtypes.
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
@@ -247,7 +247,7 @@ class MoE(nn.Module):
         B, T, H = x_B_T_H.shape
         x_N_H = x_B_T_H.reshape(-1, H)
         N = x_N_H.shape[0]
-        r = route(self.gate(x_N_H).float(), self.K, self.norm_topk_prob)
+        r = route(self.gate(x_N_H), self.K, self.norm_topk_prob)     # (softmax in fp32 inside)
         token_of_row_M = r.sort_idx // self.K                      # row j of sorted copies -> token
         h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, token_of_row_M,
                             r.unsort_idx.view(N, self.K))          # token -> rows of its copies

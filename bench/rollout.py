@@ -29,6 +29,9 @@ once, every byte the step must read from HBM at 3.35e12 B/s (H100 SXM):
 Compute (2 * active params * B FLOPs) is far below the H100's bf16 peak at these sizes, so bytes
 are the bound. ratio = measured / floor; the target is <= 3 at B >= 256.
 
+Decode step profile. For each batch of the decode table, torch.profiler's account of one decode
+step: how many kernels it launches and which take the GPU's time (decode_profile).
+
 Host cost. The last table runs the engine over a stub model that does no math (zero logits over 16
 tokens): what is left is the engine's own bookkeeping per decode step (scheduling, block tables,
 sampling, appending tokens), which the GPU waits for unless it is small next to the step. Measured
@@ -152,6 +155,51 @@ def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
             engine.release()
 
 
+def decode_profile(model, B, context, device, steps=10, top=12):
+    """Where one decode step's time goes: torch.profiler over `steps` eager decode steps (forward
+    + sampling) of B sequences at `context` cached tokens. Eager runs the same kernels as the CUDA
+    graph, so the kernel count and the kernel times are the graph's; what eager adds, the gaps
+    between launches, is left out. On the CPU: aten ops instead of kernels."""
+    engine = Engine(model, max_seqs=B, cuda_graphs=False)
+    blocks = -(-context // engine.block_size)
+    engine._ensure_pool(B * blocks + 1)
+    tables_S_M = torch.arange(1, B * blocks + 1, device=device, dtype=torch.int32).view(B, blocks)
+    pos_S = torch.full((B,), context - 1, device=device)
+    slots_S = engine._slots(tables_S_M, torch.arange(B, device=device), pos_S)
+    ids_S = torch.randint(0, model.config.vocab_size, (B,), device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    step = lambda: sample(engine._decode_logits(ids_S, pos_S, slots_S, tables_S_M), SamplingParams(), generator)
+    with torch.no_grad():
+        step()
+        sync(device)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+    engine.release()
+    if device.type == "cuda":
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        what = "kernels"
+    else:   # top-level aten ops
+        events = [e for e in prof.events() if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+        what = "aten ops"
+    by_name = {}
+    for e in events:
+        calls, us = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    total_us = sum(us for _, us in by_name.values()) / steps
+    print(f"decode step profile, batch {B}, context {context}: {len(events) / steps:.0f} {what} per step, "
+          f"{total_us:.0f} us of {what} per step")
+    print(f"{'calls/step':>10s} {'us/call':>8s} {'us/step':>8s} {'share':>6s}  name")
+    for name, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{calls / steps:10.1f} {us / calls:8.1f} {us / steps:8.1f} {us / steps / total_us:6.1%}  {name[:70]}")
+    print()
+
+
 def decode_floor_s(model, B, context, cache_itemsize):
     """The bandwidth floor of one decode step (module docstring)."""
     c = model.config
@@ -261,6 +309,8 @@ def main():
         print(f"{B:6d} {context:8.0f} {step * 1e3:8.3f} {floor * 1e3:9.3f} {step / floor:6.1f}")
         engine.release()
     print()
+    for B in args.decode_batches:
+        decode_profile(model, B, P + M // 2, device)
     host_cost(model.config, device, [256, 2048])
 
 

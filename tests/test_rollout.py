@@ -210,6 +210,28 @@ def test_logprobs_equal_training_forward(model32, temperature, top_k, top_p):
                                            atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 5, 1.0), (1.4, 0, 0.8)])
+def test_sampler_draws_from_the_distribution_whose_logprobs_it_returns(temperature, top_k, top_p):
+    """The other half of "strict on-policy": each token is drawn with probability exp(its logprob).
+    40,000 draws from one row of logits: every token's frequency is within 5 standard errors of
+    exp(logprob) (a wrong temperature or a leaky top-k/top-p is 10+ errors off), and the tokens
+    the truncation drops are never drawn."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n = 40_000
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    tokens, logprobs = rollout.sample(logits.expand(n, -1), params,
+                                      torch.Generator().manual_seed(0))
+    p = torch.zeros_like(logits)
+    p[tokens] = logprobs.exp()             # every draw of a token returns the same logprob
+    kept = keep_mask_reference(logits[None].double(), temperature, top_k, top_p)[0]
+    expected = (logits.double() / temperature).masked_fill(~kept, float("-inf")).softmax(-1)
+    torch.testing.assert_close(p.double(), expected.where(p > 0, 0.0), atol=1e-6, rtol=0)
+    freq = torch.bincount(tokens, minlength=len(logits)).double() / n
+    assert (freq[~kept] == 0).all(), "drew a token outside the top-k/top-p set"
+    stderr = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() <= 5 * stderr + 1e-12).all(), (freq, expected)
+
+
 def test_same_seed_same_samples(model32):
     prompts = make_prompts([4, 9, 3], seed=4)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12)
