@@ -1,0 +1,94 @@
+"""How many kernels one decode step's forward launches on the GPU path, counted on any machine.
+
+    python bench/decode_launches.py                      # configs/bench.json in bf16
+    python bench/decode_launches.py --config configs/tiny.json
+
+At batch 256 a decode step is mostly small kernels, each costing a few microseconds of launch and
+ramp-up even inside a CUDA graph, so their number matters as much as their speed. On a GPU,
+`bench/rollout.py`'s decode-step profile counts them directly. This script counts them anywhere:
+it runs one decode forward through the engine's attention callable on the CPU, under a
+TorchDispatchMode that records every aten kernel (views and allocations excluded), and counts
+the pieces that are Triton on the GPU as the launches they make there: routing 3, a grouped GEMM 1,
+paged attention 1. `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it
+then); otherwise its decomposition is counted. The table is per op, for the whole forward.
+"""
+import argparse
+import collections
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import rollout  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_KERNELS = {"empty.memory_format", "empty_strided.default", "empty_like.default",
+               "new_empty.default", "_unsafe_view.default", "lift_fresh.default",
+               "_local_scalar_dense.default"}
+
+
+class CountKernels(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and f"{func.overloadpacket.__name__}.{func._overloadname}" not in NOT_KERNELS:
+            self.counts[f"aten.{func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_as(fn, launches, name, counter):
+    """fn, run uncounted, recorded as `launches` kernels named `name`."""
+    def wrapped(*args, **kwargs):
+        with _disable_current_modes():
+            out = fn(*args, **kwargs)
+        counter.counts[name] += launches
+        return out
+    return wrapped
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench.json"))
+    parser.add_argument("--batch", type=int, default=8, help="sequences in the step (the count does not depend on it)")
+    args = parser.parse_args()
+    counter = CountKernels()
+    model.route = counted_as(model.route, 3, "triton routing (3 kernels)", counter)
+    model.grouped_mm = counted_as(model.grouped_mm, 1, "triton grouped GEMM", counter)
+    rollout.paged_decode_attention = counted_as(rollout.paged_decode_attention, 1, "triton paged attention", counter)
+    rms_norm = F.rms_norm
+    fused_rms_norm = counted_as(rms_norm, 1, "fused rms_norm", counter)
+    F.rms_norm = lambda x, shape, weight=None, eps=None: (
+        (fused_rms_norm if weight is None or weight.dtype == x.dtype else rms_norm)(x, shape, weight, eps))
+
+    torch.manual_seed(0)
+    config = model.ModelConfig.from_json(args.config)
+    net = model.Transformer(config).to(torch.bfloat16).eval()
+    engine = rollout.Engine(net, num_blocks=args.batch + 1, cuda_graphs=False)
+    engine._ensure_pool(args.batch + 1)
+    S = args.batch   # sequence s: one cached block (block s + 1), its new token at position 4
+    meta = rollout.StepMeta(slots_N=(torch.arange(S) + 1) * engine.block_size + 4, num_decode=S,
+                            block_tables_S_M=torch.arange(1, S + 1, dtype=torch.int32)[:, None],
+                            context_lens_S=torch.full((S,), 5, dtype=torch.int32))
+    ids_1_S = torch.randint(0, config.vocab_size, (1, S))
+    with torch.no_grad():
+        forward = lambda: net(ids_1_S, torch.full((1, S), 4), attention=engine._attention(meta),
+                              logits_index=torch.arange(S))
+        forward()   # (first calls may set things up)
+        counter.counts.clear()
+        with counter:
+            forward()
+    total, layers = sum(counter.counts.values()), config.num_hidden_layers
+    print(f"{os.path.basename(args.config)}: {total} kernel launches per decode forward, "
+          f"{total / layers:.1f} per layer ({layers} layers)")
+    for name, n in counter.counts.most_common():
+        print(f"{n:6d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
