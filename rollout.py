@@ -532,8 +532,8 @@ class Engine:
         was_training, gc_was_on = self.model.training, gc.isenabled()
         self.model.eval()
         # No cyclic garbage collection while generating: the engine makes no reference cycles, but
-        # its thousands of growing token lists set off full collections that walk all of them
-        # (at batch 2048, a third of the host's time per decode step, bench/RESULTS.md).
+        # its thousands of growing token lists set off collections that walk all of them (at batch
+        # 2048: ~68 per call, and now and then a full one of ~170 ms; bench/RESULTS.md).
         gc.disable()
         try:
             with full_parameters(self.model):
