@@ -6,7 +6,8 @@ Read top to bottom:
   3. Attention     grouped-query attention (GQA) with RMSNorm on q and k per head before RoPE
                    (Qwen3's "QK-norm"). Causal, and block-diagonal when several documents are
                    packed into one row (SFT). An `attention` callable can replace the core, which
-                   is how the rollout engine runs these very layers over its paged KV cache.
+                   is how the rollout engine runs these very layers over its paged KV cache (and
+                   then, on the GPU, QK-norm + RoPE run as one kernel: kernels/qk_norm_rope.py).
   4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
                    copies sorted by expert -> weighted sum back in token order; plus the
                    Switch/Qwen3-MoE load-balancing loss. Some layers may be dense SwiGLU MLPs.
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import atomic_dir
-from kernels import grouped_mm, route
+from kernels import grouped_mm, route, use_triton
+from kernels.qk_norm_rope import qk_norm_rope_triton
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -205,10 +207,16 @@ class Attention(nn.Module):
 
     def forward(self, x_B_T_H, cos, sin, mask, attention):
         B, T, _ = x_B_T_H.shape
-        q = self.q_norm(self.q_proj(x_B_T_H).view(B, T, self.n_q, self.d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x_B_T_H).view(B, T, self.n_kv, self.d)).transpose(1, 2)
+        q = self.q_proj(x_B_T_H).view(B, T, self.n_q, self.d)
+        k = self.k_proj(x_B_T_H).view(B, T, self.n_kv, self.d)
         v = self.v_proj(x_B_T_H).view(B, T, self.n_kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attention is not None and not torch.is_grad_enabled() and use_triton(q):
+            # decoding through a KV cache on the GPU: the norms and RoPE below as one kernel
+            q, k = qk_norm_rope_triton(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin,
+                                       self.q_norm.eps)
+        else:
+            q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)
+            k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin)
         if attention is None:
             out_B_Hq_T_D = causal_attention(q, k, v, mask)
         else:

@@ -9,8 +9,9 @@ ramp-up even inside a CUDA graph, so their number matters as much as their speed
 it runs one decode forward through the engine's attention callable on the CPU, under a
 TorchDispatchMode that records every aten kernel (views and allocations excluded), and counts
 the pieces that are Triton on the GPU as the launches they make there: routing 3, a grouped GEMM 1,
-paged attention 1. `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it
-then); otherwise its decomposition is counted. The table is per op, for the whole forward.
+paged attention 1, QK-norm + RoPE 1 (their torch equivalents compute the values, uncounted).
+`F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then); otherwise its
+decomposition is counted. The table is per op, for the whole forward.
 """
 import argparse
 import collections
@@ -65,6 +66,12 @@ def main():
     fused_rms_norm = counted_as(rms_norm, 1, "fused rms_norm", counter)
     F.rms_norm = lambda x, shape, weight=None, eps=None: (
         (fused_rms_norm if weight is None or weight.dtype == x.dtype else rms_norm)(x, shape, weight, eps))
+
+    def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps):
+        norm = lambda x, w: rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).transpose(1, 2)
+        return model.apply_rope(norm(q, q_weight), cos, sin), model.apply_rope(norm(k, k_weight), cos, sin)
+    model.use_triton = lambda t: True   # (model.py asks only to choose the kernel below)
+    model.qk_norm_rope_triton = counted_as(qk_norm_rope_torch, 1, "triton QK-norm + RoPE", counter)
 
     torch.manual_seed(0)
     config = model.ModelConfig.from_json(args.config)

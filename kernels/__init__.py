@@ -1,11 +1,13 @@
 """The one place that chooses between the Triton kernels and their plain-torch references.
 
-    from kernels import route, grouped_mm, Routing
+    from kernels import route, grouped_mm, Routing, use_triton
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
 torch references run: they are the same math, slower, and work on any device. Both paths return the
-same values, so model code calls these two functions and never asks which one it got.
+same values, so model code calls these two functions and never asks which one it got. The rule
+itself is `use_triton`: model.py asks it once more, for the forward-only QK-norm + RoPE kernel
+(kernels/qk_norm_rope.py), which it takes only when decoding through a KV cache without gradients.
 """
 import os
 
@@ -14,16 +16,16 @@ from torch import Tensor
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
 from kernels.routing import Routing, route_reference, route_triton
 
-__all__ = ["Routing", "route", "grouped_mm"]
+__all__ = ["Routing", "route", "grouped_mm", "use_triton"]
 
 
-def _use_triton(t: Tensor) -> bool:
+def use_triton(t: Tensor) -> bool:
     return t.is_cuda or os.environ.get("NANOCASCADE_TRITON") == "1"
 
 
 def route(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
     """Softmax -> top-k (-> renormalize) -> expert-sorted permutation. See kernels/routing.py."""
-    fn = route_triton if _use_triton(router_logits_N_E) else route_reference
+    fn = route_triton if use_triton(router_logits_N_E) else route_reference
     return fn(router_logits_N_E, top_k, norm_topk_prob)
 
 
@@ -31,6 +33,6 @@ def grouped_mm(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
                gather_idx_M: Tensor | None = None, copies_N_K: Tensor | None = None) -> Tensor:
     """Rows offsets[e]:offsets[e+1] of (x or x[gather_idx]) times w[e]. copies_N_K (the rows of each
     token's copies) lets the Triton backward sum them by a gather. See kernels/grouped_gemm.py."""
-    if _use_triton(x_M_K):
+    if use_triton(x_M_K):
         return grouped_mm_triton(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)
     return grouped_mm_reference(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)

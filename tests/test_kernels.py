@@ -18,6 +18,7 @@ import triton
 
 import kernels
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
+from kernels.qk_norm_rope import qk_norm_rope_triton
 from kernels.routing import route_reference, route_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -235,6 +236,85 @@ def test_moe_block_through_the_kernels_equals_the_torch_path(monkeypatch):
         assert (got - want).norm() <= 1e-5 * want.norm() and want.norm() > 0
 
 
+# ---------------------------------------------------------------------------------------------
+# QK-norm + RoPE in one kernel (inference)
+
+def qk_norm_rope_torch(q_B_T_H_D, k_B_T_H_D, q_weight, k_weight, cos, sin, eps):
+    """model.py's path: RMSNorm per head, then RoPE, on [B, H, T, D] views."""
+    from model import RMSNorm, apply_rope
+    out = []
+    for x, w in [(q_B_T_H_D, q_weight), (k_B_T_H_D, k_weight)]:
+        norm = RMSNorm(x.shape[-1], eps).to(device=x.device, dtype=w.dtype)
+        norm.weight.data.copy_(w)
+        out.append(apply_rope(norm(x).transpose(1, 2), cos, sin))
+    return out
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(1, 1, 8, 2, 64), (3, 5, 4, 2, 32), (2, 7, 6, 3, 16)])
+def test_qk_norm_rope_matches_the_model_path(B, T, Hq, Hkv, D):
+    """fp32: the kernel equals model.py's RMSNorm + apply_rope (only the order of sums differs),
+    at arbitrary positions, with head counts that are not powers of two, q and k read through
+    strided views of one projection (as a fused QKV output would give them), and [B, H, T, D] views
+    of [B, T, H, D] memory out, as the torch path returns them."""
+    from model import rope_cos_sin
+    torch.manual_seed(B * T + D)
+    qk = torch.randn(B, T, (Hq + Hkv) * D, device=DEVICE) * 3
+    q, k = qk[..., :Hq * D].view(B, T, Hq, D), qk[..., Hq * D:].view(B, T, Hkv, D)
+    qw, kw = torch.randn(D, device=DEVICE), torch.randn(D, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.randint(0, 4000, (B, T), device=DEVICE), D, 1e6, torch.float32)
+    got = qk_norm_rope_triton(q, k, qw, kw, cos, sin, 1e-6)
+    want = qk_norm_rope_torch(q, k, qw, kw, cos, sin, 1e-6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_rope_bf16_activations_fp32_angles():
+    """Under autocast the projections give bf16 q, k while the weights and angles are fp32: the
+    output is fp32, as on the torch path, computed in fp32 from the bf16 inputs (so within fp32
+    rounding of an exact float64 evaluation, where the torch path rounds to bf16 after the norm)."""
+    from model import rope_cos_sin
+    torch.manual_seed(3)
+    B, T, Hq, Hkv, D = 2, 3, 4, 2, 32
+    q = torch.randn(B, T, Hq, D, device=DEVICE).bfloat16()
+    k = torch.randn(B, T, Hkv, D, device=DEVICE).bfloat16()
+    qw, kw = torch.randn(D, device=DEVICE), torch.randn(D, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.randint(0, 100, (B, T), device=DEVICE), D, 1e4, torch.float32)
+    got_q, got_k = qk_norm_rope_triton(q, k, qw, kw, cos, sin, 1e-6)
+    exact = qk_norm_rope_torch(q.double(), k.double(), qw.double(), kw.double(), cos.double(), sin.double(), 1e-6)
+    torch_q, _ = qk_norm_rope_torch(q, k, qw, kw, cos, sin, 1e-6)
+    assert got_q.dtype == got_k.dtype == torch_q.dtype == torch.float32
+    for g, w in zip((got_q, got_k), exact):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    assert (got_q.double() - exact[0]).abs().max() < (torch_q.double() - exact[0]).abs().max()
+
+
+def test_the_model_uses_it_only_to_decode_without_grad(monkeypatch):
+    """model.Attention takes the kernel for a forward through an attention hook (a KV cache)
+    with no gradient recorded, and the torch path for training and for cache-less forwards."""
+    import model
+    from model import ModelConfig, Transformer
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.json")) as f:
+        config = ModelConfig.from_dict({**json.load(f), "num_hidden_layers": 1})
+    net = Transformer(config).to(DEVICE)
+    calls = []
+    monkeypatch.setattr(model, "qk_norm_rope_triton", lambda *a: calls.append(1) or qk_norm_rope_triton(*a))
+    # only this kernel through the interpreter: routing and the grouped GEMM on their torch path
+    monkeypatch.setattr(model, "use_triton", lambda t: True)
+    monkeypatch.delenv("NANOCASCADE_TRITON")
+    hook = lambda layer, q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True)
+    ids = torch.randint(0, config.vocab_size, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        plain = net(ids)[0]
+        assert not calls
+        cached = net(ids, attention=hook)[0]
+        assert calls == [1]
+    net(ids, attention=hook)[0].sum().backward()   # with grad: the torch path
+    assert calls == [1]
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_dispatch(monkeypatch):
     """kernels.route / kernels.grouped_mm take the Triton path under NANOCASCADE_TRITON=1 and the
     torch reference otherwise (CPU tensors)."""
@@ -297,6 +377,11 @@ def compile_all_for_h100():
     _compile_for_h100(pa._paged_decode_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", tables_ptr="*i32",
                                                     lens_ptr="*i32", out_ptr="*bf16", scale="fp32"),
                       dict(G=4, HKV=2, D=64, BS=16, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64))
+    import kernels.qk_norm_rope as qr
+    _compile_for_h100(qr._qk_norm_rope_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16",
+                                                    cos_ptr="*bf16", sin_ptr="*bf16", q_out_ptr="*bf16",
+                                                    k_out_ptr="*bf16", eps="fp32"),
+                      dict(HQ=8, HKV=2, D=64, BLOCK_H=8, HALF=32))
     _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
                                                base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
     _compile_for_h100(rt._permute_kernel, dict(experts_ptr="*i64", base_ptr="*i32", sort_ptr="*i64",
