@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import atomic_dir
-from kernels import grouped_mm, route, use_triton
+from kernels import combine, grouped_mm, route, use_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 
 # ----------------------------------------------------------------------------------------------
@@ -261,10 +261,8 @@ class MoE(nn.Module):
                             r.unsort_idx.view(N, self.K))          # token -> rows of its copies
         gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
         y_M_H = grouped_mm(F.silu(gate_M_I) * up_M_I, self.experts["down_proj"], r.offsets_E1)
-        # back to token order (copy index = token*K + k) and a weighted sum over the k experts;
-        # a gather + sum rather than index_add so that it is deterministic on the GPU
-        y_N_K_H = y_M_H[r.unsort_idx].view(N, self.K, H)
-        out_N_H = (y_N_K_H * r.weights_N_K.to(y_N_K_H.dtype)[..., None]).sum(dim=1)
+        # back to token order (copy index = token*K + k), summed with the routing weights
+        out_N_H = combine(y_M_H, r.weights_N_K, r.unsort_idx)
         # Load balancing (Switch Transformer eq. 4, Qwen3-MoE's form): E * sum_e f_e * P_e, with
         # f_e the fraction of tokens sent to expert e (counted over the k slots, so sum_e f_e = k,
         # as transformers does) and P_e the mean router probability. Only P_e carries gradient.

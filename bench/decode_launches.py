@@ -9,9 +9,9 @@ ramp-up even inside a CUDA graph, so their number matters as much as their speed
 it runs one decode forward through the engine's attention callable on the CPU, under a
 TorchDispatchMode that records every aten kernel (views and allocations excluded), and counts
 the pieces that are Triton on the GPU as the launches they make there: routing 3, a grouped GEMM 1,
-paged attention 1, QK-norm + RoPE 1 (their torch equivalents compute the values, uncounted).
-`F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then); otherwise its
-decomposition is counted. The table is per op, for the whole forward.
+the combine 1, paged attention 1, QK-norm + RoPE 1 (their torch equivalents compute the values,
+uncounted). `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then);
+otherwise its decomposition is counted. The table is per op, for the whole forward.
 """
 import argparse
 import collections
@@ -54,14 +54,18 @@ def counted_as(fn, launches, name, counter):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench.json"))
-    parser.add_argument("--batch", type=int, default=8, help="sequences in the step (the count does not depend on it)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences in the step (the count does not depend on it)")
     args = parser.parse_args()
     counter = CountKernels()
     model.route = counted_as(model.route, 3, "triton routing (3 kernels)", counter)
     model.grouped_mm = counted_as(model.grouped_mm, 1, "triton grouped GEMM", counter)
-    rollout.paged_decode_attention = counted_as(rollout.paged_decode_attention, 1, "triton paged attention", counter)
+    model.combine = counted_as(model.combine, 1, "triton combine", counter)
+    rollout.paged_decode_attention = counted_as(rollout.paged_decode_attention, 1, "triton paged attention",
+                                                counter)
     rms_norm = F.rms_norm
     fused_rms_norm = counted_as(rms_norm, 1, "fused rms_norm", counter)
     F.rms_norm = lambda x, shape, weight=None, eps=None: (

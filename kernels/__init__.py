@@ -1,11 +1,11 @@
 """The one place that chooses between the Triton kernels and their plain-torch references.
 
-    from kernels import route, grouped_mm, Routing, use_triton
+    from kernels import route, grouped_mm, combine, Routing, use_triton
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
 torch references run: they are the same math, slower, and work on any device. Both paths return the
-same values, so model code calls these two functions and never asks which one it got. The rule
+same values, so model code calls these three functions and never asks which one it got. The rule
 itself is `use_triton`: model.py asks it once more, for the forward-only QK-norm + RoPE kernel
 (kernels/qk_norm_rope.py), which it takes only when decoding through a KV cache without gradients.
 """
@@ -14,9 +14,9 @@ import os
 from torch import Tensor
 
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
-from kernels.routing import Routing, route_reference, route_triton
+from kernels.routing import Routing, combine_reference, combine_triton, route_reference, route_triton
 
-__all__ = ["Routing", "route", "grouped_mm", "use_triton"]
+__all__ = ["Routing", "route", "grouped_mm", "combine", "use_triton"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -36,3 +36,9 @@ def grouped_mm(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
     if use_triton(x_M_K):
         return grouped_mm_triton(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)
     return grouped_mm_reference(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)
+
+
+def combine(y_M_H: Tensor, weights_N_K: Tensor, unsort_idx: Tensor) -> Tensor:
+    """Expert-sorted rows back to token order, summed with the routing weights. See kernels/routing.py."""
+    fn = combine_triton if use_triton(y_M_H) else combine_reference
+    return fn(y_M_H, weights_N_K, unsort_idx)

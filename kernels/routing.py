@@ -1,4 +1,5 @@
-"""Fused top-k routing for a mixture-of-experts layer, in Triton, next to its plain-torch reference.
+"""Fused top-k routing for a mixture-of-experts layer (and the weighted combine that undoes it), in
+Triton, next to the plain-torch references.
 
 A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router logits [N, E] into:
 
@@ -23,6 +24,9 @@ Three kernels:
      expert is a cumulative sum over a one-hot [copies, E] tile; its sorted position is base + rank.
 The kernels are forward-only (integers have no gradient); `_Route.backward` writes the gradient of
 probs and weights w.r.t. the logits analytically, so the router trains through the fused path.
+
+After the experts, `combine` goes the other way: each token sums its K rows of the expert output,
+weighted (one kernel, `_combine_kernel`, with its backward in torch).
 """
 from dataclasses import dataclass
 
@@ -216,3 +220,61 @@ def route_triton(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) ->
     probs, weights, experts, counts, offsets, sort_idx, unsort_idx = _Route.apply(
         router_logits_N_E, top_k, norm_topk_prob)
     return Routing(weights, experts, probs, counts, offsets, sort_idx, unsort_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: expert-sorted rows -> token order, weighted by the routing weights.
+#     out[t] = sum_k weights[t, k] * y[unsort_idx[t * K + k]]
+# A gather and a sum, not an index_add (so it is deterministic on the GPU). In torch that is four
+# kernels (gather, cast, multiply, sum); the Triton forward is one, accumulating in fp32.
+
+def combine_reference(y_M_H: Tensor, weights_N_K: Tensor, unsort_idx: Tensor) -> Tensor:
+    N, K = weights_N_K.shape
+    y_N_K_H = y_M_H[unsort_idx].view(N, K, -1)
+    return (y_N_K_H * weights_N_K.to(y_N_K_H.dtype)[..., None]).sum(dim=1)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, unsort_ptr, weights_ptr, out_ptr, H,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)   # one token, BLOCK_H of its H columns
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        row = tl.load(unsort_ptr + t * TOP_K + k)
+        w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
+        acc += w * tl.load(y_ptr + row * H + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class _Combine(torch.autograd.Function):
+    """Forward: the kernel. Backward, in torch: each copy's gradient is its weight times the token's
+    (a scatter through the permutation, one row each), each weight's the dot of its copy with it."""
+
+    @staticmethod
+    def forward(ctx, y_M_H, weights_N_K, unsort_idx):
+        N, K = weights_N_K.shape
+        H = y_M_H.shape[1]
+        y = y_M_H.contiguous()
+        out = torch.empty(N, H, device=y.device, dtype=y.dtype)
+        BLOCK_H = min(triton.next_power_of_2(H), 1024)
+        if N:
+            _combine_kernel[(N, triton.cdiv(H, BLOCK_H))](y, unsort_idx, weights_N_K.contiguous(), out, H,
+                                                         TOP_K=K, BLOCK_H=BLOCK_H)
+        ctx.save_for_backward(y, weights_N_K, unsort_idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout_N_H):
+        y_M_H, weights_N_K, unsort_idx = ctx.saved_tensors
+        N, K = weights_N_K.shape
+        dout = dout_N_H.float()[:, None, :]                                      # [N, 1, H]
+        dweights = (y_M_H[unsort_idx].view(N, K, -1).float() * dout).sum(-1)    # [N, K]
+        dy = torch.empty_like(y_M_H)
+        dy[unsort_idx] = (weights_N_K.float()[..., None] * dout).view(N * K, -1).to(dy.dtype)
+        return dy, dweights.to(weights_N_K.dtype), None
+
+
+def combine_triton(y_M_H: Tensor, weights_N_K: Tensor, unsort_idx: Tensor) -> Tensor:
+    return _Combine.apply(y_M_H, weights_N_K, unsort_idx)

@@ -19,7 +19,7 @@ import triton
 import kernels
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
-from kernels.routing import route_reference, route_triton
+from kernels.routing import combine_reference, combine_triton, route_reference, route_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The exact-math tests below run on the GPU when there is one (compiled kernels, fp32 "ieee" dots),
@@ -190,15 +190,14 @@ def test_grouped_mm_bf16():
 
 
 def test_moe_layer_end_to_end():
-    """route -> grouped_mm with the fused gather -> weighted combine equals a per-token loop."""
+    """route -> grouped_mm -> combine (all three kernels) equals a per-token loop."""
     torch.manual_seed(7)
     N, E, K, H, F = 23, 6, 2, 24, 20
     logits = torch.randn(N, E)
     x64, w64 = torch.randn(N, H, dtype=torch.float64), torch.randn(E, H, F, dtype=torch.float64)
     r = kernels.route(logits.to(DEVICE), K, True)
     y_sorted = kernels.grouped_mm(x64.float().to(DEVICE), w64.float().to(DEVICE), r.offsets_E1, r.sort_idx // K)
-    y_N_K_F = y_sorted[r.unsort_idx].view(N, K, F)
-    out = (r.weights_N_K[..., None] * y_N_K_F).sum(1).cpu()
+    out = kernels.combine(y_sorted, r.weights_N_K, r.unsort_idx).cpu()
 
     probs = torch.softmax(logits.double(), -1)
     top, experts = torch.topk(probs, K)
@@ -206,6 +205,23 @@ def test_moe_layer_end_to_end():
     ref = torch.stack([sum(top[t, k] * x64[t] @ w64[experts[t, k]] for k in range(K))
                        for t in range(N)])
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("N,K,H", [(19, 2, 24), (7, 4, 1100), (1, 1, 16)])   # H > 1024: two column blocks
+def test_combine_matches_reference_forward_and_backward(N, K, H):
+    torch.manual_seed(N + K)
+    y = torch.randn(N * K, H, dtype=torch.float64)
+    weights = torch.rand(N, K, dtype=torch.float64)
+    unsort = torch.randperm(N * K)
+    dout = torch.randn(N, H, dtype=torch.float64)
+    results = []
+    for fn, dtype, device in [(combine_triton, torch.float32, DEVICE),
+                              (combine_reference, torch.float64, "cpu")]:
+        yd, wd = (t.to(device, dtype).requires_grad_() for t in (y, weights))
+        out = fn(yd, wd, unsort.to(device))
+        results.append([t.double().cpu() for t in (out, *torch.autograd.grad(out, [yd, wd], dout.to(device, dtype)))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_moe_block_through_the_kernels_equals_the_torch_path(monkeypatch):
@@ -332,6 +348,11 @@ def test_dispatch(monkeypatch):
     assert kernels.route(x, 2, True) == "torch"
     monkeypatch.setenv("NANOCASCADE_TRITON", "1")
     assert kernels.route(x, 2, True) == "triton"
+    monkeypatch.setattr(kernels, "combine_triton", lambda *a: "triton")
+    monkeypatch.setattr(kernels, "combine_reference", lambda *a: "torch")
+    assert kernels.combine(x, x, x) == "triton"
+    monkeypatch.delenv("NANOCASCADE_TRITON")
+    assert kernels.combine(x, x, x) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +398,8 @@ def compile_all_for_h100():
     _compile_for_h100(pa._paged_decode_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", tables_ptr="*i32",
                                                     lens_ptr="*i32", out_ptr="*bf16", scale="fp32"),
                       dict(G=4, HKV=2, D=64, BS=16, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64))
+    _compile_for_h100(rt._combine_kernel, dict(y_ptr="*bf16", unsort_ptr="*i64", weights_ptr="*fp32",
+                                               out_ptr="*bf16"), dict(TOP_K=8, BLOCK_H=512))
     import kernels.qk_norm_rope as qr
     _compile_for_h100(qr._qk_norm_rope_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16",
                                                     cos_ptr="*bf16", sin_ptr="*bf16", q_out_ptr="*bf16",
