@@ -26,18 +26,18 @@ from torch import Tensor
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, w_ptr, out_ptr, token, stride_t, c, s, eps,
-                     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+def _norm_rope_heads(x_ptr, w_ptr, out_ptr, token, stride_t, c, s, eps, H: tl.constexpr,
+                     D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
     """One token's H heads: RMSNorm over D with weight w, then the rotation by (c, s)."""
     h = tl.arange(0, BLOCK_H)[:, None]
-    i = tl.arange(0, HALF)[None, :]       # x1 = dims [0, D/2), x2 = dims [D/2, D)
-    ok = h < H
+    i = tl.arange(0, BLOCK_I)[None, :]    # x1 = dims [0, D/2), x2 = dims [D/2, D)
+    ok = (h < H) & (i < HALF)
     x = x_ptr + token.to(tl.int64) * stride_t + h * D + i
     x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
     r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]   # 1 / rms
-    n1 = x1 * r * tl.load(w_ptr + i).to(tl.float32)
-    n2 = x2 * r * tl.load(w_ptr + HALF + i).to(tl.float32)
+    n1 = x1 * r * tl.load(w_ptr + i, mask=i < HALF, other=0.0).to(tl.float32)
+    n2 = x2 * r * tl.load(w_ptr + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
     out = out_ptr + token.to(tl.int64) * H * D + h * D + i
     tl.store(out, (n1 * c - n2 * s).to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(out + HALF, (n2 * c + n1 * s).to(out_ptr.dtype.element_ty), mask=ok)
@@ -46,26 +46,26 @@ def _norm_rope_heads(x_ptr, w_ptr, out_ptr, token, stride_t, c, s, eps,
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                          T, stride_qt, stride_kt, stride_cb, stride_ct, eps,
-                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                         BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
     token = tl.program_id(0)   # b * T + t
     b = token // T
     t = token % T
     # this token's angles a: cos = (cos a, cos a) and sin = (-sin a, sin a), so the halves
     # c = cos a and s = sin a are all it needs
-    i = tl.arange(0, HALF)[None, :]
+    i = tl.arange(0, BLOCK_I)[None, :]
     angles = b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct
-    c = tl.load(cos_ptr + angles + i).to(tl.float32)
-    s = tl.load(sin_ptr + angles + HALF + i).to(tl.float32)
-    _norm_rope_heads(q_ptr, qw_ptr, q_out_ptr, token, stride_qt, c, s, eps, HQ, D, BLOCK_H, HALF)
-    _norm_rope_heads(k_ptr, kw_ptr, k_out_ptr, token, stride_kt, c, s, eps, HKV, D, BLOCK_H, HALF)
+    c = tl.load(cos_ptr + angles + i, mask=i < HALF, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + angles + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
+    _norm_rope_heads(q_ptr, qw_ptr, q_out_ptr, token, stride_qt, c, s, eps, HQ, D, HALF, BLOCK_H, BLOCK_I)
+    _norm_rope_heads(k_ptr, kw_ptr, k_out_ptr, token, stride_kt, c, s, eps, HKV, D, HALF, BLOCK_H, BLOCK_I)
 
 
 def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Tensor, k_weight_D: Tensor,
                  cos_B_1_T_D: Tensor, sin_B_1_T_D: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     B, T, Hq, D = q_B_T_Hq_D.shape
     Hkv = k_B_T_Hkv_D.shape[2]
-    assert D % 2 == 0 and D & (D - 1) == 0, f"qk_norm_rope.py: head_dim must be a power of two, got {D}"
+    assert D % 2 == 0, f"qk_norm_rope.py: RoPE needs an even head_dim, got {D}"
     # each token's heads contiguous ([B, T] may be strided: the projections' views are)
     q, k = (x if x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
             else x.contiguous() for x in (q_B_T_Hq_D, k_B_T_Hkv_D))
@@ -75,6 +75,7 @@ def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Ten
     k_out = torch.empty(B, T, Hkv, D, device=q.device, dtype=torch.promote_types(k.dtype, cos.dtype))
     _qk_norm_rope_kernel[(B * T,)](q, k, q_weight_D, k_weight_D, cos, sin, q_out, k_out,
                                    T, q.stride(1), k.stride(1), cos.stride(0), cos.stride(2), eps,
-                                   HQ=Hq, HKV=Hkv, D=D, BLOCK_H=triton.next_power_of_2(max(Hq, Hkv)),
-                                   HALF=D // 2)
+                                   HQ=Hq, HKV=Hkv, D=D, HALF=D // 2,
+                                   BLOCK_H=triton.next_power_of_2(max(Hq, Hkv)),
+                                   BLOCK_I=triton.next_power_of_2(D // 2))
     return q_out.transpose(1, 2), k_out.transpose(1, 2)

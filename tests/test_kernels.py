@@ -266,12 +266,13 @@ def qk_norm_rope_torch(q_B_T_H_D, k_B_T_H_D, q_weight, k_weight, cos, sin, eps):
     return out
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(1, 1, 8, 2, 64), (3, 5, 4, 2, 32), (2, 7, 6, 3, 16)])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(1, 1, 8, 2, 64), (3, 5, 4, 2, 32), (2, 7, 6, 3, 16),
+                                           (2, 3, 4, 4, 48)])   # head_dim 48: half-tiles masked
 def test_qk_norm_rope_matches_the_model_path(B, T, Hq, Hkv, D):
     """fp32: the kernel equals model.py's RMSNorm + apply_rope (only the order of sums differs),
-    at arbitrary positions, with head counts that are not powers of two, q and k read through
-    strided views of one projection (as a fused QKV output would give them), and [B, H, T, D] views
-    of [B, T, H, D] memory out, as the torch path returns them."""
+    at arbitrary positions, with head counts and a head_dim that are not powers of two, q and k
+    read through strided views of one projection (as a fused QKV output would give them), and
+    [B, H, T, D] views of [B, T, H, D] memory out, as the torch path returns them."""
     from model import rope_cos_sin
     torch.manual_seed(B * T + D)
     qk = torch.randn(B, T, (Hq + Hkv) * D, device=DEVICE) * 3
@@ -404,7 +405,7 @@ def compile_all_for_h100():
     _compile_for_h100(qr._qk_norm_rope_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16",
                                                     cos_ptr="*bf16", sin_ptr="*bf16", q_out_ptr="*bf16",
                                                     k_out_ptr="*bf16", eps="fp32"),
-                      dict(HQ=8, HKV=2, D=64, BLOCK_H=8, HALF=32))
+                      dict(HQ=8, HKV=2, D=64, HALF=32, BLOCK_H=8, BLOCK_I=32))
     _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
                                                base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
     _compile_for_h100(rt._permute_kernel, dict(experts_ptr="*i64", base_ptr="*i32", sort_ptr="*i64",
