@@ -219,7 +219,8 @@ def test_combine_matches_reference_forward_and_backward(N, K, H):
                               (combine_reference, torch.float64, "cpu")]:
         yd, wd = (t.to(device, dtype).requires_grad_() for t in (y, weights))
         out = fn(yd, wd, unsort.to(device))
-        results.append([t.double().cpu() for t in (out, *torch.autograd.grad(out, [yd, wd], dout.to(device, dtype)))])
+        grads = torch.autograd.grad(out, [yd, wd], dout.to(device, dtype))
+        results.append([t.double().cpu() for t in (out, *grads)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -298,7 +299,7 @@ def test_qk_norm_rope_bf16_activations_fp32_angles():
     qw, kw = torch.randn(D, device=DEVICE), torch.randn(D, device=DEVICE)
     cos, sin = rope_cos_sin(torch.randint(0, 100, (B, T), device=DEVICE), D, 1e4, torch.float32)
     got_q, got_k = qk_norm_rope_triton(q, k, qw, kw, cos, sin, 1e-6)
-    exact = qk_norm_rope_torch(q.double(), k.double(), qw.double(), kw.double(), cos.double(), sin.double(), 1e-6)
+    exact = qk_norm_rope_torch(*(t.double() for t in (q, k, qw, kw, cos, sin)), 1e-6)
     torch_q, _ = qk_norm_rope_torch(q, k, qw, kw, cos, sin, 1e-6)
     assert got_q.dtype == got_k.dtype == torch_q.dtype == torch.float32
     for g, w in zip((got_q, got_k), exact):
@@ -402,9 +403,9 @@ def compile_all_for_h100():
     _compile_for_h100(rt._combine_kernel, dict(y_ptr="*bf16", unsort_ptr="*i64", weights_ptr="*fp32",
                                                out_ptr="*bf16"), dict(TOP_K=8, BLOCK_H=512))
     import kernels.qk_norm_rope as qr
-    _compile_for_h100(qr._qk_norm_rope_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16",
-                                                    cos_ptr="*bf16", sin_ptr="*bf16", q_out_ptr="*bf16",
-                                                    k_out_ptr="*bf16", eps="fp32"),
+    _compile_for_h100(qr._qk_norm_rope_kernel,
+                      dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16", cos_ptr="*bf16",
+                           sin_ptr="*bf16", q_out_ptr="*bf16", k_out_ptr="*bf16", eps="fp32"),
                       dict(HQ=8, HKV=2, D=64, HALF=32, BLOCK_H=8, BLOCK_I=32))
     _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
                                                base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
