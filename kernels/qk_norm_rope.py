@@ -16,8 +16,9 @@ in fp32, rotates, and writes q and k in the [B, T, H, D] layout the projections 
 same [B, H, T, D] views the torch path returns). Everything is computed in fp32 and rounded once,
 so in bf16 it can differ from the torch path, which rounds after each op, in the last bit.
 
-Forward only: model.py uses it when no gradient is recorded and Triton runs (kernels/__init__.py's
-rule); training uses the torch path, which is this kernel's reference (tests/test_kernels.py).
+Forward only: model.py uses it when it decodes through a KV cache (an `attention` callable) with
+no gradient recorded, where Triton runs (kernels/__init__.py's rule). Training, and every forward
+without a cache, use the torch path, which is this kernel's reference (tests/test_kernels.py).
 """
 import torch
 import triton
@@ -61,8 +62,9 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_p
     _norm_rope_heads(k_ptr, kw_ptr, k_out_ptr, token, stride_kt, c, s, eps, HKV, D, HALF, BLOCK_H, BLOCK_I)
 
 
-def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Tensor, k_weight_D: Tensor,
-                 cos_B_1_T_D: Tensor, sin_B_1_T_D: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Tensor,
+                        k_weight_D: Tensor, cos_B_1_T_D: Tensor, sin_B_1_T_D: Tensor,
+                        eps: float) -> tuple[Tensor, Tensor]:
     B, T, Hq, D = q_B_T_Hq_D.shape
     Hkv = k_B_T_Hkv_D.shape[2]
     assert D % 2 == 0, f"qk_norm_rope.py: RoPE needs an even head_dim, got {D}"
