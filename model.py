@@ -156,11 +156,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # torch's rms_norm with the weight, which it can run as one fused kernel: normalize in fp32,
-        # scale, round once (transformers rounds before scaling, so bf16 results may differ in the
-        # last bit). The weight takes x's dtype: under autocast fp32 weights meet bf16
-        # activations, and torch does not fuse mixed dtypes.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    # torch's rms_norm with the weight, which it can run as one fused kernel: normalize in fp32,
+    # scale, round once (transformers rounds before scaling, so bf16 results may differ in the
+    # last bit). The weight takes x's dtype: under autocast fp32 weights meet bf16 activations,
+    # and torch does not fuse mixed dtypes.
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
 
 def rope_cos_sin(positions_B_T, head_dim, theta, dtype):
@@ -179,6 +183,14 @@ def apply_rope(x_B_H_T_D, cos, sin):
     (x1, x2), rotated to (x1 cos a - x2 sin a, x2 cos a + x1 sin a). x rolled by D/2 is (x2, x1);
     times the signed sin it is the second term of both. Three kernels: a roll, a mul, an addcmul."""
     return torch.addcmul(x_B_H_T_D * cos, x_B_H_T_D.roll(x_B_H_T_D.shape[-1] // 2, dims=-1), sin)
+
+
+def qk_norm_rope(q_B_T_Hq_D, k_B_T_Hkv_D, q_weight_D, k_weight_D, cos, sin, eps):
+    """Qwen3's QK-norm (RMSNorm over head_dim, one weight for all heads of q, one for k), then
+    RoPE; -> q [B, Hq, T, D], k [B, Hkv, T, D]. kernels/qk_norm_rope.py does the same in one launch."""
+    q = apply_rope(rms_norm(q_B_T_Hq_D, q_weight_D, eps).transpose(1, 2), cos, sin)
+    k = apply_rope(rms_norm(k_B_T_Hkv_D, k_weight_D, eps).transpose(1, 2), cos, sin)
+    return q, k
 
 
 def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
@@ -210,13 +222,10 @@ class Attention(nn.Module):
         q = self.q_proj(x_B_T_H).view(B, T, self.n_q, self.d)
         k = self.k_proj(x_B_T_H).view(B, T, self.n_kv, self.d)
         v = self.v_proj(x_B_T_H).view(B, T, self.n_kv, self.d).transpose(1, 2)
-        if attention is not None and not torch.is_grad_enabled() and use_triton(q):
-            # decoding through a KV cache on the GPU: the norms and RoPE below as one kernel
-            q, k = qk_norm_rope_triton(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin,
-                                       self.q_norm.eps)
-        else:
-            q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)
-            k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin)
+        # decoding through a KV cache on the GPU: the norms and RoPE in one (forward-only) kernel
+        fused = attention is not None and not torch.is_grad_enabled() and use_triton(q)
+        q, k = (qk_norm_rope_triton if fused else qk_norm_rope)(
+            q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
         if attention is None:
             out_B_Hq_T_D = causal_attention(q, k, v, mask)
         else:

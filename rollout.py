@@ -430,14 +430,13 @@ class Engine:
             k_slots.index_copy_(0, meta.slots_N, k_N_Hkv_D.to(k_slots.dtype))
             v_slots.index_copy_(0, meta.slots_N, v_N_Hkv_D.to(v_slots.dtype))
             S = meta.num_decode
-            if meta.rows_P_T is None:   # decode only (every CUDA-graph step): the kernel's output is all
-                out_N_Hq_D = paged_decode_attention(q_N_Hq_D, k_pool, v_pool, meta.block_tables_S_M,
-                                                    meta.context_lens_S).to(q_N_Hq_D.dtype)
-                return out_N_Hq_D.transpose(0, 1)[None]
+            decoded_S_Hq_D = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool, meta.block_tables_S_M,
+                                                    meta.context_lens_S).to(q_N_Hq_D.dtype) if S else None
+            if meta.rows_P_T is None:   # decode only (every CUDA-graph step): nothing to merge
+                return decoded_S_Hq_D.transpose(0, 1)[None]
             out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             if S:
-                out_N_Hq_D[:S] = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool, meta.block_tables_S_M,
-                                                        meta.context_lens_S).to(out_N_Hq_D.dtype)
+                out_N_Hq_D[:S] = decoded_S_Hq_D
             out = F.scaled_dot_product_attention(
                 q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
                 v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],

@@ -256,32 +256,21 @@ def test_moe_block_through_the_kernels_equals_the_torch_path(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # QK-norm + RoPE in one kernel (inference)
 
-def qk_norm_rope_torch(q_B_T_H_D, k_B_T_H_D, q_weight, k_weight, cos, sin, eps):
-    """model.py's path: RMSNorm per head, then RoPE, on [B, H, T, D] views."""
-    from model import RMSNorm, apply_rope
-    out = []
-    for x, w in [(q_B_T_H_D, q_weight), (k_B_T_H_D, k_weight)]:
-        norm = RMSNorm(x.shape[-1], eps).to(device=x.device, dtype=w.dtype)
-        norm.weight.data.copy_(w)
-        out.append(apply_rope(norm(x).transpose(1, 2), cos, sin))
-    return out
-
-
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", [(1, 1, 8, 2, 64), (3, 5, 4, 2, 32), (2, 7, 6, 3, 16),
                                            (2, 3, 4, 4, 48)])   # head_dim 48: half-tiles masked
 def test_qk_norm_rope_matches_the_model_path(B, T, Hq, Hkv, D):
-    """fp32: the kernel equals model.py's RMSNorm + apply_rope (only the order of sums differs),
+    """fp32: the kernel equals model.qk_norm_rope, the torch path (only the order of sums differs),
     at arbitrary positions, with head counts and a head_dim that are not powers of two, q and k
     read through strided views of one projection (as a fused QKV output would give them), and
     [B, H, T, D] views of [B, T, H, D] memory out, as the torch path returns them."""
-    from model import rope_cos_sin
+    from model import qk_norm_rope, rope_cos_sin
     torch.manual_seed(B * T + D)
     qk = torch.randn(B, T, (Hq + Hkv) * D, device=DEVICE) * 3
     q, k = qk[..., :Hq * D].view(B, T, Hq, D), qk[..., Hq * D:].view(B, T, Hkv, D)
     qw, kw = torch.randn(D, device=DEVICE), torch.randn(D, device=DEVICE)
     cos, sin = rope_cos_sin(torch.randint(0, 4000, (B, T), device=DEVICE), D, 1e6, torch.float32)
     got = qk_norm_rope_triton(q, k, qw, kw, cos, sin, 1e-6)
-    want = qk_norm_rope_torch(q, k, qw, kw, cos, sin, 1e-6)
+    want = qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -291,7 +280,7 @@ def test_qk_norm_rope_bf16_activations_fp32_angles():
     """Under autocast the projections give bf16 q, k while the weights and angles are fp32: the
     output is fp32, as on the torch path, computed in fp32 from the bf16 inputs (so within fp32
     rounding of an exact float64 evaluation, where the torch path rounds to bf16 after the norm)."""
-    from model import rope_cos_sin
+    from model import qk_norm_rope, rope_cos_sin
     torch.manual_seed(3)
     B, T, Hq, Hkv, D = 2, 3, 4, 2, 32
     q = torch.randn(B, T, Hq, D, device=DEVICE).bfloat16()
@@ -299,8 +288,8 @@ def test_qk_norm_rope_bf16_activations_fp32_angles():
     qw, kw = torch.randn(D, device=DEVICE), torch.randn(D, device=DEVICE)
     cos, sin = rope_cos_sin(torch.randint(0, 100, (B, T), device=DEVICE), D, 1e4, torch.float32)
     got_q, got_k = qk_norm_rope_triton(q, k, qw, kw, cos, sin, 1e-6)
-    exact = qk_norm_rope_torch(*(t.double() for t in (q, k, qw, kw, cos, sin)), 1e-6)
-    torch_q, _ = qk_norm_rope_torch(q, k, qw, kw, cos, sin, 1e-6)
+    exact = qk_norm_rope(*(t.double() for t in (q, k, qw, kw, cos, sin)), 1e-6)
+    torch_q, _ = qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
     assert got_q.dtype == got_k.dtype == torch_q.dtype == torch.float32
     for g, w in zip((got_q, got_k), exact):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)

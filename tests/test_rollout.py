@@ -221,11 +221,10 @@ def test_sampler_draws_from_the_distribution_whose_logprobs_it_returns(temperatu
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     tokens, logprobs = rollout.sample(logits.expand(n, -1), params,
                                       torch.Generator().manual_seed(0))
-    p = torch.zeros_like(logits)
-    p[tokens] = logprobs.exp()             # every draw of a token returns the same logprob
     kept = keep_mask_reference(logits[None].double(), temperature, top_k, top_p)[0]
     expected = (logits.double() / temperature).masked_fill(~kept, float("-inf")).softmax(-1)
-    torch.testing.assert_close(p.double(), expected.where(p > 0, 0.0), atol=1e-6, rtol=0)
+    # every draw's logprob is its token's under the truncated distribution (-inf if dropped)
+    torch.testing.assert_close(logprobs.double(), expected.log()[tokens], atol=1e-6, rtol=0)
     freq = torch.bincount(tokens, minlength=len(logits)).double() / n
     assert (freq[~kept] == 0).all(), "drew a token outside the top-k/top-p set"
     stderr = (expected * (1 - expected) / n).sqrt()
