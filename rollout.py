@@ -42,13 +42,14 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    In steady state every step is pure decode, and the engine runs such steps in bursts (8).
 
 4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
-   draw with one seeded torch.Generator. The logprob returned for a token is its log-probability
+   draw (kernels.draw: torch.multinomial with a torch.Generator seeded by `seed`; on the GPU one
+   Triton kernel, Gumbel-max with Philox numbers keyed by the same seed). The logprob returned for a token is its log-probability
    under exactly that truncated, renormalized distribution. At temperature 1 with no truncation it
    equals log_softmax of the training forward's logits, which is what GRPO's ratio and MOPD's
    mismatch weights compare against. temperature == 0 is greedy (argmax); since the point mass it
    samples from has logprob 0, we return log_softmax of the raw logits instead, the useful number.
-   Same seed, prompts, parameters and engine settings -> same samples (the order of random draws
-   depends on the schedule, which is deterministic). A sequence stops ("stop") at a stop token or
+   Same seed, prompts, parameters and engine settings -> same samples on the same device (the
+   order of random draws depends on the schedule, which is deterministic). A sequence stops ("stop") at a stop token or
    when its text comes to contain a stop string (decoding only its last few tokens), or at
    max_new_tokens ("length"); the stopping token is kept, with its logprob.
 
@@ -58,9 +59,13 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    uncached tokens, prefilled next step like a prompt chunk. None or [] ends the sequence ("stop").
    Responses never exceed max_new_tokens tokens in total (appended tokens count, and are cut to fit).
 
-6. CUDA graphs (GPU only, `cuda_graphs`, default on for CUDA): a decode-only step does the same work
-   for any batch of the same size, so its forward is captured once per padded batch size (1, 2, 4,
-   8, 16, 32, ...) and replayed, which removes the launch overhead of hundreds of small kernels.
+6. CUDA graphs (GPU only, `cuda_graphs`, default on for CUDA). A decode step (8) does the same work
+   for any batch of the same size, so the whole of it (slots, forward, draw, and the update of its
+   inputs for the next step) is captured once per padded batch size (1, 2, 4, 8, 16, 32, ...) and
+   sampling setting, and replayed: one launch instead of a few hundred small kernels, and no host
+   work between the steps of a burst. The draw can live in a graph because on the GPU it is one
+   Triton kernel whose random key, [seed, step], is read from device memory and moved on inside
+   the graph (kernels/sampling.py); a torch.Generator would replay the same numbers every time.
    Graphs stay valid while the parameters keep their storage (optimizers update in place); if
    parameters are reallocated, or a model's forward cannot be captured, we re-capture or fall back.
 
@@ -72,14 +77,15 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    per sequence (schedule, tables, reading the sampled tokens back, appending them), which at
    batch 2048 is several milliseconds: far more than the GPU needs for the step. So when every
    running sequence just decodes and no waiting one could join, the engine reserves blocks for
-   the next k tokens of each, runs k steps back to back on the device (each feeds the token the
-   last one sampled; the block tables and positions never leave the device), and reads the k x S
-   tokens back once. Then each sequence keeps its tokens up to its first stop, tool call or
-   max_new_tokens; a sequence that ended early decoded junk for the rest of the burst, into its
-   own blocks, which is the price (at most k - 1 steps per sequence; k is cut to the longest
-   remaining response). New sequences join at the next burst boundary. The samples are the same
-   as with one step per sync (decode_burst=1) for greedy decoding; sampled ones draw their random
-   numbers in a different order, so they differ, with the same distribution.
+   the next k tokens of each, copies the tokens, positions and block tables to the device once,
+   and runs k steps back to back there (`_decode_step`: each feeds the token the last one sampled,
+   at the next position), then reads the k x S tokens back once. Each sequence keeps its tokens
+   up to its first stop, tool call or max_new_tokens; a sequence that ended early decoded junk
+   for the rest of the burst, into its own blocks, which is the price (at most k - 1 steps per
+   sequence; k is cut to the longest remaining response). New sequences join at the next burst
+   boundary. decode_burst=1 syncs after every step. The samples are the same for any decode_burst
+   with greedy decoding; sampled ones draw their random numbers in a different order, so they
+   differ, with the same distribution.
 """
 import gc
 import warnings
@@ -92,6 +98,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common import full_parameters, is_sharded
+from kernels import draw
 from kernels.paged_attention import paged_decode_attention
 
 
@@ -151,24 +158,24 @@ class BlockAllocator:
             self.free.append(block)
 
 
-def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generator):
-    """One token per row, and its logprob under the distribution it was drawn from (docstring, 4)."""
-    logits = logits_R_V.float()
-    if params.temperature == 0:
-        tokens_R = logits.argmax(-1)
-        return tokens_R, logits.log_softmax(-1).gather(1, tokens_R[:, None])[:, 0]
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth_R1 = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_R1, float("-inf"))
-    if params.top_p < 1.0:
-        probs_sorted, order = logits.softmax(-1).sort(-1, descending=True)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop_sorted = probs_sorted.cumsum(-1) - probs_sorted >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    logprobs_R_V = logits.log_softmax(-1)
-    tokens_R = torch.multinomial(logprobs_R_V.exp(), 1, generator=generator)[:, 0]
-    return tokens_R, logprobs_R_V.gather(1, tokens_R[:, None])[:, 0]
+def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generator,
+           philox_2: Tensor | None = None):
+    """One token per row, and its logprob under the distribution it was drawn from (docstring, 4).
+    The draw is kernels.draw: torch.multinomial with `generator`, or, given philox_2 on a GPU, one
+    Triton kernel whose random key lives on the device (kernels/sampling.py)."""
+    temperature = params.temperature
+    if temperature > 0 and (params.top_k > 0 or params.top_p < 1.0):
+        logits = logits_R_V.float() / temperature
+        if params.top_k > 0:
+            kth_R1 = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_R1, float("-inf"))
+        if params.top_p < 1.0:
+            probs_sorted, order = logits.softmax(-1).sort(-1, descending=True)
+            # drop a token when the tokens ranked above it already hold top_p of the mass
+            drop_sorted = probs_sorted.cumsum(-1) - probs_sorted >= params.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        logits_R_V, temperature = logits, 1.0   # (already divided)
+    return draw(logits_R_V, temperature, generator, philox_2)
 
 
 def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode) -> bool:
@@ -205,6 +212,8 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
                  decode_burst: int = 16):
+        if decode_burst < 1:
+            raise ValueError(f"rollout.py: decode_burst={decode_burst} must be >= 1 (1: a host sync per step)")
         cfg = model.config
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.max_batch_tokens, self.max_seqs, self.decode_burst = max_batch_tokens, max_seqs, decode_burst
@@ -216,6 +225,9 @@ class Engine:
             else cuda_graphs
         self.k_cache = self.v_cache = None
         self.graphs, self.graph_pool, self.graph_key = {}, None, None
+        # the Triton sampler's random key [seed, step] (kernels/sampling.py), at one fixed address
+        # for the CUDA graphs to read
+        self.philox_2 = torch.zeros(2, dtype=torch.long, device=self.device)
         self.stats = {}
 
     def release(self):
@@ -342,40 +354,27 @@ class Engine:
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
         slots_N = self._slots(tables_S_M, seq_N, pos_N)
         ids_N = self._tensor(ids)
-        if num_decode == S:
-            return self._decode_logits(ids_N, pos_N, slots_N, tables_S_M)[last]
         meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
-        # chunks: pad to [P, T] queries over [P, C] context positions
-        p = slice(num_decode, S)
-        T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
-        t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
-        meta.valid_P_T = t_T < num_new_S[p, None]
-        meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
-        # a padding token pretends to sit at position 0 so that its softmax row is not empty
-        pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
-        meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
-        meta.slots_P_C = self._slots(tables_S_M, torch.arange(num_decode, S, device=dev)[:, None], c_C)
+        if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
+            p = slice(num_decode, S)
+            T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
+            t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
+            meta.valid_P_T = t_T < num_new_S[p, None]
+            meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
+            # a padding token pretends to sit at position 0 so that its softmax row is not empty
+            pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
+            meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
+            meta.slots_P_C = self._slots(tables_S_M, torch.arange(num_decode, S, device=dev)[:, None], c_C)
         logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
                                logits_index=self._tensor(last))
         return logits
-
-    def _decode_logits(self, ids_S: Tensor, pos_S: Tensor, slots_S: Tensor, tables_S_M: Tensor) -> Tensor:
-        """A decode-only step, one token per sequence: a CUDA graph replay where there is one, else
-        an eager forward. Everything stays on the device: no host sync."""
-        if self.use_graphs:
-            logits = self._replay_graph(ids_S, pos_S, slots_S, tables_S_M, pos_S + 1)
-            if logits is not None:
-                return logits
-        meta = StepMeta(slots_S, len(ids_S), tables_S_M, (pos_S + 1).int())
-        return self.model(ids_S[None], pos_S[None], attention=self._attention(meta),
-                          logits_index=torch.arange(len(ids_S), device=self.device))[0]
 
     # ---- decode bursts: k decode steps with one host sync
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
         now (no seat under max_seqs, or no room in the pool): nothing for the host to decide."""
-        if self.decode_burst < 2 or not running or len(running) > self.max_batch_tokens:
+        if not running or len(running) > self.max_batch_tokens:
             return False
         if any(len(seq.tokens) - seq.num_cached != 1 for seq in running):
             return False
@@ -404,21 +403,58 @@ class Engine:
         seqs = list(running)
         if not seqs:
             return [], None, None
-        tables_S_M, seq_S = self._block_tables(seqs), torch.arange(len(seqs), device=dev)
-        pos_S = self._tensor([seq.num_cached for seq in seqs])
-        last_S = self._tensor([last_pos(seq) for seq in seqs])
-        ids_S = self._tensor([seq.tokens[-1] for seq in seqs])
-        tokens_k_S = torch.empty(k, len(seqs), dtype=torch.long, device=dev)
-        logprobs_k_S = torch.empty(k, len(seqs), device=dev)
-        for j in range(k):
-            p_S = torch.minimum(pos_S + j, last_S)   # past its end a sequence rewrites its last slot
-            logits_S_V = self._decode_logits(ids_S, p_S, self._slots(tables_S_M, seq_S, p_S), tables_S_M)
-            ids_S, logprobs_k_S[j] = sample(logits_S_V, params, generator)
-            tokens_k_S[j] = ids_S
+        S = len(seqs)
+        st, graph = self._decode_state(S, params, generator)
+        n = len(st["ids"])   # S, or S padded up to the CUDA graph's size
+        # the burst's inputs, in two copies to the device; padding rows feed token 0 at position 0
+        # through block table row 0...: slot 0, the null block, with a context of 1
+        ids_pos_last = np.zeros((3, n), dtype=np.int64)
+        ids_pos_last[:, :S] = [[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
+                               [last_pos(seq) for seq in seqs]]
+        tables = np.zeros((n, self.tables.shape[1]), dtype=np.int32)
+        tables[:S] = self.tables[[seq.row for seq in seqs]]
+        st["ids_pos_last"].copy_(torch.from_numpy(ids_pos_last))
+        st["tables"][:, :tables.shape[1]].copy_(torch.from_numpy(tables))
+        st["j"].zero_()
+        for _ in range(k):
+            if graph is None:
+                self._decode_step(st, params, generator)
+            else:
+                graph.replay()
         self.stats["steps"] += k
-        self.stats["forward_tokens"] += k * len(seqs)
+        self.stats["graph_steps"] += k if graph is not None else 0
+        self.stats["forward_tokens"] += k * S
         # the burst's one sync (numpy: its tolist is several times faster than a tensor's)
-        return seqs, tokens_k_S.T.contiguous().cpu().numpy(), logprobs_k_S.T.contiguous().cpu().numpy()
+        return (seqs, st["tokens"][:k, :S].T.contiguous().cpu().numpy(),
+                st["logprobs"][:k, :S].T.contiguous().cpu().numpy())
+
+    def _decode_step(self, st: dict, params: SamplingParams, generator: torch.Generator):
+        """One step of a burst, all of it on the device, so that one CUDA graph holds it whole: each
+        row feeds its token at its position (its k/v written to the slot there), samples the next
+        token into row j of the burst's outputs, and that token and position + 1 (up to its last)
+        are the next step's input."""
+        pos_S = st["pos"]
+        meta = StepMeta(self._slots(st["tables"], st["rows"], pos_S), len(pos_S), st["tables"],
+                        (pos_S + 1).int())
+        logits_S_V = self.model(st["ids"][None], pos_S[None], attention=self._attention(meta),
+                                logits_index=st["rows"])[0]
+        tokens_S, logprobs_S = sample(logits_S_V, params, generator, self.philox_2)
+        st["tokens"].index_copy_(0, st["j"], tokens_S[None])
+        st["logprobs"].index_copy_(0, st["j"], logprobs_S[None])
+        st["ids"].copy_(tokens_S)
+        torch.minimum(pos_S + 1, st["last"], out=pos_S)   # past its end a sequence rewrites its last slot
+        st["j"] += 1
+
+    def _new_state(self, n: int, width: int) -> dict:
+        """Device buffers for a burst of n rows: its inputs (ids, pos, last: one [3, n] tensor, so one
+        copy fills them), block tables [n, width], and the k sampled tokens and logprobs."""
+        dev = self.device
+        ids_pos_last = torch.zeros(3, n, dtype=torch.long, device=dev)
+        return dict(ids_pos_last=ids_pos_last, ids=ids_pos_last[0], pos=ids_pos_last[1], last=ids_pos_last[2],
+                    tables=torch.zeros(n, width, dtype=torch.int32, device=dev),
+                    rows=torch.arange(n, device=dev), j=torch.zeros(1, dtype=torch.long, device=dev),
+                    tokens=torch.zeros(self.decode_burst, n, dtype=torch.long, device=dev),
+                    logprobs=torch.zeros(self.decode_burst, n, device=dev))
 
     def _attention(self, meta: StepMeta):
         """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
@@ -446,51 +482,39 @@ class Engine:
             return out_N_Hq_D.transpose(0, 1)[None]
         return attention
 
-    # ---- CUDA graphs for decode-only steps
+    # ---- CUDA graphs: a burst's decode step, captured once per padded batch size
 
-    def _replay_graph(self, ids_N, pos_N, slots_N, tables_S_M, context_lens_S) -> Tensor | None:
-        S = len(ids_N)
-        size = 1 << (S - 1).bit_length()            # pad the batch to the next power of two
-        if size > self.max_seqs or size not in self.graphs and not self._capture(size):
-            return None
-        graph, st = self.graphs[size]
-        # padding rows: token 0 at position 0, written to slot 0 (the null block), context 1;
-        # their block table rows keep stale ids, which are valid blocks, and only entry 0 is read
-        st["ids"][0, :S], st["ids"][0, S:] = ids_N, 0
-        st["pos"][0, :S], st["pos"][0, S:] = pos_N, 0
-        st["slots"][:S], st["slots"][S:] = slots_N, 0
-        st["tables"][:S, :tables_S_M.shape[1]] = tables_S_M
-        st["lens"][:S], st["lens"][S:] = context_lens_S, 1
-        graph.replay()
-        self.stats["graph_steps"] += 1
-        return st["logits"][:S]
+    def _decode_state(self, S: int, params: SamplingParams, generator: torch.Generator):
+        """The buffers for a burst of S sequences, and the CUDA graph that runs its step on them
+        (S padded to the next power of two), or fresh buffers of S rows and None, to run eagerly."""
+        if self.use_graphs:
+            size = 1 << (S - 1).bit_length()
+            key = (size, self.decode_burst, params.temperature, params.top_k, params.top_p)
+            if size <= self.max_seqs and (key in self.graphs or self._capture(key, params, generator)):
+                return self.graphs[key]
+        return self._new_state(S, self.tables.shape[1]), None
 
-    def _capture(self, size: int) -> bool:
-        dev, width = self.device, self._blocks_for(self.max_len)
-        st = dict(ids=torch.zeros(1, size, dtype=torch.long, device=dev),
-                  pos=torch.zeros(1, size, dtype=torch.long, device=dev),
-                  slots=torch.zeros(size, dtype=torch.long, device=dev),
-                  tables=torch.zeros(size, width, dtype=torch.int32, device=dev),
-                  lens=torch.ones(size, dtype=torch.int32, device=dev),
-                  index=torch.arange(size, device=dev))
-        attention = self._attention(StepMeta(st["slots"], size, st["tables"], st["lens"]))
-        def run():
-            return self.model(st["ids"], st["pos"], attention=attention, logits_index=st["index"])[0]
+    def _capture(self, key: tuple, params: SamplingParams, generator: torch.Generator) -> bool:
+        dev = self.device
+        st = self._new_state(key[0], self._blocks_for(self.max_len))   # zeros: every row writes slot 0
+        rng = self.philox_2.clone()   # the warm-up draws; they must not move this call's random numbers
         try:
             side = torch.cuda.Stream(dev)   # warm up (Triton compiles, allocator settles) off the main stream
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                run()
+                self._decode_step(st, params, generator)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                st["logits"] = run()
+                self._decode_step(st, params, generator)
         except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
             warnings.warn(f"rollout.py: CUDA graph capture failed, decoding eagerly: {e!r}")
             self.use_graphs = False
             return False
+        finally:
+            self.philox_2.copy_(rng)
         self.graph_pool = graph.pool()
-        self.graphs[size] = (graph, st)
+        self.graphs[key] = (st, graph)
         return True
 
     # ---- the public entry point
@@ -546,6 +570,7 @@ class Engine:
     def _generate(self, prompts, params, n, seed, env_hook, decode, longest) -> list[list[Sample]]:
         alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.philox_2.copy_(torch.tensor([seed % 2**32, 0]))
         self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0)
         groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
                   for i, p in enumerate(prompts)]
@@ -599,7 +624,7 @@ class Engine:
                 seq.children = []
             rows.append(r)
             seqs.append(seq)
-        tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator)
+        tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator, self.philox_2)
         for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
             accept(seq, token, logprob)
 

@@ -1,4 +1,4 @@
-"""How many kernels one decode step's forward launches on the GPU path, counted on any machine.
+"""How many kernels one decode step launches on the GPU path, counted on any machine.
 
     python bench/decode_launches.py                      # configs/bench.json in bf16
     python bench/decode_launches.py --config configs/tiny.json
@@ -6,12 +6,14 @@
 At batch 256 a decode step is mostly small kernels, each costing a few microseconds of launch and
 ramp-up even inside a CUDA graph, so their number matters as much as their speed. On a GPU,
 `bench/rollout.py`'s decode-step profile counts them directly. This script counts them anywhere:
-it runs one decode forward through the engine's attention callable on the CPU, under a
-TorchDispatchMode that records every aten kernel (views and allocations excluded), and counts
-the pieces that are Triton on the GPU as the launches they make there: routing 3, a grouped GEMM 1,
-the combine 1, paged attention 1, QK-norm + RoPE 1 (their torch equivalents compute the values,
-uncounted). `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then);
-otherwise its decomposition is counted. The table is per op, for the whole forward.
+it runs one step of a decode burst (`Engine._decode_step`: the forward through the engine's
+attention callable, the draw, and the bookkeeping that feeds the next step, which is all that a
+CUDA graph replays) on the CPU, under a TorchDispatchMode that records every aten kernel (views and
+allocations excluded), and counts the pieces that are Triton on the GPU as the launches they make
+there: routing 3, a grouped GEMM 1, the combine 1, paged attention 1, QK-norm + RoPE 1, the draw 2
+(the kernel and its key's step + 1); their torch equivalents compute the values, uncounted.
+`F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then); otherwise its
+decomposition is counted. The table is per op, for the whole step.
 """
 import argparse
 import collections
@@ -25,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import rollout  # noqa: E402
+from kernels.sampling import draw_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_KERNELS = {"empty.memory_format", "empty_strided.default", "empty_like.default",
@@ -79,6 +82,8 @@ def main():
         (fused_rms_norm if weight is None or weight.dtype == x.dtype else rms_norm)(x, shape, weight, eps))
     model.use_triton = lambda t: True   # (model.py asks only to choose the kernel below)
     model.qk_norm_rope_triton = counted_as(model.qk_norm_rope, 1, "triton QK-norm + RoPE", counter)
+    rollout.draw = counted_as(lambda logits, t, generator, philox_2: draw_reference(logits, t, generator),
+                              2, "triton draw (kernel, step + 1)", counter)
 
     torch.manual_seed(0)
     config = model.ModelConfig.from_json(args.config)
@@ -86,20 +91,22 @@ def main():
     engine = rollout.Engine(net, num_blocks=args.batch + 1, cuda_graphs=False)
     engine._ensure_pool(args.batch + 1)
     S = args.batch   # sequence s: one cached block (block s + 1), its new token at position 4
-    meta = rollout.StepMeta(slots_N=(torch.arange(S) + 1) * engine.block_size + 4, num_decode=S,
-                            block_tables_S_M=torch.arange(1, S + 1, dtype=torch.int32)[:, None],
-                            context_lens_S=torch.full((S,), 5, dtype=torch.int32))
-    ids_1_S = torch.randint(0, config.vocab_size, (1, S))
+    st = engine._new_state(S, 1)
+    st["tables"].copy_(torch.arange(1, S + 1, dtype=torch.int32)[:, None])
+    st["pos"].fill_(4)
+    st["last"].fill_(4)
+    st["ids"].copy_(torch.randint(0, config.vocab_size, (S,)))
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        forward = lambda: net(ids_1_S, torch.full((1, S), 4), attention=engine._attention(meta),
-                              logits_index=torch.arange(S))
-        forward()   # (first calls may set things up)
+        step = lambda: engine._decode_step(st, rollout.SamplingParams(temperature=1.0), generator)
+        step()   # (first calls may set things up)
+        st["j"].zero_()
         counter.counts.clear()
         with counter:
-            forward()
+            step()
     total, layers = sum(counter.counts.values()), config.num_hidden_layers
-    print(f"{os.path.basename(args.config)}: {total} kernel launches per decode forward, "
-          f"{total / layers:.1f} per layer ({layers} layers)")
+    print(f"{os.path.basename(args.config)}: {total} kernel launches per decode step (forward, draw and "
+          f"bookkeeping), {total / layers:.1f} per layer ({layers} layers)")
     for name, n in counter.counts.most_common():
         print(f"{n:6d}  {name}")
 

@@ -34,8 +34,9 @@ step: how many kernels it launches and which take the GPU's time (decode_profile
 
 Host cost. The last table runs the engine over a stub model that does no math (zero logits over 16
 tokens): what is left is the engine's own bookkeeping per decode step (scheduling, block tables,
-sampling, appending tokens), which the GPU waits for unless it is small next to the step. Measured
-with one host sync per step (decode_burst=1) and per burst of 16.
+sampling, appending tokens, and on a GPU a CUDA graph replay per step), which the GPU waits for
+unless it is small next to the step. Measured with one host sync per step (decode_burst=1) and per
+burst of 16.
 """
 import argparse
 import os
@@ -145,8 +146,7 @@ def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
     stub = StubModel(config, device)
     for B in batch_sizes:
         for burst in (1, 16):
-            engine = Engine(stub, max_seqs=B, max_batch_tokens=max(16384, B * prompt_len), cuda_graphs=False,
-                            decode_burst=burst)
+            engine = Engine(stub, max_seqs=B, max_batch_tokens=max(16384, B * prompt_len), decode_burst=burst)
             run = lambda: engine.generate([[1] * prompt_len] * B, SamplingParams(max_new_tokens=new_tokens))
             run()   # warm: the pool is allocated
             seconds, _ = timed(run, device)
@@ -156,19 +156,20 @@ def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
 
 
 def decode_profile(model, B, context, device, steps=10, top=12):
-    """Where one decode step's time goes: torch.profiler over `steps` eager decode steps (forward
-    + sampling) of B sequences at `context` cached tokens. Eager runs the same kernels as the CUDA
+    """Where one decode step's time goes: torch.profiler over `steps` eager decode steps (the whole
+    step a CUDA graph holds: forward, sampling, bookkeeping) of B sequences at `context` cached tokens. Eager runs the same kernels as the CUDA
     graph, so the kernel count and the kernel times are the graph's; what eager adds, the gaps
     between launches, is left out. On the CPU: aten ops instead of kernels."""
-    engine = Engine(model, max_seqs=B, cuda_graphs=False)
+    engine = Engine(model, max_seqs=B, cuda_graphs=False, decode_burst=steps + 1)
     blocks = -(-context // engine.block_size)
     engine._ensure_pool(B * blocks + 1)
-    tables_S_M = torch.arange(1, B * blocks + 1, device=device, dtype=torch.int32).view(B, blocks)
-    pos_S = torch.full((B,), context - 1, device=device)
-    slots_S = engine._slots(tables_S_M, torch.arange(B, device=device), pos_S)
-    ids_S = torch.randint(0, model.config.vocab_size, (B,), device=device)
+    st = engine._new_state(B, blocks)   # sequence s: blocks s*blocks+1..., fed at its last position
+    st["tables"].copy_(torch.arange(1, B * blocks + 1, device=device, dtype=torch.int32).view(B, blocks))
+    st["pos"].fill_(context - 1)
+    st["last"].fill_(context - 1)
+    st["ids"].copy_(torch.randint(0, model.config.vocab_size, (B,), device=device))
     generator = torch.Generator(device).manual_seed(0)
-    step = lambda: sample(engine._decode_logits(ids_S, pos_S, slots_S, tables_S_M), SamplingParams(), generator)
+    step = lambda: engine._decode_step(st, SamplingParams(), generator)
     with torch.no_grad():
         step()
         sync(device)

@@ -1,22 +1,26 @@
 """The one place that chooses between the Triton kernels and their plain-torch references.
 
-    from kernels import route, grouped_mm, combine, Routing, use_triton
+    from kernels import route, grouped_mm, combine, draw, Routing, use_triton
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
 torch references run: they are the same math, slower, and work on any device. Both paths return the
-same values, so model code calls these three functions and never asks which one it got. The rule
-itself is `use_triton`: model.py asks it once more, for the forward-only QK-norm + RoPE kernel
-(kernels/qk_norm_rope.py), which it takes only when decoding through a KV cache without gradients.
+same values, so model code calls these functions and never asks which one it got. One exception is
+`draw`, the sampler: its two paths draw from the same distribution and return the same logprobs,
+but from different random numbers (kernels/sampling.py). The rule itself is `use_triton`: model.py
+asks it once more, for the forward-only QK-norm + RoPE kernel (kernels/qk_norm_rope.py), which it
+takes only when decoding through a KV cache without gradients.
 """
 import os
 
+import torch
 from torch import Tensor
 
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
 from kernels.routing import Routing, combine_reference, combine_triton, route_reference, route_triton
+from kernels.sampling import draw_reference, draw_triton
 
-__all__ = ["Routing", "route", "grouped_mm", "combine", "use_triton"]
+__all__ = ["Routing", "route", "grouped_mm", "combine", "draw", "use_triton"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -42,3 +46,11 @@ def combine(y_M_H: Tensor, weights_N_K: Tensor, unsort_idx: Tensor) -> Tensor:
     """Expert-sorted rows back to token order, summed with the routing weights. See kernels/routing.py."""
     fn = combine_triton if use_triton(y_M_H) else combine_reference
     return fn(y_M_H, weights_N_K, unsort_idx)
+
+
+def draw(logits_R_V: Tensor, temperature: float, generator: torch.Generator, philox_2: Tensor | None):
+    """A token per row from softmax(logits / temperature) (argmax at 0), with its logprob. The torch
+    path draws with `generator`; the kernel (which needs philox_2) with Philox. See kernels/sampling.py."""
+    if philox_2 is not None and use_triton(logits_R_V):
+        return draw_triton(logits_R_V, temperature, philox_2)
+    return draw_reference(logits_R_V, temperature, generator)

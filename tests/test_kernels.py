@@ -20,6 +20,7 @@ import kernels
 from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 from kernels.routing import combine_reference, combine_triton, route_reference, route_triton
+from kernels.sampling import draw_reference, draw_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The exact-math tests below run on the GPU when there is one (compiled kernels, fp32 "ieee" dots),
@@ -322,6 +323,58 @@ def test_the_model_uses_it_only_to_decode_without_grad(monkeypatch):
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------
+# Drawing tokens (the rollout engine's sampler)
+
+@pytest.mark.parametrize("logits,temperature,rows", [
+    ([2.0, 1.5, 1.0, float("-inf"), 0.0, -0.5, -1.0, -3.0], 0.5, 40_000),   # one tile; a truncated token
+    # 130 columns: three interpreter tiles, with the likely tokens at both ends of the first two
+    ({5: 0.0, 63: 0.5, 64: 1.0, 129: -0.5}, 1.0, 2_000)])
+def test_draw_samples_the_distribution_whose_logprobs_it_returns(logits, temperature, rows):
+    """Counting: each token's frequency is within 5 standard errors of softmax(logits / T), a -inf
+    (truncated) token is never drawn, and every logprob is its token's log_softmax. The one-pass
+    Gumbel-max argmax and online normalizer must carry across tiles for the second row."""
+    if isinstance(logits, dict):
+        row = torch.full((130,), float("-inf"))
+        row[list(logits)] = torch.tensor(list(logits.values()))
+    else:
+        row = torch.tensor(logits)
+    philox_2 = torch.tensor([7, 0], device=DEVICE)
+    tokens, logprobs = draw_triton(row.to(DEVICE).expand(rows, -1), temperature, philox_2)
+    assert philox_2.tolist() == [7, 1], "a draw moves the key on by one step"
+    tokens = tokens.cpu()
+    expected = (row.double() / temperature).softmax(-1)
+    torch.testing.assert_close(logprobs.cpu().double(), expected.log()[tokens], atol=1e-5, rtol=0)
+    freq = torch.bincount(tokens, minlength=len(row)).double() / rows
+    assert (freq[expected == 0] == 0).all()
+    stderr = (expected * (1 - expected) / rows).sqrt()
+    assert ((freq - expected).abs() <= 5 * stderr + 1e-12).all(), (freq[expected > 0], expected[expected > 0])
+
+
+def test_draw_keys_greedy_and_wide_rows():
+    """Same key, same draws; the next step or another seed, other draws. Over a 3000-token vocabulary
+    (several tiles on any device): the logprob is log_softmax's, and temperature 0 is torch's argmax,
+    the lowest column among ties (in one tile or in two), with the logprob of the untempered row."""
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 3000) * 3).to(DEVICE)
+    logits[1, [700, 2900]] = logits[2, [10, 11]] = 50.0   # ties across tiles (any device's), within one
+    key = lambda seed, step: torch.tensor([seed, step], device=DEVICE)
+    a, lp_a = draw_triton(logits, 1.0, key(3, 5))
+    b, _ = draw_triton(logits, 1.0, key(3, 5))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, draw_triton(logits, 1.0, key(3, 6))[0])
+    assert not torch.equal(a, draw_triton(logits, 1.0, key(4, 5))[0])
+    log_softmax = logits.double().log_softmax(-1)
+    torch.testing.assert_close(lp_a.double(), log_softmax.gather(1, a[:, None])[:, 0], atol=1e-5, rtol=0)
+    philox_2 = key(3, 5)
+    greedy, lp = draw_triton(logits * 2, 0.0, philox_2)
+    assert torch.equal(greedy, logits.argmax(-1)) and greedy[1] == 700 and greedy[2] == 10
+    assert philox_2.tolist() == [3, 5], "greedy draws no random numbers"
+    want, want_lp = draw_reference(logits * 2, 0.0, None)
+    assert torch.equal(greedy, want)
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=0)
+
+
 def test_dispatch(monkeypatch):
     """kernels.route / kernels.grouped_mm take the Triton path under NANOCASCADE_TRITON=1 and the
     torch reference otherwise (CPU tensors)."""
@@ -344,6 +397,14 @@ def test_dispatch(monkeypatch):
     assert kernels.combine(x, x, x) == "triton"
     monkeypatch.delenv("NANOCASCADE_TRITON")
     assert kernels.combine(x, x, x) == "torch"
+    # draw: the kernel needs the device key as well
+    monkeypatch.setattr(kernels, "draw_triton", lambda *a: "triton")
+    monkeypatch.setattr(kernels, "draw_reference", lambda *a: "torch")
+    philox_2 = torch.zeros(2, dtype=torch.long)
+    assert kernels.draw(x, 1.0, None, philox_2) == "torch"
+    monkeypatch.setenv("NANOCASCADE_TRITON", "1")
+    assert kernels.draw(x, 1.0, None, philox_2) == "triton"
+    assert kernels.draw(x, 1.0, None, None) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +457,11 @@ def compile_all_for_h100():
                       dict(q_ptr="*bf16", k_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16", cos_ptr="*bf16",
                            sin_ptr="*bf16", q_out_ptr="*bf16", k_out_ptr="*bf16", eps="fp32"),
                       dict(HQ=8, HKV=2, D=64, HALF=32, BLOCK_H=8, BLOCK_I=32))
+    import kernels.sampling as sm
+    for greedy in (False, True):
+        _compile_for_h100(sm._draw_kernel, dict(logits_ptr="*bf16", scale="fp32", philox_ptr="*i64",
+                                                tokens_ptr="*i64", logprobs_ptr="*fp32"),
+                          dict(V=8192, GREEDY=greedy, BLOCK_R=1, BLOCK_V=2048))
     _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
                                                base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
     _compile_for_h100(rt._permute_kernel, dict(experts_ptr="*i64", base_ptr="*i32", sort_ptr="*i64",
