@@ -9,8 +9,9 @@ Read top to bottom:
                    is how the rollout engine runs these very layers over its paged KV cache (and
                    then, on the GPU, QK-norm + RoPE run as one kernel: kernels/qk_norm_rope.py).
   4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
-                   copies sorted by expert -> weighted sum back in token order; plus the
-                   Switch/Qwen3-MoE load-balancing loss. Some layers may be dense SwiGLU MLPs.
+                   copies sorted by expert (without gradients, on the GPU, the SwiGLU runs inside
+                   the first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
+                   load-balancing loss. Some layers may be dense SwiGLU MLPs.
   5. Transformer   embeddings, the blocks, final norm, LM head; save/load in the Hugging Face
                    layout (config.json + model.safetensors) so that `transformers` loads what we
                    save and we load what it saves (tests/test_model.py checks both ways).
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import atomic_dir
-from kernels import combine, grouped_mm, route, use_triton
+from kernels import combine, grouped_mm, grouped_swiglu, route, use_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 
 # ----------------------------------------------------------------------------------------------
@@ -265,11 +266,14 @@ class MoE(nn.Module):
         x_N_H = x_B_T_H.reshape(-1, H)
         N = x_N_H.shape[0]
         r = route(self.gate(x_N_H), self.K, self.norm_topk_prob)     # (softmax in fp32 inside)
-        token_of_row_M = r.sort_idx // self.K                      # row j of sorted copies -> token
-        h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, token_of_row_M,
-                            r.unsort_idx.view(N, self.K))          # token -> rows of its copies
-        gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
-        y_M_H = grouped_mm(F.silu(gate_M_I) * up_M_I, self.experts["down_proj"], r.offsets_E1)
+        if torch.is_grad_enabled():
+            h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, r.token_M,
+                                r.unsort_idx.view(N, self.K))      # token -> rows of its copies
+            gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
+            act_M_I = F.silu(gate_M_I) * up_M_I
+        else:   # the same, with SwiGLU in the GEMM's epilogue on the GPU (forward only)
+            act_M_I = grouped_swiglu(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, r.token_M)
+        y_M_H = grouped_mm(act_M_I, self.experts["down_proj"], r.offsets_E1)
         # back to token order (copy index = token*K + k), summed with the routing weights
         out_N_H = combine(y_M_H, r.weights_N_K, r.unsort_idx)
         # Load balancing (Switch Transformer eq. 4, Qwen3-MoE's form): E * sum_e f_e * P_e, with

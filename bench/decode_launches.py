@@ -10,7 +10,7 @@ it runs one step of a decode burst (`Engine._decode_step`: the forward through t
 attention callable, the draw, and the bookkeeping that feeds the next step, which is all that a
 CUDA graph replays) on the CPU, under a TorchDispatchMode that records every aten kernel (views and
 allocations excluded), and counts the pieces that are Triton on the GPU as the launches they make
-there: routing 3, a grouped GEMM 1, the combine 1, paged attention 1, QK-norm + RoPE 1, the draw 2
+there: routing 3, a grouped GEMM 1 (with SwiGLU in its epilogue too), the combine 1, paged attention 1, QK-norm + RoPE 1, the draw 2
 (the kernel and its key's step + 1); their torch equivalents compute the values, uncounted.
 `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then); otherwise its
 decomposition is counted. The table is per op, for the whole step.
@@ -73,6 +73,7 @@ def main():
     counter = CountKernels()
     model.route = counted_as(model.route, 3, "triton routing (3 kernels)", counter)
     model.grouped_mm = counted_as(model.grouped_mm, 1, "triton grouped GEMM", counter)
+    model.grouped_swiglu = counted_as(model.grouped_swiglu, 1, "triton grouped GEMM + SwiGLU", counter)
     model.combine = counted_as(model.combine, 1, "triton combine", counter)
     rollout.paged_decode_attention = counted_as(rollout.paged_decode_attention, 1, "triton paged attention",
                                                 counter)

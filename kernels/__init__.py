@@ -1,6 +1,6 @@
 """The one place that chooses between the Triton kernels and their plain-torch references.
 
-    from kernels import route, grouped_mm, combine, draw, Routing, use_triton
+    from kernels import route, grouped_mm, grouped_swiglu, combine, draw, Routing, use_triton
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
@@ -16,11 +16,12 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
+from kernels.grouped_gemm import (grouped_mm_reference, grouped_mm_triton, grouped_swiglu_reference,
+                                  grouped_swiglu_triton)
 from kernels.routing import Routing, combine_reference, combine_triton, route_reference, route_triton
 from kernels.sampling import draw_reference, draw_triton
 
-__all__ = ["Routing", "route", "grouped_mm", "combine", "draw", "use_triton"]
+__all__ = ["Routing", "route", "grouped_mm", "grouped_swiglu", "combine", "draw", "use_triton"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -40,6 +41,13 @@ def grouped_mm(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
     if use_triton(x_M_K):
         return grouped_mm_triton(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)
     return grouped_mm_reference(x_M_K, w_E_K_N, offsets_E1, gather_idx_M)
+
+
+def grouped_swiglu(x_N_K: Tensor, w_E_K_2I: Tensor, offsets_E1: Tensor, gather_idx_M: Tensor) -> Tensor:
+    """silu(x[gather_idx] @ W_gate) * (x[gather_idx] @ W_up) per group, forward only (inference): on
+    the GPU one kernel, SwiGLU in the GEMM's epilogue. See kernels/grouped_gemm.py."""
+    fn = grouped_swiglu_triton if use_triton(x_N_K) else grouped_swiglu_reference
+    return fn(x_N_K, w_E_K_2I, offsets_E1, gather_idx_M)
 
 
 def combine(y_M_H: Tensor, weights_N_K: Tensor, unsort_idx: Tensor) -> Tensor:

@@ -74,11 +74,11 @@ def _num_sms(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # Forward (and dX): Y[rows of group g] = A[rows] @ B[g], tile by tile.
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU"])
 @triton.jit
 def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
                        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_ym,
-                       N: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr,
+                       N: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                        PRECISION: tl.constexpr, FP32_MATH: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PER_SM: tl.constexpr):  # PER_SM only sizes the grid (see _grouped_mm)
@@ -105,17 +105,25 @@ def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
             a_rows = a_ptr + src.to(tl.int64)[:, None] * stride_am
             b_cols = b_ptr + g.to(tl.int64) * stride_be + cols[None, :] * stride_bn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N) if SWIGLU else (1, 1), dtype=tl.float32)
             # K is constexpr: a `for` loop with a static trip count, which Triton software-
             # pipelines (num_stages loads in flight) on the GPU.
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_rows + ks[None, :] * stride_ak,
                             mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-                b = tl.load(b_cols + ks[:, None] * stride_bk,
-                            mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+                b_ok = (ks[:, None] < K) & (cols[None, :] < N)
+                b = tl.load(b_cols + ks[:, None] * stride_bk, mask=b_ok, other=0.0)
                 if FP32_MATH:  # the interpreter's bf16 arithmetic is wrong: compute in fp32
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                if SWIGLU:  # the same rows times the up half of W[g], columns N + cols
+                    b_up = tl.load(b_cols + N * stride_bn + ks[:, None] * stride_bk, mask=b_ok, other=0.0)
+                    if FP32_MATH:
+                        b_up = b_up.to(tl.float32)
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            if SWIGLU:  # silu(gate) * up, in fp32, before the one rounding of the store
+                acc = acc * tl.sigmoid(acc) * acc_up
             y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < N))
             tile += P
@@ -124,9 +132,11 @@ def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
 
 
 def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tensor | None,
-                M: int) -> Tensor:
-    """Y [M, N] = grouped A @ B; A rows are a[gather_idx] when given (then a may have != M rows)."""
+                M: int, swiglu: bool = False) -> Tensor:
+    """Y [M, N] = grouped A @ B; A rows are a[gather_idx] when given (then a may have != M rows).
+    swiglu: B is [gate | up], 2N columns, and Y = silu(A @ gate) * (A @ up)."""
     E, K, N = b_E_K_N.shape
+    N = N // 2 if swiglu else N
     y = torch.empty(M, N, device=a.device, dtype=a.dtype)
     if M == 0:
         return y
@@ -138,7 +148,7 @@ def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tens
     _grouped_mm_kernel[grid](
         a, b_E_K_N, y, offsets_E1, gather_idx if gather_idx is not None else offsets_E1, E,
         a.stride(0), a.stride(1), *b_E_K_N.stride(), y.stride(0), N=N, K=K,
-        GATHER=gather_idx is not None, PRECISION=_precision(a), FP32_MATH=_interpreting())
+        GATHER=gather_idx is not None, SWIGLU=swiglu, PRECISION=_precision(a), FP32_MATH=_interpreting())
     return y
 
 
@@ -234,6 +244,13 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+def _autocast(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    if torch.is_autocast_enabled(x.device.type):  # a Triton kernel is invisible to autocast
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    return x, w.to(x.dtype)
+
+
 def grouped_mm_triton(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
                       gather_idx_M: Tensor | None = None, copies_N_K: Tensor | None = None) -> Tensor:
     """copies_N_K (optional, with gather_idx): row n lists the rows i with gather_idx[i] == n, every
@@ -243,13 +260,29 @@ def grouped_mm_triton(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
         f"grouped_mm: x {tuple(x_M_K.shape)} and w {tuple(w_E_K_N.shape)} need x [M, K], w [E, K, N]"
     assert offsets_E1.shape == (w_E_K_N.shape[0] + 1,), \
         f"grouped_mm: offsets {tuple(offsets_E1.shape)} must be [E+1] = [{w_E_K_N.shape[0] + 1}]"
-    if torch.is_autocast_enabled(x_M_K.device.type):  # a Triton kernel is invisible to autocast
-        dtype = torch.get_autocast_dtype(x_M_K.device.type)
-        x_M_K, w_E_K_N = x_M_K.to(dtype), w_E_K_N.to(dtype)
-    w_E_K_N = w_E_K_N.to(x_M_K.dtype)
+    x_M_K, w_E_K_N = _autocast(x_M_K, w_E_K_N)
     if copies_N_K is not None:
         assert gather_idx_M is not None and copies_N_K.shape[0] == x_M_K.shape[0] \
             and copies_N_K.numel() == gather_idx_M.shape[0], \
             f"grouped_mm: copies {tuple(copies_N_K.shape)} must be [tokens, copies per token] " \
             f"of the {gather_idx_M.shape[0] if gather_idx_M is not None else 0} gathered rows"
     return _GroupedMM.apply(x_M_K, w_E_K_N, offsets_E1, gather_idx_M, copies_N_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: the experts' first GEMM with SwiGLU in its epilogue.
+
+def grouped_swiglu_reference(x_N_K: Tensor, w_E_K_2I: Tensor, offsets_E1: Tensor, gather_idx_M: Tensor) -> Tensor:
+    gate_M_I, up_M_I = grouped_mm_reference(x_N_K, w_E_K_2I, offsets_E1, gather_idx_M).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate_M_I) * up_M_I
+
+
+def grouped_swiglu_triton(x_N_K: Tensor, w_E_K_2I: Tensor, offsets_E1: Tensor, gather_idx_M: Tensor) -> Tensor:
+    """silu(X @ W_gate) * (X @ W_up) per group, W = [gate | up] along its last dim, X = x[gather_idx]:
+    the forward kernel with two accumulators per tile, so that the [M, 2I] product is never written
+    and the activation costs no kernels of its own. Forward only (no autograd): the backward would
+    need the product it skips. In fp32 until one rounding, where the torch path rounds the product,
+    the silu and the multiply each: bf16 results can differ in the last bit."""
+    x, w = _autocast(x_N_K, w_E_K_2I)
+    assert w.shape[2] % 2 == 0, f"grouped_swiglu: w {tuple(w.shape)} must be [E, K, 2I]"
+    return _grouped_mm(x, w, offsets_E1, gather_idx_M, gather_idx_M.shape[0], swiglu=True)

@@ -6,9 +6,10 @@ A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router
     probs_N_E    fp32 softmax over experts (the aux loss needs all of it)
     weights_N_K  the top-k probabilities, renormalized to sum to 1 when norm_topk_prob (Qwen3-MoE)
     experts_N_K  the chosen expert ids, in descending weight order
-    counts_E, offsets_E1, sort_idx, unsort_idx
+    counts_E, offsets_E1, sort_idx, unsort_idx, token_M
                  the permutation that groups the N*K token copies by expert, so that each expert's
-                 rows are contiguous and one grouped GEMM (kernels/grouped_gemm.py) does all experts.
+                 rows are contiguous and one grouped GEMM (kernels/grouped_gemm.py) does all experts,
+                 and the token of each sorted row, from which that GEMM gathers its input.
 
 Flat copy index j = token * K + k. The sort is stable, by expert then by j, so it is deterministic
 and equal to `argsort(experts_N_K.flatten(), stable=True)`: the Triton path and the reference
@@ -21,7 +22,8 @@ Three kernels:
      offsets[e] (an exclusive cumsum over experts of the totals), and block b's copies of e start
      after those of blocks < b (an exclusive cumsum over blocks, started at offsets[e]).
   3. `_permute_kernel`, one program per block: a copy's rank among the block's copies of the same
-     expert is a cumulative sum over a one-hot [copies, E] tile; its sorted position is base + rank.
+     expert is a cumulative sum over a one-hot [copies, E] tile; its sorted position is base + rank,
+     where the kernel also writes the copy's token (token_M, the grouped GEMM's row gather).
 The kernels are forward-only (integers have no gradient); `_Route.backward` writes the gradient of
 probs and weights w.r.t. the logits analytically, so the router trains through the fused path.
 
@@ -45,6 +47,7 @@ class Routing:
     offsets_E1: Tensor   # int64 [E+1] exclusive prefix sum of counts (offsets[0]=0, offsets[E]=N*K)
     sort_idx: Tensor     # int64 [N*K]: row j of the expert-sorted copies is flat copy sort_idx[j]
     unsort_idx: Tensor   # int64 [N*K]: inverse permutation of sort_idx
+    token_M: Tensor      # int64 [N*K]: the token of row j of the sorted copies (sort_idx // K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +65,8 @@ def route_reference(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool)
     offsets_E1 = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])
     unsort_idx = torch.empty_like(sort_idx)
     unsort_idx[sort_idx] = torch.arange(N * top_k, device=flat.device)
-    return Routing(weights_N_K, experts_N_K, probs_N_E, counts_E, offsets_E1, sort_idx, unsort_idx)
+    return Routing(weights_N_K, experts_N_K, probs_N_E, counts_E, offsets_E1, sort_idx, unsort_idx,
+                   sort_idx // top_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +147,9 @@ def _offsets_kernel(block_counts_ptr, counts_ptr, offsets_ptr, base_ptr, nblocks
 # Kernel 3: each block scatters its copies to their expert-sorted positions.
 
 @triton.jit
-def _permute_kernel(experts_ptr, base_ptr, sort_ptr, unsort_ptr, NK, E: tl.constexpr,
-                    COPIES: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr):
+def _permute_kernel(experts_ptr, base_ptr, sort_ptr, unsort_ptr, token_ptr, NK, E: tl.constexpr,
+                    TOP_K: tl.constexpr, COPIES: tl.constexpr, BLOCK_J: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     local = tl.arange(0, BLOCK_J)  # BLOCK_J = COPIES (= BLOCK_N * K) rounded up to a power of 2
     j = pid * COPIES + local       # flat copy index
@@ -157,6 +162,7 @@ def _permute_kernel(experts_ptr, base_ptr, sort_ptr, unsort_ptr, NK, E: tl.const
     pos = tl.load(base_ptr + pid * E + e, mask=ok, other=0) + rank
     tl.store(sort_ptr + pos, j.to(tl.int64), mask=ok)
     tl.store(unsort_ptr + j, pos.to(tl.int64), mask=ok)
+    tl.store(token_ptr + pos, (j // TOP_K).to(tl.int64), mask=ok)
 
 
 def _route_kernels(logits_N_E: Tensor, top_k: int, norm: bool):
@@ -180,11 +186,11 @@ def _route_kernels(logits_N_E: Tensor, top_k: int, norm: bool):
     _offsets_kernel[(1,)](block_counts, counts, offsets, base, nblocks, E=E,
                           BLOCK_B=max(1, 4096 // BLOCK_E), BLOCK_E=BLOCK_E, num_warps=8)
     sort_idx = torch.empty(N * top_k, device=dev, dtype=torch.int64)
-    unsort_idx = torch.empty_like(sort_idx)
-    _permute_kernel[(nblocks,)](experts, base, sort_idx, unsort_idx, N * top_k,
-                                E=E, COPIES=BLOCK_N * top_k,
+    unsort_idx, token = torch.empty_like(sort_idx), torch.empty_like(sort_idx)
+    _permute_kernel[(nblocks,)](experts, base, sort_idx, unsort_idx, token, N * top_k,
+                                E=E, TOP_K=top_k, COPIES=BLOCK_N * top_k,
                                 BLOCK_J=triton.next_power_of_2(BLOCK_N * top_k), BLOCK_E=BLOCK_E)
-    return probs, weights, experts, counts, offsets, sort_idx, unsort_idx
+    return probs, weights, experts, counts, offsets, sort_idx, unsort_idx, token
 
 
 class _Route(torch.autograd.Function):
@@ -217,9 +223,8 @@ class _Route(torch.autograd.Function):
 
 
 def route_triton(router_logits_N_E: Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
-    probs, weights, experts, counts, offsets, sort_idx, unsort_idx = _Route.apply(
-        router_logits_N_E, top_k, norm_topk_prob)
-    return Routing(weights, experts, probs, counts, offsets, sort_idx, unsort_idx)
+    probs, weights, experts, *perm = _Route.apply(router_logits_N_E, top_k, norm_topk_prob)
+    return Routing(weights, experts, probs, *perm)
 
 
 # ---------------------------------------------------------------------------------------------

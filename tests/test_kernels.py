@@ -17,7 +17,7 @@ import torch
 import triton
 
 import kernels
-from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton
+from kernels.grouped_gemm import grouped_mm_reference, grouped_mm_triton, grouped_swiglu_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 from kernels.routing import combine_reference, combine_triton, route_reference, route_triton
 from kernels.sampling import draw_reference, draw_triton
@@ -48,7 +48,7 @@ def test_route_matches_reference(N, E, K, norm):
     assert torch.equal(r.experts_N_K, experts64)
 
     ref = route_reference(logits, K, norm)
-    for name in ["experts_N_K", "counts_E", "offsets_E1", "sort_idx", "unsort_idx"]:
+    for name in ["experts_N_K", "counts_E", "offsets_E1", "sort_idx", "unsort_idx", "token_M"]:
         got, want = getattr(r, name), getattr(ref, name)
         assert got.dtype == want.dtype == torch.int64, name
         assert torch.equal(got, want), name
@@ -63,6 +63,7 @@ def test_route_matches_reference(N, E, K, norm):
         seg = r.sort_idx[r.offsets_E1[e]:r.offsets_E1[e + 1]]
         assert (flat[seg] == e).all() and (seg.diff() > 0).all()
     assert torch.equal(r.sort_idx[r.unsort_idx], torch.arange(N * K, device=DEVICE))
+    assert torch.equal(r.token_M, r.sort_idx // K)
 
 
 @pytest.mark.parametrize("norm", [True, False])
@@ -188,6 +189,46 @@ def test_grouped_mm_bf16():
     for got, want in [(y, y_ref), (dx, dx_ref), (dw, dw_ref)]:
         assert got.dtype == torch.bfloat16
         assert (got.double() - want).norm() / want.norm() < 1e-2  # bf16 rounding of the result
+
+
+@pytest.mark.parametrize("counts,K,N", CASES[:3])
+def test_grouped_swiglu_equals_grouped_mm_then_swiglu(counts, K, N):
+    """The epilogue version equals the two-step math in float64: silu(gate) * up of the product,
+    gate = the first N columns of W, up = the last N; ragged and empty groups, a gather."""
+    torch.manual_seed(sum(counts) + K)
+    E, M = len(counts), sum(counts)
+    offsets, gather_idx = torch.tensor([0] + counts).cumsum(0), torch.randint(0, M // 2 + 1, (M,))
+    x64, w64 = torch.randn(M // 2 + 1, K, dtype=torch.float64), torch.randn(E, K, 2 * N, dtype=torch.float64)
+    got = grouped_swiglu_triton(x64.float().to(DEVICE), w64.float().to(DEVICE), offsets.to(DEVICE),
+                                gather_idx.to(DEVICE)).cpu()
+    h = torch.cat([x64[gather_idx][offsets[e]:offsets[e + 1]] @ w64[e] for e in range(E)])
+    want = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_moe_without_grad_takes_the_swiglu_epilogue(monkeypatch):
+    """model.MoE under no_grad: one grouped_swiglu (the Triton kernel here), the same output as the
+    forward that records gradients (grouped_mm, then silu * up)."""
+    import model
+    from model import MoE, ModelConfig
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.json")) as f:
+        config = ModelConfig.from_dict({**json.load(f), "hidden_size": 32, "moe_intermediate_size": 24,
+                                        "num_experts": 6, "num_experts_per_tok": 3})
+    torch.manual_seed(6)
+    moe = MoE(config).to(DEVICE)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 9, config.hidden_size, device=DEVICE)
+    calls = []
+    monkeypatch.setattr(model, "grouped_swiglu", lambda *a: calls.append(1) or kernels.grouped_swiglu(*a))
+    with_grad, _ = moe(x)
+    assert not calls
+    with torch.no_grad():
+        without, _ = moe(x)
+    assert calls == [1]
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_moe_layer_end_to_end():
@@ -438,10 +479,12 @@ def compile_all_for_h100():
     bf16 = {name: "*bf16" for name in ["a_ptr", "b_ptr", "y_ptr", "x_ptr", "dy_ptr", "dw_ptr"]}
     bf16.update(offsets_ptr="*i64", gather_ptr="*i64")
     fwd = _compile_for_h100(gg._grouped_mm_kernel, bf16,
-                            dict(stride_ak=1, stride_bn=1, N=768, K=2048, GATHER=True, **tiles))
+                            dict(stride_ak=1, stride_bn=1, N=768, K=2048, GATHER=True, SWIGLU=False, **tiles))
+    swiglu = _compile_for_h100(gg._grouped_mm_kernel, bf16,
+                               dict(stride_ak=1, stride_bn=1, N=768, K=2048, GATHER=True, SWIGLU=True, **tiles))
     dw = _compile_for_h100(gg._grouped_dw_kernel, bf16,
                            dict(stride_xk=1, N=768, K=2048, GATHER=True, **tiles))
-    for k in [fwd, dw]:
+    for k in [fwd, swiglu, dw]:
         assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"], "GEMM main loop not pipelined"
     _compile_for_h100(rt._topk_kernel, dict(logits_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32",
                                             experts_ptr="*i64", block_counts_ptr="*i32"),
@@ -465,8 +508,8 @@ def compile_all_for_h100():
     _compile_for_h100(rt._offsets_kernel, dict(block_counts_ptr="*i32", counts_ptr="*i64", offsets_ptr="*i64",
                                                base_ptr="*i32"), dict(E=128, BLOCK_B=32, BLOCK_E=128))
     _compile_for_h100(rt._permute_kernel, dict(experts_ptr="*i64", base_ptr="*i32", sort_ptr="*i64",
-                                               unsort_ptr="*i64"),
-                      dict(E=128, COPIES=128, BLOCK_J=128, BLOCK_E=128))
+                                               unsort_ptr="*i64", token_ptr="*i64"),
+                      dict(E=128, TOP_K=8, COPIES=128, BLOCK_J=128, BLOCK_E=128))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run them for real")
@@ -522,3 +565,18 @@ def test_gpu_grouped_mm_bf16(gather):
         assert got.dtype == torch.bfloat16
         err = (got.float() - want).norm() / want.norm()
         assert err < 1e-2, err  # bf16 inputs/outputs, fp32 accumulation: ~3e-3 expected
+
+
+@cuda
+def test_gpu_grouped_swiglu_bf16():
+    torch.manual_seed(1)
+    N, E, K, H, I = 2048, 16, 4, 512, 384
+    r = route_triton(torch.randn(N, E, device="cuda"), K, True)
+    x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(E, H, 2 * I, device="cuda") / H**0.5).to(torch.bfloat16)
+    got = grouped_swiglu_triton(x, w, r.offsets_E1, r.token_M)
+    h = grouped_mm_reference(x.float(), w.float(), r.offsets_E1, r.token_M)
+    want = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+    assert got.dtype == torch.bfloat16 and got.shape == (N * K, I)
+    err = (got.float() - want).norm() / want.norm()
+    assert err < 1e-2, err
