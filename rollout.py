@@ -34,24 +34,26 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    token sampled last step), all flattened into one [1, N] row with per-token positions, under a
    cap of max_batch_tokens. Sequences join when there is room and leave as soon as they stop, so
    the batch stays full. The model runs with an explicit `attention` callable: it writes the step's
-   k/v through the slot mapping into the pool, then attends each token over its own sequence's
-   cached prefix: single-token sequences through kernels/paged_attention.py (Triton on the GPU),
-   multi-token chunks padded into one SDPA call over their context gathered through the block
-   tables. When the pool runs out, the newest sequence is preempted: its blocks are freed, and
-   it is later recomputed from its prompt + tokens so far (the same tokens, so the same result).
-   In steady state every step is pure decode, and the engine runs such steps in bursts (8).
+   k/v through the slot mapping into the pool and attends each token over its own sequence's
+   cached prefix: single-token sequences through kernels/paged_attention.py (Triton on the GPU,
+   which also does their writes), multi-token chunks padded into one SDPA call over their context
+   gathered through the block tables. When the pool runs out, the newest sequence is preempted: its
+   blocks are freed, and it is later recomputed from its prompt + tokens so far (the same tokens,
+   so the same result). In steady state every step is pure decode, and the engine runs such steps
+   in bursts (8).
 
 4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
    draw (kernels.draw: torch.multinomial with a torch.Generator seeded by `seed`; on the GPU one
-   Triton kernel, Gumbel-max with Philox numbers keyed by the same seed). The logprob returned for a token is its log-probability
-   under exactly that truncated, renormalized distribution. At temperature 1 with no truncation it
-   equals log_softmax of the training forward's logits, which is what GRPO's ratio and MOPD's
-   mismatch weights compare against. temperature == 0 is greedy (argmax); since the point mass it
-   samples from has logprob 0, we return log_softmax of the raw logits instead, the useful number.
-   Same seed, prompts, parameters and engine settings -> same samples on the same device (the
-   order of random draws depends on the schedule, which is deterministic). A sequence stops ("stop") at a stop token or
-   when its text comes to contain a stop string (decoding only its last few tokens), or at
-   max_new_tokens ("length"); the stopping token is kept, with its logprob.
+   Triton kernel, Gumbel-max with Philox numbers keyed by the same seed). The logprob returned for
+   a token is its log-probability under exactly that truncated, renormalized distribution. At
+   temperature 1 with no truncation it equals log_softmax of the training forward's logits, which
+   is what GRPO's ratio and MOPD's mismatch weights compare against. temperature == 0 is greedy
+   (argmax); since the point mass it samples from has logprob 0, we return log_softmax of the raw
+   logits instead, the useful number. Same seed, prompts, parameters and engine settings -> same
+   samples on the same device (the order of random draws depends on the schedule, which is
+   deterministic). A sequence stops ("stop") at a stop token or when its text comes to contain a
+   stop string (decoding only its last few tokens), or at max_new_tokens ("length"); the stopping
+   token is kept, with its logprob.
 
 5. Multi-turn environments. When a sequence samples one of `hook_token_ids` (say </tool_call>),
    `env_hook(prompt_index, sample_index, response_ids_so_far)` may return tokens (a tool response)
@@ -462,14 +464,17 @@ class Engine:
             q_N_Hq_D, k_N_Hkv_D, v_N_Hkv_D = (t[0].transpose(0, 1)
                                               for t in (q_1_Hq_N_D, k_1_Hkv_N_D, v_1_Hkv_N_D))
             k_pool, v_pool = self.k_cache[layer], self.v_cache[layer]     # [num_blocks, block_size, Hkv, D]
-            k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
-            k_slots.index_copy_(0, meta.slots_N, k_N_Hkv_D.to(k_slots.dtype))
-            v_slots.index_copy_(0, meta.slots_N, v_N_Hkv_D.to(v_slots.dtype))
             S = meta.num_decode
-            decoded_S_Hq_D = paged_decode_attention(q_N_Hq_D[:S], k_pool, v_pool, meta.block_tables_S_M,
-                                                    meta.context_lens_S).to(q_N_Hq_D.dtype) if S else None
+            # single-token sequences: their k/v written to their slots and attended in one call
+            decoded_S_Hq_D = paged_decode_attention(
+                q_N_Hq_D[:S], k_N_Hkv_D[:S], v_N_Hkv_D[:S], k_pool, v_pool, meta.block_tables_S_M,
+                meta.context_lens_S, meta.slots_N[:S]).to(q_N_Hq_D.dtype) if S else None
             if meta.rows_P_T is None:   # decode only (every CUDA-graph step): nothing to merge
                 return decoded_S_Hq_D.transpose(0, 1)[None]
+            # chunks: their k/v into the pool, then each token attends over its gathered context
+            k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
+            k_slots.index_copy_(0, meta.slots_N[S:], k_N_Hkv_D[S:].to(k_slots.dtype))
+            v_slots.index_copy_(0, meta.slots_N[S:], v_N_Hkv_D[S:].to(v_slots.dtype))
             out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             if S:
                 out_N_Hq_D[:S] = decoded_S_Hq_D

@@ -5,15 +5,15 @@
 
 At batch 256 a decode step is mostly small kernels, each costing a few microseconds of launch and
 ramp-up even inside a CUDA graph, so their number matters as much as their speed. On a GPU,
-`bench/rollout.py`'s decode-step profile counts them directly. This script counts them anywhere:
-it runs one step of a decode burst (`Engine._decode_step`: the forward through the engine's
-attention callable, the draw, and the bookkeeping that feeds the next step, which is all that a
-CUDA graph replays) on the CPU, under a TorchDispatchMode that records every aten kernel (views and
-allocations excluded), and counts the pieces that are Triton on the GPU as the launches they make
-there: routing 3, a grouped GEMM 1 (with SwiGLU in its epilogue too), the combine 1, paged attention 1, QK-norm + RoPE 1, the draw 2
-(the kernel and its key's step + 1); their torch equivalents compute the values, uncounted.
-`F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then); otherwise its
-decomposition is counted. The table is per op, for the whole step.
+`bench/rollout.py`'s decode-step profile counts them directly. This script counts them anywhere: it
+runs one step of a decode burst (`Engine._decode_step`: the forward through the engine's attention
+callable, the draw, and the bookkeeping that feeds the next step, which is all that a CUDA graph
+replays) on the CPU, under a TorchDispatchMode that records every aten kernel (views and allocations
+excluded), and counts the pieces that are Triton on the GPU as the launches they make there: routing
+3, a grouped GEMM 1 (with SwiGLU in its epilogue too), the combine 1, paged attention 1 (its k/v
+writes included), QK-norm + RoPE 1, the draw 2 (the kernel and its key's step + 1); their torch equivalents compute the values,
+uncounted. `F.rms_norm` counts as 1 when input and weight share a dtype (torch fuses it then);
+otherwise its decomposition is counted. The table is per op, for the whole step.
 """
 import argparse
 import collections

@@ -1,26 +1,33 @@
-"""Paged decode attention: one new query token per sequence against that sequence's cached K/V,
-which lives scattered over fixed-size blocks of a shared pool (see rollout.py for the pool).
+"""Paged decode attention: one new token per sequence, whose k/v are appended to that sequence's
+cache and whose query attends over all of it. The cache lives scattered over fixed-size blocks of
+a shared pool (see rollout.py for the pool).
 
-    out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_cache, v_cache, block_tables_S_M, context_lens_S)
+    out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache,
+                                        block_tables_S_M, context_lens_S, slots_S)
 
+    q, k, v:          the new tokens' query, key and value heads
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], one layer's slice of the pool
     block_tables_S_M: int32/int64, row s lists the blocks of sequence s in order (padding: any id)
-    context_lens_S:   number of cached tokens of sequence s, the new token's own k/v included
+    context_lens_S:   the length of sequence s's context, the new token included
+    slots_S:          the pool slot (block * block_size + row) the new token's k/v are written to
 
 Token t of sequence s sits in block block_tables[s, t // block_size] at row t % block_size. Query
 head h attends with kv head h // (Hq // Hkv) (grouped-query attention). The new token is the last
 one in its context, so no causal mask is needed: it sees all context_lens[s] tokens.
 
 Two implementations with the same contract:
-- `paged_decode_attention_torch`: gathers every sequence's blocks into a padded [S, M*block_size]
-  tensor and runs SDPA with a length mask. Plain and obviously right; it reads (and pads to) the
-  longest sequence, so it is the reference and the CPU path.
+- `paged_decode_attention_torch`: writes the new k/v into the pool (index_copy_), gathers every
+  sequence's blocks into a padded [S, M*block_size] tensor and runs SDPA with a length mask. Plain
+  and obviously right; it reads (and pads to) the longest sequence, so it is the reference and the
+  CPU path.
 - `paged_decode_attention_triton`: one program per (sequence, kv head). The program loads the
   Hq/Hkv query heads that share this kv head as one [G, D] tile (so each K/V block is read once for
   the whole group, which is the point of GQA at decode time), then walks the sequence's context
   BLOCK_T tokens (a few blocks, each looked up in the block table) at a time with an online softmax
-  (running max m, running sum l, rescaled accumulator), as in FlashAttention. It reads exactly the
-  cached tokens and nothing else, which is what a memory-bound decode step wants.
+  (running max m, running sum l, rescaled accumulator), as in FlashAttention. The new token is not
+  read back: the program stores its k/v to their slot and folds them in from registers last (the
+  two cache writes of a step cost no kernels of their own). It reads exactly the cached tokens and
+  nothing else, which is what a memory-bound decode step wants.
 `paged_decode_attention` picks Triton when the tensors are on a GPU or NANOCASCADE_TRITON=1 (the
 rule of kernels/__init__.py), and the torch path otherwise.
 """
@@ -33,11 +40,13 @@ import triton.language as tl
 from torch import Tensor
 
 
-def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
-                                 block_tables_S_M: Tensor, context_lens_S: Tensor,
-                                 scale: float | None = None) -> Tensor:
+def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
+                                 k_cache: Tensor, v_cache: Tensor, block_tables_S_M: Tensor,
+                                 context_lens_S: Tensor, slots_S: Tensor, scale: float | None = None) -> Tensor:
     S, M = block_tables_S_M.shape
     _, block_size, Hkv, D = k_cache.shape
+    k_cache.flatten(0, 1).index_copy_(0, slots_S, k_S_Hkv_D.to(k_cache.dtype))
+    v_cache.flatten(0, 1).index_copy_(0, slots_S, v_S_Hkv_D.to(v_cache.dtype))
     # [S, M, block_size, Hkv, D] -> [S, Hkv, M*block_size, D]: each sequence's tokens in order.
     k_S_Hkv_C_D = k_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
     v_S_Hkv_C_D = v_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
@@ -49,9 +58,10 @@ def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Ten
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, table_stride, scale,
-                         G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, slots_ptr, out_ptr,
+                         table_stride, scale, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -63,18 +73,26 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, tab
     q_rows = s * HKV * G + h * G + g
     q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
-    ctx = tl.load(lens_ptr + s)
+    # The new token: its k/v go to their slot (the pool is [num_blocks, BS, HKV, D] contiguous,
+    # so slot * HKV + h is its row for this kv head), rounded to the pool's dtype as every later
+    # step will read them, and are folded in after the cached tokens.
+    new = (s * HKV + h) * D + d
+    slot_row = tl.load(slots_ptr + s).to(tl.int64) * HKV + h
+    k_new = tl.load(k_new_ptr + new, mask=d_ok, other=0.0).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(v_new_ptr + new, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+    tl.store(k_ptr + slot_row * D + d, k_new, mask=d_ok)
+    tl.store(v_ptr + slot_row * D + d, v_new, mask=d_ok)
+    cached = tl.load(lens_ptr + s) - 1
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max of the scores
     l = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)      # running sum of exp(score - m) * v
     # Several blocks per step, so that each step has many loads in flight (one 16-token block per
     # step left the H100 waiting on memory latency: 70 us per call for a 3 us read). A `for` loop,
     # which the GPU compiler software-pipelines: the next chunk's loads overlap this chunk's math.
-    for c0 in range(0, ctx, BLOCK_T):
+    for c0 in range(0, cached, BLOCK_T):
         tok = c0 + j
-        ok = tok < ctx
-        # token t lives in block tables[s, t // BS] at row t % BS; the pool is
-        # [num_blocks, BS, HKV, D] contiguous
+        ok = tok < cached
+        # token t lives in block tables[s, t // BS] at row t % BS
         block = tl.load(tables_ptr + s * table_stride + tok // BS, mask=ok, other=0).to(tl.int64)
         kv_off = ((block * BS + tok % BS) * HKV + h)[:, None] * D + d[None, :]
         kv_ok = ok[:, None] & d_ok[None, :]
@@ -88,36 +106,41 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, tab
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m = m_new
-    out = acc / l[:, None]
+    score = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * scale   # the new token, last
+    m_new = tl.maximum(m, score)
+    alpha = tl.exp(m - m_new)   # 0 when nothing was cached (m = -inf)
+    p = tl.exp(score - m_new)
+    out = (acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]) / (l * alpha + p)[:, None]
     tl.store(out_ptr + q_rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_ok[:, None] & d_ok[None, :])
 
 
-def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
-                                  block_tables_S_M: Tensor, context_lens_S: Tensor,
-                                  scale: float | None = None) -> Tensor:
+def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
+                                  k_cache: Tensor, v_cache: Tensor, block_tables_S_M: Tensor,
+                                  context_lens_S: Tensor, slots_S: Tensor, scale: float | None = None) -> Tensor:
     S, Hq, D = q_S_Hq_D.shape
     _, block_size, Hkv, _ = k_cache.shape
     # tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two.
     assert block_size >= 16 and block_size & (block_size - 1) == 0, \
         f"paged_attention.py: the Triton kernel needs a power-of-two block_size >= 16, got {block_size}"
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and Hq % Hkv == 0
-    q = q_S_Hq_D.contiguous()
+    q, k, v = (t.contiguous() for t in (q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D))
     out = torch.empty_like(q)
     G = Hq // Hkv
     _paged_decode_kernel[(S, Hkv)](
-        q, k_cache, v_cache, block_tables_S_M, context_lens_S, out, block_tables_S_M.stride(0),
-        D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D, BS=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=max(64, block_size))
+        q, k, v, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S, out,
+        block_tables_S_M.stride(0), D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D,
+        BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size))
     return out
 
 
-def paged_decode_attention(q_S_Hq_D: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           block_tables_S_M: Tensor, context_lens_S: Tensor,
-                           scale: float | None = None) -> Tensor:
+def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
+                           v_cache: Tensor, block_tables_S_M: Tensor, context_lens_S: Tensor,
+                           slots_S: Tensor, scale: float | None = None) -> Tensor:
     block_size = k_cache.shape[1]
     triton_ok = block_size >= 16 and block_size & (block_size - 1) == 0
     use_triton = q_S_Hq_D.is_cuda or os.environ.get("NANOCASCADE_TRITON") == "1"
     fn = paged_decode_attention_triton if use_triton and triton_ok else paged_decode_attention_torch
-    return fn(q_S_Hq_D, k_cache, v_cache, block_tables_S_M, context_lens_S, scale)
+    return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S,
+              scale)

@@ -92,7 +92,7 @@ def draw_triton(logits_R_V: Tensor, temperature: float, philox_2: Tensor):
     # program; under the interpreter, where each op costs per call, tiles of 64 (which also walk a
     # test's small vocabulary in several tiles)
     BLOCK_V = min(64 if _interpreting() else 2048, triton.next_power_of_2(V))
-    BLOCK_R = 2048 // BLOCK_V
+    BLOCK_R = min(2048 // BLOCK_V, triton.next_power_of_2(R))
     _draw_kernel[(triton.cdiv(R, BLOCK_R),)](
         logits, logits.stride(0), R, 1.0 / temperature if temperature > 0 else 1.0, philox_2, tokens_R,
         logprobs_R, V=V, GREEDY=temperature == 0, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V)

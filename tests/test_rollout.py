@@ -36,9 +36,17 @@ def model32():
     return Transformer(CONFIG)
 
 
-def make_prompts(lengths, seed):
+@pytest.fixture(scope="module")
+def model32_v256():
+    """A 256-token vocabulary: the sampler tests also run the Triton sampler, whose interpreted
+    cost grows with the vocabulary."""
+    torch.manual_seed(2)
+    return Transformer(dataclasses.replace(CONFIG, vocab_size=256))
+
+
+def make_prompts(lengths, seed, vocab_size=CONFIG.vocab_size):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
 @torch.no_grad()
@@ -201,14 +209,14 @@ def use_sampler(name, monkeypatch):
 @pytest.mark.parametrize("sampler", ["torch", "triton"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.9),
                                                      (0.8, 50, 0.8)])
-def test_logprobs_equal_training_forward(model32, temperature, top_k, top_p, sampler, monkeypatch):
+def test_logprobs_equal_training_forward(model32_v256, temperature, top_k, top_p, sampler, monkeypatch):
     use_sampler(sampler, monkeypatch)
-    prompts = make_prompts([5, 12], seed=3)
+    prompts = make_prompts([5, 12], seed=3, vocab_size=256)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=16)
-    out = Engine(model32, block_size=4).generate(prompts, params, n=3, seed=7)
+    out = Engine(model32_v256, block_size=4).generate(prompts, params, n=3, seed=7)
     for prompt, group in zip(prompts, out):
         for s in group:
-            logits = training_logits(model32, prompt, s.token_ids)
+            logits = training_logits(model32_v256, prompt, s.token_ids)
             keep = keep_mask_reference(logits, temperature, top_k, top_p)
             taken = torch.tensor(s.token_ids)[:, None]
             assert keep.gather(1, taken).all(), "sampled a token outside the top-k/top-p set"
@@ -242,11 +250,11 @@ def test_sampler_draws_from_the_distribution_whose_logprobs_it_returns(temperatu
 
 
 @pytest.mark.parametrize("sampler", ["torch", "triton"])
-def test_same_seed_same_samples(model32, sampler, monkeypatch):
+def test_same_seed_same_samples(model32_v256, sampler, monkeypatch):
     use_sampler(sampler, monkeypatch)
-    prompts = make_prompts([4, 9, 3], seed=4)
+    prompts = make_prompts([4, 9, 3], seed=4, vocab_size=256)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12)
-    engine = Engine(model32, block_size=4)
+    engine = Engine(model32_v256, block_size=4)
     def tokens(seed):
         return [[s.token_ids for s in g] for g in engine.generate(prompts, params, n=2, seed=seed)]
 
@@ -326,47 +334,62 @@ def test_tool_response_is_masked_and_continuation_equals_recomputation(model64):
 @pytest.mark.triton
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (8, 1, 64), (6, 6, 16)])
 def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
+    """Both paths write the new tokens' k/v to their slots and attend over the whole context, the
+    new token included: equal outputs, equal pools afterwards, and the torch path equal to a plain
+    per-sequence softmax attention. Contexts: 1 (only the new token), a block, a block and one, and
+    up to all M blocks (three of the kernel's 64-token chunks, the last partial)."""
     g = torch.Generator().manual_seed(Hq * D)
-    S, block_size, num_blocks, M = 5, 16, 30, 9
+    S, block_size, num_blocks, M = 5, 16, 50, 9
     k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
     v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
-    # 144 = all M blocks: three of the kernel's 64-token chunks, the last one partial
     context_lens = torch.tensor([1, 16, 17, 45, 144], dtype=torch.int32)
-    block_tables = torch.stack([torch.randperm(num_blocks, generator=g)[:M] for _ in range(S)]).int()
+    block_tables = torch.randperm(num_blocks, generator=g)[:S * M].view(S, M).int()   # no block shared
+    last = context_lens.long() - 1
+    slots = block_tables.long()[torch.arange(S), last // block_size] * block_size + last % block_size
     q = torch.randn(S, Hq, D, generator=g)
-    expected = paged_decode_attention_torch(q.double(), k_cache.double(), v_cache.double(),
-                                            block_tables, context_lens)
+    k_new, v_new = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
+    k64, v64 = k_cache.double(), v_cache.double()
+    expected = paged_decode_attention_torch(q.double(), k_new.double(), v_new.double(), k64, v64,
+                                            block_tables, context_lens, slots)
+    assert torch.equal(k64.flatten(0, 1)[slots], k_new.double())
     # a plain per-sequence softmax attention, to pin the torch path itself
     for s in range(S):
         n = int(context_lens[s])
-        slots = (block_tables[s].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
-        k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(Hq // Hkv, dim=1)   # [n, Hq, D]
-        v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(Hq // Hkv, dim=1)
+        rows = (block_tables[s].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        k = k64.flatten(0, 1)[rows].repeat_interleave(Hq // Hkv, dim=1)   # [n, Hq, D]
+        v = v64.flatten(0, 1)[rows].repeat_interleave(Hq // Hkv, dim=1)
         w = (torch.einsum("hd,nhd->hn", q[s].double(), k) / D ** 0.5).softmax(-1)
         torch.testing.assert_close(expected[s], torch.einsum("hn,nhd->hd", w, v))
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    got = paged_decode_attention_triton(dev(q), dev(k_cache), dev(v_cache), dev(block_tables),
-                                        dev(context_lens))
+    k_dev, v_dev = dev(k_cache), dev(v_cache)
+    got = paged_decode_attention_triton(dev(q), dev(k_new), dev(v_new), k_dev, v_dev, dev(block_tables),
+                                        dev(context_lens), dev(slots))
     torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_dev.cpu().double(), k64)
+    torch.testing.assert_close(v_dev.cpu().double(), v64)
 
 
 def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch):
-    """The engine's greedy tokens are the same with the Triton decode kernel as with the torch path
-    (block_size 16, as the kernel requires). On a CPU the kernel runs under the interpreter in fp32
-    inside the fp64 model; on a GPU on the fp32 model in CUDA, as the engine runs it."""
+    """The engine's greedy tokens and logprobs are the same with the Triton decode kernel (which also
+    writes the decode tokens' k/v to the pool) as with the torch path (block_size 16, as the kernel
+    requires). On a CPU the kernel runs under the interpreter, in fp32 math on the fp64 model's
+    q/k/v and pool; on a GPU on the fp32 model in CUDA, as the engine runs it."""
     model = model64 if DEVICE == "cpu" else copy.deepcopy(model64).float().to(DEVICE)
-    prompts, params = make_prompts([3, 20], seed=8), SamplingParams(temperature=0, max_new_tokens=4)
+    prompts, params = make_prompts([3, 20], seed=8), SamplingParams(temperature=0, max_new_tokens=10)
     calls = []
 
-    def triton_path(*args):
+    def triton_path(q, k, v, *pool_and_tables):
         calls.append(1)
-        fp32 = (a.float() if a.is_floating_point() else a for a in args)
-        return paged_decode_attention_triton(*fp32).to(args[0].dtype)
+        return paged_decode_attention_triton(q.float(), k.float(), v.float(), *pool_and_tables).to(q.dtype)
     monkeypatch.setattr(rollout, "paged_decode_attention", paged_decode_attention_torch)
-    expected = Engine(model).generate(prompts, params, n=2)
+    expected = Engine(model, decode_burst=4).generate(prompts, params, n=2)
     monkeypatch.setattr(rollout, "paged_decode_attention", triton_path)
-    got = Engine(model).generate(prompts, params, n=2)
-    assert calls and [[s.token_ids for s in g] for g in got] == [[s.token_ids for s in g] for g in expected]
+    got = Engine(model, decode_burst=4).generate(prompts, params, n=2)
+    assert calls
+    for g_got, g_exp in zip(got, expected):
+        for a, b in zip(g_got, g_exp):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
