@@ -84,10 +84,15 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    at the next position), then reads the k x S tokens back once. Each sequence keeps its tokens
    up to its first stop, tool call or max_new_tokens; a sequence that ended early decoded junk
    for the rest of the burst, into its own blocks, which is the price (at most k - 1 steps per
-   sequence; k is cut to the longest remaining response). New sequences join at the next burst
-   boundary. decode_burst=1 syncs after every step. The samples are the same for any decode_burst
-   with greedy decoding; sampled ones draw their random numbers in a different order, so they
-   differ, with the same distribution.
+   sequence; k is cut to the longest remaining response). decode_burst=1 syncs after every step.
+   And the host's reading does not stall the GPU: before it reads a burst, the engine launches
+   the next one (`_follow`), which continues from the inputs the last left on the device and
+   assumes every sequence goes on. While the GPU runs it, the host appends the tokens of the one
+   before; rows whose sequence ended or called a tool there are junk in the next one, and the
+   host drops them (`_take`). The pipeline drains and the batch re-forms when such a row exists,
+   a waiting sequence could join, or the pool would have to preempt. The samples are the same for
+   any decode_burst with greedy decoding; sampled ones draw their random numbers in a different
+   order, so they differ, with the same distribution.
 """
 import gc
 import warnings
@@ -204,12 +209,28 @@ class StepMeta:
     mask_P_T_C: Tensor | None = None    # causal: token at position p sees context positions <= p
 
 
+@dataclass(eq=False)
+class Burst:
+    """k decode steps of `seqs` launched on the device; the host reads `tokens` and `logprobs` (host
+    tensors, [k, S], filled when `done` has happened) later, in _take."""
+    seqs: list
+    starts: list[int]      # each sequence's num_cached when the burst began (its first fed position)
+    k: int
+    st: dict               # the device buffers its steps run on (_new_state)
+    graph: object          # the CUDA graph that runs a step on st, or None (eager)
+    tokens: Tensor | None = None
+    logprobs: Tensor | None = None
+    done: object = None    # a torch.cuda.Event recorded after the copy back, on a GPU
+    all_live: bool = True  # every sequence was still decoding when the burst before it was read
+
+
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
     running sequences (and the largest CUDA graph). decode_burst: decode steps per host sync
     (docstring, 8; 1: one). After each generate, `stats` holds steps, forward_tokens, preemptions,
-    graph_steps, peak_blocks and bursts. Pass the bare module, not a DDP wrapper."""
+    graph_steps, peak_blocks, bursts, and ahead (bursts launched before the host had read the one
+    before them). Pass the bare module, not a DDP wrapper."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
@@ -260,11 +281,13 @@ class Engine:
                                    device=self.device)
         self.v_cache = torch.zeros_like(self.k_cache)
 
-    def _reserve(self, seq: Sequence, num_new: int, alloc: BlockAllocator) -> bool:
-        """Make room for k/v of tokens [num_cached, num_cached + num_new); False if the pool is full."""
+    def _reserve(self, seq: Sequence, num_new: int, alloc: BlockAllocator, start: int | None = None) -> bool:
+        """Make room for k/v of tokens [start, start + num_new) (start: num_cached unless given);
+        False if the pool is full."""
         table, bs = seq.block_table, self.block_size
-        first = seq.num_cached // bs   # the block the first new token is written to
-        grow = (seq.num_cached + num_new + bs - 1) // bs - len(table)
+        start = seq.num_cached if start is None else start
+        first = start // bs   # the block the first new token is written to
+        grow = (start + num_new + bs - 1) // bs - len(table)
         copy = first < len(table) and alloc.ref_count[table[first]] > 1
         if grow <= 0 and not copy:     # most decode steps: the token fits in a block of its own
             return True
@@ -386,49 +409,90 @@ class Engine:
         return not (seats and self._blocks_for(len(waiting[0].tokens)) <= len(alloc.free))
 
     def _burst(self, waiting: deque, running: list, alloc: BlockAllocator, params: SamplingParams,
-               generator: torch.Generator):
-        """Up to decode_burst decode steps of the running sequences, back to back on the device:
-        each step feeds the token the previous one sampled, and the host reads all of them once
-        at the end. A sequence that stops (or calls a tool) within the burst goes on decoding junk
-        until the end of it, into its own blocks, at positions its attention never reads before
-        they are rewritten; the host keeps its tokens up to the stop. -> (seqs, tokens [S, k],
-        logprobs [S, k]) as numpy arrays"""
-        dev = self.device
+               generator: torch.Generator) -> "Burst | None":
+        """Up to decode_burst decode steps of the running sequences, launched on the device and not
+        waited for (_take reads them). Each step feeds the token the previous one sampled. A sequence
+        that stops (or calls a tool) within the burst goes on decoding junk until the end of it, into
+        its own blocks, at positions its attention never reads before they are rewritten; the host
+        keeps its tokens up to the stop."""
         # no longer than the longest remaining response: the tail of a rollout wastes no steps
         k = min(self.decode_burst, max(params.max_new_tokens - (len(s.tokens) - s.num_prompt) for s in running))
-        # the last position a sequence may ever feed (its last response token is never fed)
-        last_pos = lambda seq: seq.num_prompt + params.max_new_tokens - 2
         i = 0
         while i < len(running):   # blocks for the whole burst, up front
             seq = running[i]
-            i += self._reserve_or_preempt(i, min(k, last_pos(seq) - seq.num_cached + 1), waiting, running, alloc)
+            num_new = min(k, self._last_pos(seq, params) - seq.num_cached + 1)
+            i += self._reserve_or_preempt(i, num_new, waiting, running, alloc)
+        if not running:
+            return None
         seqs = list(running)
-        if not seqs:
-            return [], None, None
-        S = len(seqs)
-        st, graph = self._decode_state(S, params, generator)
-        n = len(st["ids"])   # S, or S padded up to the CUDA graph's size
-        # the burst's inputs, in two copies to the device; padding rows feed token 0 at position 0
-        # through block table row 0...: slot 0, the null block, with a context of 1
-        ids_pos_last = np.zeros((3, n), dtype=np.int64)
-        ids_pos_last[:, :S] = [[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
-                               [last_pos(seq) for seq in seqs]]
-        tables = np.zeros((n, self.tables.shape[1]), dtype=np.int32)
-        tables[:S] = self.tables[[seq.row for seq in seqs]]
-        st["ids_pos_last"].copy_(torch.from_numpy(ids_pos_last))
-        st["tables"][:, :tables.shape[1]].copy_(torch.from_numpy(tables))
+        st, graph = self._decode_state(len(seqs), params, generator)
+        # the burst's inputs; padding rows feed token 0 at position 0 through block table row 0...:
+        # slot 0, the null block, with a context of 1
+        ids_pos_last = np.zeros((3, len(st["ids"])), dtype=np.int64)
+        ids_pos_last[:, :len(seqs)] = [[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
+                                       [self._last_pos(seq, params) for seq in seqs]]
+        st["ids_pos_last"].copy_(self._pinned(ids_pos_last), non_blocking=True)
+        return self._launch(Burst(seqs, [seq.num_cached for seq in seqs], k, st, graph), params, generator)
+
+    def _follow(self, burst: "Burst", waiting: deque, running: list, alloc: BlockAllocator,
+                params: SamplingParams, generator: torch.Generator) -> "Burst | None":
+        """The next burst of the same sequences, launched before the host has read `burst`: it assumes
+        that every sequence takes all of burst's tokens, and starts from where burst leaves its
+        inputs on the device. None when that cannot go on as it is: a sequence ended or diverged
+        before `burst` started, a waiting one could join, the responses are done, or the pool would
+        have to preempt."""
+        if not burst.all_live or running != burst.seqs or not self._can_burst(waiting, running, alloc):
+            return None
+        starts = [start + burst.k for start in burst.starts]
+        k = min(self.decode_burst,
+                max(params.max_new_tokens - (start + 1 - seq.num_prompt) for seq, start in zip(burst.seqs, starts)))
+        if k < 1:
+            return None
+        for seq, start in zip(burst.seqs, starts):
+            num_new = min(k, self._last_pos(seq, params) - start + 1)
+            if num_new > 0 and not self._reserve(seq, num_new, alloc, start):
+                return None   # (blocks already reserved stay with their sequences: used or freed later)
+        self.stats["ahead"] += 1
+        return self._launch(Burst(burst.seqs, starts, k, burst.st, burst.graph), params, generator)
+
+    def _launch(self, burst: "Burst", params: SamplingParams, generator: torch.Generator) -> "Burst":
+        """Enqueue the burst's k steps (a graph replay each, or eager steps), then the copy of their
+        tokens back to the host, which _take waits for. Every copy between host and device here is
+        asynchronous (pinned host memory), so the host runs ahead of the GPU."""
+        st, S = burst.st, len(burst.seqs)
+        tables = np.zeros((len(st["ids"]), self.tables.shape[1]), dtype=np.int32)
+        tables[:S] = self.tables[[seq.row for seq in burst.seqs]]
+        st["tables"][:, :tables.shape[1]].copy_(self._pinned(tables), non_blocking=True)
         st["j"].zero_()
-        for _ in range(k):
-            if graph is None:
+        for _ in range(burst.k):
+            if burst.graph is None:
                 self._decode_step(st, params, generator)
             else:
-                graph.replay()
-        self.stats["steps"] += k
-        self.stats["graph_steps"] += k if graph is not None else 0
-        self.stats["forward_tokens"] += k * S
-        # the burst's one sync (numpy: its tolist is several times faster than a tensor's)
-        return (seqs, st["tokens"][:k, :S].T.contiguous().cpu().numpy(),
-                st["logprobs"][:k, :S].T.contiguous().cpu().numpy())
+                burst.graph.replay()
+        pin = self.device.type == "cuda"
+        burst.tokens = torch.empty(burst.k, S, dtype=torch.long, pin_memory=pin)
+        burst.logprobs = torch.empty(burst.k, S, pin_memory=pin)
+        burst.tokens.copy_(st["tokens"][:burst.k, :S], non_blocking=True)
+        burst.logprobs.copy_(st["logprobs"][:burst.k, :S], non_blocking=True)
+        if pin:
+            burst.done = torch.cuda.Event()
+            burst.done.record()
+        self.stats["bursts"] += 1
+        self.stats["steps"] += burst.k
+        self.stats["graph_steps"] += burst.k if burst.graph is not None else 0
+        self.stats["forward_tokens"] += burst.k * S
+        return burst
+
+    def _pinned(self, array: np.ndarray) -> Tensor:
+        """A host array as a tensor a non-blocking copy can read from: pinned on a GPU (torch's caching
+        host allocator keeps the buffer until the copy is done), else the array itself."""
+        t = torch.from_numpy(array)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    @staticmethod
+    def _last_pos(seq: Sequence, params: SamplingParams) -> int:
+        """The last position a sequence may ever feed (its last response token is never fed)."""
+        return seq.num_prompt + params.max_new_tokens - 2
 
     def _decode_step(self, st: dict, params: SamplingParams, generator: torch.Generator):
         """One step of a burst, all of it on the device, so that one CUDA graph holds it whole: each
@@ -576,7 +640,8 @@ class Engine:
         alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.philox_2.copy_(torch.tensor([seed % 2**32, 0]))
-        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0)
+        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0,
+                          ahead=0)
         groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
                   for i, p in enumerate(prompts)]
         # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
@@ -584,10 +649,18 @@ class Engine:
         for group in groups:
             group[0].children = group[1:]
         accept = lambda seq, token, logprob: self._accept(seq, token, logprob, params, env_hook, decode, alloc)
-        waiting, running = deque(group[0] for group in groups), []
-        while waiting or running:
-            if self._can_burst(waiting, running, alloc):
-                self._run_burst(waiting, running, alloc, params, generator, accept)
+        waiting, running, pending = deque(group[0] for group in groups), [], None
+        while waiting or running or pending:
+            if pending is not None:
+                # the next burst goes to the device before the host reads this one: the host's work
+                # on these tokens overlaps the GPU's on the next ones (docstring, 8)
+                follow = self._follow(pending, waiting, running, alloc, params, generator)
+                all_live = self._take(pending, params, accept)
+                if follow is not None:
+                    follow.all_live = all_live
+                pending = follow
+            elif self._can_burst(waiting, running, alloc):
+                pending = self._burst(waiting, running, alloc, params, generator)
             else:
                 self._step(waiting, running, alloc, params, generator, accept)
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
@@ -633,16 +706,21 @@ class Engine:
         for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
             accept(seq, token, logprob)
 
-    def _run_burst(self, waiting, running, alloc, params, generator, accept):
-        """A decode burst (_burst), then each sequence takes its tokens up to the first that ends it,
-        calls a tool or reaches max_new_tokens; the rest of its burst is dropped."""
-        seqs, tokens_S_k, logprobs_S_k = self._burst(waiting, running, alloc, params, generator)
-        self.stats["bursts"] += 1
-        if not seqs:
-            return
+    def _take(self, burst: "Burst", params: SamplingParams, accept) -> bool:
+        """Wait for a burst's tokens; each sequence takes them up to the first that ends it, calls a
+        tool or reaches max_new_tokens, and drops the rest. A sequence that ended or diverged before
+        the burst began (it ran as junk; see _follow) takes none. -> every sequence took all k and
+        goes on decoding."""
+        if burst.done is not None:
+            burst.done.synchronize()
+        # (numpy: its tolist is several times faster than a tensor's)
+        tokens_S_k, logprobs_S_k = burst.tokens.numpy().T.tolist(), burst.logprobs.numpy().T.tolist()
         events = set(params.stop_token_ids) | set(params.hook_token_ids)
-        k = tokens_S_k.shape[1]
-        for seq, tokens, logprobs in zip(seqs, tokens_S_k.tolist(), logprobs_S_k.tolist()):
+        k, all_live = burst.k, True
+        for seq, start, tokens, logprobs in zip(burst.seqs, burst.starts, tokens_S_k, logprobs_S_k):
+            if seq.finish_reason or seq.num_cached != start or len(seq.tokens) != start + 1:
+                all_live = False
+                continue
             take = min(k, params.max_new_tokens - (len(seq.tokens) - seq.num_prompt))
             if not params.stop_strings and events.isdisjoint(tokens[:take]):
                 seq.tokens += tokens[:take - 1]    # the common case: no stop, no tool call
@@ -650,12 +728,14 @@ class Engine:
                 seq.gen_mask += [1] * (take - 1)
                 seq.num_cached += take
                 accept(seq, tokens[take - 1], logprobs[take - 1])   # (which may end it at max_new_tokens)
-                continue
-            for token, logprob in zip(tokens, logprobs):
-                seq.num_cached += 1            # the token fed at this step
-                accept(seq, token, logprob)
-                if seq.finish_reason or len(seq.tokens) - seq.num_cached > 1:
-                    break                      # ended, or a tool's reply appended: later tokens are void
+            else:
+                for token, logprob in zip(tokens, logprobs):
+                    seq.num_cached += 1            # the token fed at this step
+                    accept(seq, token, logprob)
+                    if seq.finish_reason or len(seq.tokens) - seq.num_cached > 1:
+                        break                      # ended, or a tool's reply appended: later tokens are void
+            all_live = all_live and not seq.finish_reason and len(seq.tokens) - seq.num_cached == 1
+        return all_live
 
     def _accept(self, seq, token, logprob, params, env_hook, decode, alloc):
         """Append a sampled token; decide whether the sequence ends (stop token or string, length), or
