@@ -16,9 +16,11 @@ Read top to bottom:
                    layout (config.json + model.safetensors) so that `transformers` loads what we
                    save and we load what it saves (tests/test_model.py checks both ways).
 
-Submodule names mirror Hugging Face's, so state_dict keys map 1:1, except that we store each MoE
-layer's experts stacked (`mlp.experts.gate_up_proj` [E, H, 2I], `mlp.experts.down_proj` [E, I, H],
-the [in, out] orientation grouped_mm wants) while the checkpoint has one key per expert.
+Submodule names mirror Hugging Face's, so state_dict keys map 1:1, except for two fusions: each
+attention's q, k and v projections are one `self_attn.qkv_proj` (rows q | k | v) and each MoE
+layer's experts are stacked (`mlp.experts.gate_up_proj` [E, H, 2I], `mlp.experts.down_proj`
+[E, I, H], the [in, out] orientation grouped_mm wants), while the checkpoint has q_proj, k_proj,
+v_proj and one key per expert.
 """
 
 import json
@@ -211,18 +213,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_q, self.n_kv, self.d = (layer_idx, c.num_attention_heads,
                                                        c.num_key_value_heads, c.head_dim)
-        self.q_proj = nn.Linear(c.hidden_size, self.n_q * self.d, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.d, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.d, bias=False)
+        # q_proj | k_proj | v_proj as one [(Hq + 2 Hkv) D, hidden] weight: one GEMM, and q, k, v are
+        # views of its output (the checkpoint keeps the three; hf_state_dict)
+        self.qkv_proj = nn.Linear(c.hidden_size, (self.n_q + 2 * self.n_kv) * self.d, bias=False)
         self.o_proj = nn.Linear(self.n_q * self.d, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, c.rms_norm_eps)   # per head, over head_dim only
         self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
 
     def forward(self, x_B_T_H, cos, sin, mask, attention):
         B, T, _ = x_B_T_H.shape
-        q = self.q_proj(x_B_T_H).view(B, T, self.n_q, self.d)
-        k = self.k_proj(x_B_T_H).view(B, T, self.n_kv, self.d)
-        v = self.v_proj(x_B_T_H).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        q, k, v = self.qkv_proj(x_B_T_H).split([self.n_q * self.d] + [self.n_kv * self.d] * 2, dim=-1)
+        q = q.view(B, T, self.n_q, self.d)
+        k = k.view(B, T, self.n_kv, self.d)
+        v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
         # decoding through a KV cache on the GPU: the norms and RoPE in one (forward-only) kernel
         fused = attention is not None and not torch.is_grad_enabled() and use_triton(q)
         q, k = (qk_norm_rope_triton if fused else qk_norm_rope)(
@@ -335,6 +338,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_tables = {}   # (device, dtype) -> RoPE's cos, sin of every position (rope())
         self.reset_parameters()
 
     @torch.no_grad()
@@ -367,6 +371,10 @@ class Transformer(nn.Module):
           definition and equals it when there is one MoE layer.) 0 in eval mode, where it is not
           computed."""
         B, T = input_ids_B_T.shape
+        c = self.config
+        if T > c.max_position_embeddings:
+            raise ValueError(f"model.py: a sequence of {T} tokens is longer than the config's "
+                             f"max_position_embeddings = {c.max_position_embeddings}")
         mask = None
         if doc_ids_B_T is not None:
             doc_positions_B_T, mask = document_positions_and_mask(doc_ids_B_T)
@@ -377,8 +385,7 @@ class Transformer(nn.Module):
             token_mask_B_T = doc_ids_B_T >= 0
         valid_N = None if token_mask_B_T is None else token_mask_B_T.reshape(-1).bool()
         x = self.model.embed_tokens(input_ids_B_T)
-        c = self.config
-        cos, sin = rope_cos_sin(positions_B_T, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = self.rope(positions_B_T, x.dtype)
         aux_losses = []
         for block in self.model.layers:
             x, aux = block(x, cos, sin, mask, attention, valid_N)
@@ -391,6 +398,19 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]
         return self.lm_head(x), aux
+
+    def rope(self, positions_B_T, dtype):
+        """rope_cos_sin at these positions, looked up in a table of every position below
+        max_position_embeddings, built once per device and dtype (the same numbers): two gathers per
+        forward instead of a dozen small kernels, which matters when decoding one token at a time."""
+        key = (positions_B_T.device, dtype)
+        if key not in self.rope_tables:
+            c = self.config
+            every = torch.arange(c.max_position_embeddings, device=positions_B_T.device)[None]
+            cos, sin = rope_cos_sin(every, c.head_dim, c.rope_theta, dtype)
+            self.rope_tables[key] = cos[0, 0], sin[0, 0]
+        cos_P_D, sin_P_D = self.rope_tables[key]
+        return cos_P_D[positions_B_T][:, None], sin_P_D[positions_B_T][:, None]
 
     def num_params(self, active_only=False):
         """All parameters (a tied embedding counted once); active_only: only k of E experts."""
@@ -408,8 +428,14 @@ class Transformer(nn.Module):
     def hf_state_dict(self, state=None):
         """Our state (or `state`, a state dict of this model) as the checkpoint's tensors (views)."""
         out = {}
+        c = self.config
         for name, t in (self.state_dict() if state is None else state).items():
-            if name.endswith("experts.gate_up_proj"):
+            if name.endswith("qkv_proj.weight"):
+                prefix = name[: -len("qkv_proj.weight")]
+                sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
+                for part, rows in zip(("q", "k", "v"), t.split(sizes)):
+                    out[f"{prefix}{part}_proj.weight"] = rows
+            elif name.endswith("experts.gate_up_proj"):
                 prefix, I = name[: -len("gate_up_proj")], t.shape[2] // 2
                 for e in range(t.shape[0]):
                     out[f"{prefix}{e}.gate_proj.weight"] = t[e, :, :I].T

@@ -59,7 +59,8 @@ def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D:
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, slots_ptr, out_ptr,
-                         table_stride, scale, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         stride_kn, stride_vn, table_stride, scale,
+                         G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_T: tl.constexpr):
     s = tl.program_id(0)
@@ -76,10 +77,9 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
     # The new token: its k/v go to their slot (the pool is [num_blocks, BS, HKV, D] contiguous,
     # so slot * HKV + h is its row for this kv head), rounded to the pool's dtype as every later
     # step will read them, and are folded in after the cached tokens.
-    new = (s * HKV + h) * D + d
     slot_row = tl.load(slots_ptr + s).to(tl.int64) * HKV + h
-    k_new = tl.load(k_new_ptr + new, mask=d_ok, other=0.0).to(k_ptr.dtype.element_ty)
-    v_new = tl.load(v_new_ptr + new, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+    k_new = tl.load(k_new_ptr + s * stride_kn + h * D + d, mask=d_ok, other=0.0).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(v_new_ptr + s * stride_vn + h * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
     tl.store(k_ptr + slot_row * D + d, k_new, mask=d_ok)
     tl.store(v_ptr + slot_row * D + d, v_new, mask=d_ok)
     cached = tl.load(lens_ptr + s) - 1
@@ -124,11 +124,14 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
     assert block_size >= 16 and block_size & (block_size - 1) == 0, \
         f"paged_attention.py: the Triton kernel needs a power-of-two block_size >= 16, got {block_size}"
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and Hq % Hkv == 0
-    q, k, v = (t.contiguous() for t in (q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D))
+    q = q_S_Hq_D.contiguous()
+    # the new k/v: each token's heads contiguous, tokens at any stride (v is a view of the fused
+    # qkv projection's output)
+    k, v = (t if t.stride(2) == 1 and t.stride(1) == D else t.contiguous() for t in (k_S_Hkv_D, v_S_Hkv_D))
     out = torch.empty_like(q)
     G = Hq // Hkv
     _paged_decode_kernel[(S, Hkv)](
-        q, k, v, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S, out,
+        q, k, v, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S, out, k.stride(0), v.stride(0),
         block_tables_S_M.stride(0), D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D,
         BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size))

@@ -140,6 +140,19 @@ def test_rope_rotates_pairs_i_and_i_plus_half():
                                rtol=2e-4, atol=2e-4)   # angles in fp32, as transformers
 
 
+def test_rope_table_is_rope_cos_sin_and_bounds_the_length():
+    """The model looks RoPE up in a table of every position (per device and dtype): the same numbers
+    as computing them, at any positions; a sequence longer than the table is a clear error."""
+    model = make_model(max_position_embeddings=64)
+    pos = torch.randint(0, 64, (2, 7))
+    for dtype in (torch.float64, torch.bfloat16):
+        got, want = model.rope(pos, dtype), rope_cos_sin(pos, 8, 10000.0, dtype)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(model.rope_tables) == 2
+    with pytest.raises(ValueError, match="max_position_embeddings = 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
 def explicit_causal_attention(q, k, v):
     """softmax(q k^T / sqrt(D) + causal) v, written out, with kv heads shared by query groups."""
     g = q.shape[1] // k.shape[1]

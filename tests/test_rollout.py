@@ -335,10 +335,10 @@ def test_tool_response_is_masked_and_continuation_equals_recomputation(model64):
 @pytest.mark.triton
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (8, 1, 64), (6, 6, 16)])
 def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
-    """Both paths write the new tokens' k/v to their slots and attend over the whole context, the
-    new token included: equal outputs, equal pools afterwards, and the torch path equal to a plain
-    per-sequence softmax attention. Contexts: 1 (only the new token), a block, a block and one, and
-    up to all M blocks (three of the kernel's 64-token chunks, the last partial)."""
+    """Both paths write the new tokens' k/v (strided views) to their slots and attend over the whole
+    context, the new token included: equal outputs, equal pools afterwards, and the torch path
+    equal to a plain per-sequence softmax attention. Contexts: 1 (only the new token), a block, a
+    block and one, and up to all M blocks (three of the kernel's 64-token chunks, the last partial)."""
     g = torch.Generator().manual_seed(Hq * D)
     S, block_size, num_blocks, M = 5, 16, 50, 9
     k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
@@ -348,7 +348,8 @@ def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
     last = context_lens.long() - 1
     slots = block_tables.long()[torch.arange(S), last // block_size] * block_size + last % block_size
     q = torch.randn(S, Hq, D, generator=g)
-    k_new, v_new = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
+    # strided new k/v, as views of a fused projection's output are
+    k_new, _, v_new = torch.randn(S, 3, Hkv, D, generator=g).unbind(1)
     k64, v64 = k_cache.double(), v_cache.double()
     expected = paged_decode_attention_torch(q.double(), k_new.double(), v_new.double(), k64, v64,
                                             block_tables, context_lens, slots)
