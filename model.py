@@ -9,8 +9,8 @@ Read top to bottom:
                    is how the rollout engine runs these very layers over its paged KV cache (and
                    then, on the GPU, QK-norm + RoPE run as one kernel: kernels/qk_norm_rope.py).
   4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
-                   copies sorted by expert (without gradients, on the GPU, the SwiGLU runs inside
-                   the first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
+                   copies sorted by expert (when decoding, on the GPU, the SwiGLU runs inside the
+                   first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
                    load-balancing loss. Some layers may be dense SwiGLU MLPs.
   5. Transformer   embeddings, the blocks, final norm, LM head; save/load in the Hugging Face
                    layout (config.json + model.safetensors) so that `transformers` loads what we
@@ -196,6 +196,15 @@ def qk_norm_rope(q_B_T_Hq_D, k_B_T_Hkv_D, q_weight_D, k_weight_D, cos, sin, eps)
     return q, k
 
 
+def decoding(attention) -> bool:
+    """Whether this forward may take the forward-only kernels (QK-norm + RoPE, SwiGLU in the expert
+    GEMM): when it decodes through a KV cache (an attention callable) with no gradient recorded.
+    Every forward that computes logprobs to train on or against (the policy's, a reference's, a
+    teacher's) keeps the torch path, so they are all computed the same way; only the rollout
+    differs from them, at bf16 rounding, as its paged attention already makes it."""
+    return attention is not None and not torch.is_grad_enabled()
+
+
 def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
     """Default attention core for training: causal, or the given block-diagonal causal mask."""
     groups = q_B_Hq_T_D.shape[1] // k_B_Hkv_T_D.shape[1]
@@ -226,9 +235,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_q, self.d)
         k = k.view(B, T, self.n_kv, self.d)
         v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
-        # decoding through a KV cache on the GPU: the norms and RoPE in one (forward-only) kernel
-        fused = attention is not None and not torch.is_grad_enabled() and use_triton(q)
-        q, k = (qk_norm_rope_triton if fused else qk_norm_rope)(
+        # decoding on the GPU: the norms and RoPE in one (forward-only) kernel
+        q, k = (qk_norm_rope_triton if decoding(attention) and use_triton(q) else qk_norm_rope)(
             q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
         if attention is None:
             out_B_Hq_T_D = causal_attention(q, k, v, mask)
@@ -245,7 +253,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x, valid_N=None):
+    def forward(self, x, valid_N=None, decode=False):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
@@ -264,18 +272,18 @@ class MoE(nn.Module):
             gate_up_proj=nn.Parameter(torch.empty(self.E, H, 2 * I)),   # gate | up, fused
             down_proj=nn.Parameter(torch.empty(self.E, I, H))))
 
-    def forward(self, x_B_T_H, valid_N=None):
+    def forward(self, x_B_T_H, valid_N=None, decode=False):
         B, T, H = x_B_T_H.shape
         x_N_H = x_B_T_H.reshape(-1, H)
         N = x_N_H.shape[0]
         r = route(self.gate(x_N_H), self.K, self.norm_topk_prob)     # (softmax in fp32 inside)
-        if torch.is_grad_enabled():
+        if decode:   # the same, with SwiGLU in the GEMM's epilogue on the GPU (forward only)
+            act_M_I = grouped_swiglu(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, r.token_M)
+        else:
             h_M_2I = grouped_mm(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, r.token_M,
                                 r.unsort_idx.view(N, self.K))      # token -> rows of its copies
             gate_M_I, up_M_I = h_M_2I.chunk(2, dim=-1)
             act_M_I = F.silu(gate_M_I) * up_M_I
-        else:   # the same, with SwiGLU in the GEMM's epilogue on the GPU (forward only)
-            act_M_I = grouped_swiglu(x_N_H, self.experts["gate_up_proj"], r.offsets_E1, r.token_M)
         y_M_H = grouped_mm(act_M_I, self.experts["down_proj"], r.offsets_E1)
         # back to token order (copy index = token*K + k), summed with the routing weights
         out_N_H = combine(y_M_H, r.weights_N_K, r.unsort_idx)
@@ -306,7 +314,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, attention, valid_N=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, attention)
-        mlp_out, aux = self.mlp(self.post_attention_layernorm(x), valid_N)
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(x), valid_N, decoding(attention))
         return x + mlp_out, aux
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +380,8 @@ class Transformer(nn.Module):
           computed."""
         B, T = input_ids_B_T.shape
         c = self.config
-        if T > c.max_position_embeddings:
-            raise ValueError(f"model.py: a sequence of {T} tokens is longer than the config's "
+        if positions_B_T is None and T > c.max_position_embeddings:   # (given positions: the caller's)
+            raise ValueError(f"model.py: a row of {T} tokens is longer than the config's "
                              f"max_position_embeddings = {c.max_position_embeddings}")
         mask = None
         if doc_ids_B_T is not None:

@@ -207,10 +207,9 @@ def test_grouped_swiglu_equals_grouped_mm_then_swiglu(counts, K, N):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_moe_without_grad_takes_the_swiglu_epilogue(monkeypatch):
-    """model.MoE under no_grad: one grouped_swiglu (the Triton kernel here), the same output as the
-    forward that records gradients (grouped_mm, then silu * up)."""
-    import model
+def test_moe_decoding_through_the_swiglu_epilogue_equals_the_torch_path():
+    """model.MoE's decode path (one grouped_swiglu, the Triton kernel here) gives the output of its
+    training path (grouped_mm, then silu * up)."""
     from model import MoE, ModelConfig
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.json")) as f:
         config = ModelConfig.from_dict({**json.load(f), "hidden_size": 32, "moe_intermediate_size": 24,
@@ -220,15 +219,8 @@ def test_moe_without_grad_takes_the_swiglu_epilogue(monkeypatch):
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)
-    x = torch.randn(2, 9, config.hidden_size, device=DEVICE)
-    calls = []
-    monkeypatch.setattr(model, "grouped_swiglu", lambda *a: calls.append(1) or kernels.grouped_swiglu(*a))
-    with_grad, _ = moe(x)
-    assert not calls
-    with torch.no_grad():
-        without, _ = moe(x)
-    assert calls == [1]
-    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 9, config.hidden_size, device=DEVICE)
+        torch.testing.assert_close(moe(x, decode=True)[0], moe(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_moe_layer_end_to_end():
@@ -338,17 +330,19 @@ def test_qk_norm_rope_bf16_activations_fp32_angles():
     assert (got_q.double() - exact[0]).abs().max() < (torch_q.double() - exact[0]).abs().max()
 
 
-def test_the_model_uses_it_only_to_decode_without_grad(monkeypatch):
-    """model.Attention takes the kernel for a forward through an attention hook (a KV cache)
-    with no gradient recorded, and the torch path for training and for cache-less forwards."""
+def test_the_model_uses_them_only_to_decode_without_grad(monkeypatch):
+    """model.py takes its forward-only kernels (QK-norm + RoPE, SwiGLU in the expert GEMM) for a
+    forward through an attention hook (a KV cache) with no gradient recorded, and the torch path
+    for training and for cache-less forwards (the logprobs that train, or are trained against)."""
     import model
     from model import ModelConfig, Transformer
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.json")) as f:
         config = ModelConfig.from_dict({**json.load(f), "num_hidden_layers": 1})
     net = Transformer(config).to(DEVICE)
     calls = []
-    monkeypatch.setattr(model, "qk_norm_rope_triton", lambda *a: calls.append(1) or qk_norm_rope_triton(*a))
-    # only this kernel through the interpreter: routing and the grouped GEMM on their torch path
+    monkeypatch.setattr(model, "qk_norm_rope_triton", lambda *a: calls.append("qk") or qk_norm_rope_triton(*a))
+    monkeypatch.setattr(model, "grouped_swiglu", lambda *a: calls.append("swiglu") or kernels.grouped_swiglu(*a))
+    # only these kernels through the interpreter: routing and the grouped GEMM on their torch path
     monkeypatch.setattr(model, "use_triton", lambda t: True)
     monkeypatch.delenv("NANOCASCADE_TRITON")
     hook = lambda layer, q, k, v: torch.nn.functional.scaled_dot_product_attention(
@@ -358,9 +352,9 @@ def test_the_model_uses_it_only_to_decode_without_grad(monkeypatch):
         plain = net(ids)[0]
         assert not calls
         cached = net(ids, attention=hook)[0]
-        assert calls == [1]
+        assert calls == ["qk", "swiglu"]
     net(ids, attention=hook)[0].sum().backward()   # with grad: the torch path
-    assert calls == [1]
+    assert calls == ["qk", "swiglu"]
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
 
 

@@ -151,6 +151,8 @@ def test_rope_table_is_rope_cos_sin_and_bounds_the_length():
     assert len(model.rope_tables) == 2
     with pytest.raises(ValueError, match="max_position_embeddings = 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings = 64"):   # packed documents too
+        model(torch.zeros(1, 65, dtype=torch.long), doc_ids_B_T=torch.zeros(1, 65, dtype=torch.long))
 
 
 def explicit_causal_attention(q, k, v):

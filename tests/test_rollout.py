@@ -83,6 +83,17 @@ def test_greedy_equals_uncached_recomputation(model64):
         torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), expected)
 
 
+def test_a_step_may_hold_more_tokens_than_one_sequence_may():
+    """A step flattens all its sequences into one row with per-token positions, so the row can be
+    longer than max_position_embeddings, which bounds each sequence only."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(CONFIG, max_position_embeddings=40)).double()
+    prompts = make_prompts([30, 25, 33], seed=5)
+    out = Engine(model, block_size=4).generate(prompts, SamplingParams(temperature=0, max_new_tokens=6))
+    for prompt, group in zip(prompts, out):
+        assert group[0].token_ids == greedy_reference(model, prompt, 6)
+
+
 def test_stop_token_ends_a_sequence(model64):
     prompt = make_prompts([7], seed=1)[0]
     free_run = greedy_reference(model64, prompt, 8)
