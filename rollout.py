@@ -85,14 +85,15 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    up to its first stop, tool call or max_new_tokens; a sequence that ended early decoded junk
    for the rest of the burst, into its own blocks, which is the price (at most k - 1 steps per
    sequence; k is cut to the longest remaining response). decode_burst=1 syncs after every step.
-   And the host's reading does not stall the GPU: before it reads a burst, the engine launches
-   the next one (`_follow`), which continues from the inputs the last left on the device and
-   assumes every sequence goes on. While the GPU runs it, the host appends the tokens of the one
-   before; rows whose sequence ended or called a tool there are junk in the next one, and the
-   host drops them (`_take`). The pipeline drains and the batch re-forms when such a row exists,
-   a waiting sequence could join, or the pool would have to preempt. The samples are the same for
-   any decode_burst with greedy decoding; sampled ones draw their random numbers in a different
-   order, so they differ, with the same distribution.
+   And on a GPU the host's reading does not stall the GPU (`overlap`): before it reads a burst, the
+   engine launches the next one (`_follow`), which continues from the inputs the last left on the
+   device and assumes every sequence goes on. While the GPU runs it, the host appends the tokens of
+   the one before; rows whose sequence ended or called a tool there are junk in the next one, and
+   the host drops them (`_take`). On a CPU, which runs the steps itself, there is nothing to
+   overlap. The pipeline drains and the batch re-forms when such a row exists, a waiting sequence
+   could join, or the pool would have to preempt. The samples are the same for any decode_burst
+   with greedy decoding; sampled ones draw their random numbers in a different order, so they
+   differ, with the same distribution.
 """
 import gc
 import warnings
@@ -228,13 +229,14 @@ class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
     running sequences (and the largest CUDA graph). decode_burst: decode steps per host sync
-    (docstring, 8; 1: one). After each generate, `stats` holds steps, forward_tokens, preemptions,
+    (docstring, 8; 1: one). overlap: launch each burst before the host reads the last (docstring,
+    8; default: on a GPU). After each generate, `stats` holds steps, forward_tokens, preemptions,
     graph_steps, peak_blocks, bursts, and ahead (bursts launched before the host had read the one
     before them). Pass the bare module, not a DDP wrapper."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
-                 decode_burst: int = 16):
+                 decode_burst: int = 16, overlap: bool | None = None):
         if decode_burst < 1:
             raise ValueError(f"rollout.py: decode_burst={decode_burst} must be >= 1 (1: a host sync per step)")
         cfg = model.config
@@ -246,6 +248,8 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = self.device.type == "cuda" and not is_sharded(model) if cuda_graphs is None \
             else cuda_graphs
+        # a CPU runs the steps itself: there is nothing to overlap, and the junk rows would only cost
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.k_cache = self.v_cache = None
         self.graphs, self.graph_pool, self.graph_key = {}, None, None
         # the Triton sampler's random key [seed, step] (kernels/sampling.py), at one fixed address
@@ -441,7 +445,8 @@ class Engine:
         inputs on the device. None when that cannot go on as it is: a sequence ended or diverged
         before `burst` started, a waiting one could join, the responses are done, or the pool would
         have to preempt."""
-        if not burst.all_live or running != burst.seqs or not self._can_burst(waiting, running, alloc):
+        if not (self.overlap and burst.all_live and running == burst.seqs
+                and self._can_burst(waiting, running, alloc)):
             return None
         starts = [start + burst.k for start in burst.starts]
         k = min(self.decode_burst,
@@ -460,9 +465,12 @@ class Engine:
         tokens back to the host, which _take waits for. Every copy between host and device here is
         asynchronous (pinned host memory), so the host runs ahead of the GPU."""
         st, S = burst.st, len(burst.seqs)
-        tables = np.zeros((len(st["ids"]), self.tables.shape[1]), dtype=np.int32)
-        tables[:S] = self.tables[[seq.row for seq in burst.seqs]]
-        st["tables"][:, :tables.shape[1]].copy_(self._pinned(tables), non_blocking=True)
+        width = max(len(seq.block_table) for seq in burst.seqs)   # blocks the burst may touch
+        if burst.graph is None:   # eager: as wide as that (the torch attention reads every entry)
+            st["width"] = width
+        tables = np.zeros((len(st["ids"]), width), dtype=np.int32)
+        tables[:S] = self.tables[[seq.row for seq in burst.seqs], :width]
+        st["tables"][:, :width].copy_(self._pinned(tables), non_blocking=True)
         st["j"].zero_()
         for _ in range(burst.k):
             if burst.graph is None:
@@ -499,9 +507,8 @@ class Engine:
         row feeds its token at its position (its k/v written to the slot there), samples the next
         token into row j of the burst's outputs, and that token and position + 1 (up to its last)
         are the next step's input."""
-        pos_S = st["pos"]
-        meta = StepMeta(self._slots(st["tables"], st["rows"], pos_S), len(pos_S), st["tables"],
-                        (pos_S + 1).int())
+        pos_S, tables_S_M = st["pos"], st["tables"][:, :st["width"]]
+        meta = StepMeta(self._slots(tables_S_M, st["rows"], pos_S), len(pos_S), tables_S_M, (pos_S + 1).int())
         logits_S_V = self.model(st["ids"][None], pos_S[None], attention=self._attention(meta),
                                 logits_index=st["rows"])[0]
         tokens_S, logprobs_S = sample(logits_S_V, params, generator, self.philox_2)
@@ -513,11 +520,12 @@ class Engine:
 
     def _new_state(self, n: int, width: int) -> dict:
         """Device buffers for a burst of n rows: its inputs (ids, pos, last: one [3, n] tensor, so one
-        copy fills them), block tables [n, width], and the k sampled tokens and logprobs."""
+        copy fills them), block tables [n, width] (the steps read the first st["width"] columns), and
+        the k sampled tokens and logprobs."""
         dev = self.device
         ids_pos_last = torch.zeros(3, n, dtype=torch.long, device=dev)
         return dict(ids_pos_last=ids_pos_last, ids=ids_pos_last[0], pos=ids_pos_last[1], last=ids_pos_last[2],
-                    tables=torch.zeros(n, width, dtype=torch.int32, device=dev),
+                    tables=torch.zeros(n, width, dtype=torch.int32, device=dev), width=width,
                     rows=torch.arange(n, device=dev), j=torch.zeros(1, dtype=torch.long, device=dev),
                     tokens=torch.zeros(self.decode_burst, n, dtype=torch.long, device=dev),
                     logprobs=torch.zeros(self.decode_burst, n, device=dev))

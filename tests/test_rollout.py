@@ -166,8 +166,9 @@ def varied64():
 def test_decode_bursts_change_nothing_but_the_schedule(varied64):
     """Greedy, so the schedule cannot matter: steps of one token (decode_burst=1) and bursts of 5 or
     16 give the same samples, with stop tokens, tool calls and max_new_tokens landing inside a
-    burst (and inside the burst already launched after it), and with a pool so tight that bursts
-    preempt."""
+    burst, and with a pool so tight that bursts preempt; and the same with each burst launched
+    before the last was read (overlap, a GPU's default), where those land inside a burst already
+    running."""
     prompts = make_prompts([3, 7, 12, 20, 9], seed=8)
     free = [greedy_reference(varied64, p, 24) for p in prompts]
     stop, hook = free[1][6], free[3][4]   # each ends some responses mid-burst
@@ -178,21 +179,22 @@ def test_decode_bursts_change_nothing_but_the_schedule(varied64):
         return [5, 6, 7] if calls.count((i, j)) == 1 else None
     params = SamplingParams(temperature=0, max_new_tokens=23, stop_token_ids=(stop,), hook_token_ids=(hook,))
     runs = {}
-    for burst, blocks in [(1, None), (5, None), (16, None), (5, 40)]:
+    for burst, blocks, overlap in [(1, None, False), (1, None, True), (5, None, False), (5, None, True),
+                                   (16, None, True), (5, 40, True)]:
         calls.clear()
-        engine = Engine(varied64, block_size=4, num_blocks=blocks, decode_burst=burst)
-        runs[burst, blocks] = engine.generate(prompts, params, n=2, env_hook=env_hook), dict(engine.stats)
+        engine = Engine(varied64, block_size=4, num_blocks=blocks, decode_burst=burst, overlap=overlap)
+        runs[burst, blocks, overlap] = engine.generate(prompts, params, n=2, env_hook=env_hook), dict(engine.stats)
         assert sorted(engine.alloc.free) == list(range(1, engine.k_cache.shape[1]))
-    reference, stats = runs[1, None]
+    reference, stats = runs[1, None, False]
     assert {s.finish_reason for g in reference for s in g} == {"stop", "length"}
     assert any(0 in s.gen_mask for g in reference for s in g)   # a tool reply was appended somewhere
     for key, (out, stats) in runs.items():
-        assert stats["bursts"] > 0 and stats["ahead"] > 0   # bursts launched before the last was read
+        assert stats["bursts"] > 0 and (stats["ahead"] > 0) == key[2]   # ahead: launched before the last was read
         for g_ref, g in zip(reference, out):
             for a, b in zip(g_ref, g):
                 assert (b.token_ids, b.gen_mask, b.finish_reason) == (a.token_ids, a.gen_mask, a.finish_reason), key
                 torch.testing.assert_close(b.logprobs, a.logprobs)
-    assert runs[5, 40][1]["preemptions"] > 0
+    assert runs[5, 40, True][1]["preemptions"] > 0
 
 
 def keep_mask_reference(logits_T_V, temperature, top_k, top_p):
