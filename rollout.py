@@ -67,7 +67,7 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    sampling setting, and replayed: one launch instead of a few hundred small kernels, and no host
    work between the steps of a burst. The draw can live in a graph because on the GPU it is one
    Triton kernel whose random key, [seed, step], is read from device memory and moved on inside
-   the graph (kernels/sampling.py); a torch.Generator would replay the same numbers every time.
+   the graph (kernels/sampling.py), with nothing to register with the graph.
    Graphs stay valid while the parameters keep their storage (optimizers update in place); if
    parameters are reallocated, or a model's forward cannot be captured, we re-capture or fall back.
 
@@ -572,27 +572,33 @@ class Engine:
         return self._new_state(S, self.tables.shape[1]), None
 
     def _capture(self, key: tuple, params: SamplingParams, generator: torch.Generator) -> bool:
-        dev = self.device
         st = self._new_state(key[0], self._blocks_for(self.max_len))   # zeros: every row writes slot 0
         rng = self.philox_2.clone()   # the warm-up draws; they must not move this call's random numbers
         try:
-            side = torch.cuda.Stream(dev)   # warm up (Triton compiles, allocator settles) off the main stream
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                self._decode_step(st, params, generator)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self._decode_step(st, params, generator)
+            graph = self._graph_of(lambda: self._decode_step(st, params, generator))
         except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
             warnings.warn(f"rollout.py: CUDA graph capture failed, decoding eagerly: {e!r}")
             self.use_graphs = False
             return False
         finally:
             self.philox_2.copy_(rng)
-        self.graph_pool = graph.pool()
         self.graphs[key] = (st, graph)
         return True
+
+    def _graph_of(self, step) -> torch.cuda.CUDAGraph:
+        """Run `step` once to warm up (Triton compiles, the allocator settles; off the main stream),
+        then capture it in a CUDA graph that shares one memory pool with the engine's others."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            step()
+        self.graph_pool = graph.pool()
+        return graph
 
     # ---- the public entry point
 

@@ -5,17 +5,17 @@
 
 Both draw one token per row from softmax(logits / temperature) and return it with its logprob under
 that distribution, log_softmax(logits / temperature)[token]; at temperature 0 the token is the argmax
-(the lowest index among ties, as torch's) and the logprob is log_softmax(logits)[token]. rows of
-logits that top-k/top-p truncation set to -inf are never drawn.
+(the lowest index among ties, as torch's) and the logprob is log_softmax(logits)[token]. A token
+whose logit top-k/top-p truncation set to -inf is never drawn.
 
 The reference is torch: a log_softmax over the row, then torch.multinomial on its exp. That is five
-or six kernels, each reading or writing the [R, V] logits in fp32, and a seeded torch.Generator
-that a CUDA graph cannot advance from one replay to the next unless it is registered with the graph.
+or six kernels, each reading or writing the [R, V] logits in fp32, and a seeded torch.Generator,
+which needs torch's graph-safe RNG machinery for a replayed CUDA graph to draw new numbers.
 
-The kernel is one program per row, and one pass over the row:
+The kernel makes one pass over each row (a program per row, or per few rows of a small vocabulary):
   * the Gumbel-max trick: with g_i = -log(-log u_i) for independent uniforms u_i, the index of the
-    largest x_i + g_i is distributed as softmax(x) (Gumbel 1954; as used by Maddison et al. 2014).
-    So a draw is a running argmax, with no cumulative sum and no second pass;
+    largest x_i + g_i is distributed as softmax(x). So a draw is a running argmax, with no
+    cumulative sum and no second pass;
   * the softmax normalizer log sum_i exp(x_i) with the online rescaling flash attention uses (a
     running max m, and a running sum s of exp(x_i - m) rescaled whenever m grows), so that the
     logprob x_token - m - log s comes out of the same pass;
@@ -49,8 +49,9 @@ def draw_reference(logits_R_V: Tensor, temperature: float, generator: torch.Gene
 @triton.jit
 def _draw_kernel(logits_ptr, stride_r, R, scale, philox_ptr, tokens_ptr, logprobs_ptr,
                  V: tl.constexpr, GREEDY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # one row per token (BLOCK_R is 1
-    row_ok = rows < R                                           # for a real vocabulary)
+    # BLOCK_R rows per program: 1 for a real vocabulary, more for the tests' small ones
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
     # Philox key: seed in the high 32 bits, step in the low 32
     key = (tl.load(philox_ptr).to(tl.uint64) << 32) | (tl.load(philox_ptr + 1).to(tl.uint64) & 0xFFFFFFFF)
     m = tl.full((BLOCK_R,), -3.0e38, tl.float32)   # running max of x (finite: exp(m - m) must not be NaN)

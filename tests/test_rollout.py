@@ -407,6 +407,40 @@ def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch
             torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: made from the step it would capture (after the warm-up
+    run), `replay` runs that step again."""
+    def __init__(self, step):
+        step()
+        self.replay = step
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_graph_path_on_the_cpu(model32_v256, monkeypatch, overlap):
+    """The engine's CUDA-graph path, run on the CPU with a stand-in graph that replays its step
+    eagerly: 6 sequences padded to a graph of 8 (the padding rows write the null block), buffers
+    reused across bursts and calls, and the warm-up draw not moving the call's random numbers. It
+    gives the tokens and logprobs of the eager path, with the Triton sampler (the GPU's), and the
+    second call, which captures nothing, gives them again; with bursts overlapped or not."""
+    use_sampler("triton", monkeypatch)
+    monkeypatch.setattr(Engine, "_graph_of", lambda self, step: EagerGraph(step))
+    prompts = make_prompts([5, 9, 3], seed=11, vocab_size=256)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10)
+    eager = Engine(model32_v256, block_size=4, decode_burst=4, cuda_graphs=False, overlap=overlap)
+    graphed = Engine(model32_v256, block_size=4, decode_burst=4, cuda_graphs=True, overlap=overlap)
+    want = eager.generate(prompts, params, n=2, seed=3)
+    for call in range(2):
+        got = graphed.generate(prompts, params, n=2, seed=3)
+        assert graphed.stats["graph_steps"] == graphed.stats["steps"] - 1 > 0   # all but the prefill
+        assert list(graphed.graphs) == [(8, 4, 1.0, 0, 1.0)]
+        for g_want, g_got in zip(want, got):
+            for a, b in zip(g_want, g_got):
+                assert a.token_ids == b.token_ids, call
+                # (the graph's tables are as wide as max_position_embeddings allows, the eager ones
+                # as wide as the burst needs: the torch attention sums over other padding)
+                torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)])
 def test_cuda_graph_decode_equals_eager(temperature, top_p):
