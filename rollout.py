@@ -199,11 +199,11 @@ def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode)
 @dataclass
 class StepMeta:
     """Everything the attention callable needs to know about one step's N flattened tokens."""
-    slots_N: Tensor                # pool slot each token's k/v is written to
     num_decode: int                # tokens [0, num_decode) are single-token sequences (decode path)
     block_tables_S_M: Tensor       # their block tables (padding: stale but valid block ids)
-    context_lens_S: Tensor         # their context lengths, new token included
+    positions_S: Tensor            # their positions (the kernel finds their slots in the tables)
     # multi-token chunks, padded to P sequences x T new tokens x C context tokens (None if none)
+    slots_chunks: Tensor | None = None  # pool slot each chunk token's k/v is written to (tokens S..N)
     rows_P_T: Tensor | None = None      # index into N of each chunk token (padding: any valid index)
     valid_P_T: Tensor | None = None     # real (not padding) chunk tokens
     slots_P_C: Tensor | None = None     # pool slots of each chunk's context, in position order
@@ -383,8 +383,9 @@ class Engine:
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
         slots_N = self._slots(tables_S_M, seq_N, pos_N)
         ids_N = self._tensor(ids)
-        meta = StepMeta(slots_N, num_decode, tables_S_M[:num_decode], (cached_S + 1)[:num_decode].int())
+        meta = StepMeta(num_decode, tables_S_M[:num_decode], cached_S[:num_decode])
         if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
+            meta.slots_chunks = slots_N[num_decode:]
             p = slice(num_decode, S)
             T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
             t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
@@ -507,8 +508,8 @@ class Engine:
         row feeds its token at its position (its k/v written to the slot there), samples the next
         token into row j of the burst's outputs, and that token and position + 1 (up to its last)
         are the next step's input."""
-        pos_S, tables_S_M = st["pos"], st["tables"][:, :st["width"]]
-        meta = StepMeta(self._slots(tables_S_M, st["rows"], pos_S), len(pos_S), tables_S_M, (pos_S + 1).int())
+        pos_S = st["pos"]
+        meta = StepMeta(len(pos_S), st["tables"][:, :st["width"]], pos_S)
         logits_S_V = self.model(st["ids"][None], pos_S[None], attention=self._attention(meta),
                                 logits_index=st["rows"])[0]
         tokens_S, logprobs_S = sample(logits_S_V, params, generator, self.philox_2)
@@ -540,13 +541,13 @@ class Engine:
             # single-token sequences: their k/v written to their slots and attended in one call
             decoded_S_Hq_D = paged_decode_attention(
                 q_N_Hq_D[:S], k_N_Hkv_D[:S], v_N_Hkv_D[:S], k_pool, v_pool, meta.block_tables_S_M,
-                meta.context_lens_S, meta.slots_N[:S]).to(q_N_Hq_D.dtype) if S else None
+                meta.positions_S).to(q_N_Hq_D.dtype) if S else None
             if meta.rows_P_T is None:   # decode only (every CUDA-graph step): nothing to merge
                 return decoded_S_Hq_D.transpose(0, 1)[None]
             # chunks: their k/v into the pool, then each token attends over its gathered context
             k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
-            k_slots.index_copy_(0, meta.slots_N[S:], k_N_Hkv_D[S:].to(k_slots.dtype))
-            v_slots.index_copy_(0, meta.slots_N[S:], v_N_Hkv_D[S:].to(v_slots.dtype))
+            k_slots.index_copy_(0, meta.slots_chunks, k_N_Hkv_D[S:].to(k_slots.dtype))
+            v_slots.index_copy_(0, meta.slots_chunks, v_N_Hkv_D[S:].to(v_slots.dtype))
             out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             if S:
                 out_N_Hq_D[:S] = decoded_S_Hq_D

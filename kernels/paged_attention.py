@@ -3,17 +3,17 @@ cache and whose query attends over all of it. The cache lives scattered over fix
 a shared pool (see rollout.py for the pool).
 
     out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache,
-                                        block_tables_S_M, context_lens_S, slots_S)
+                                        block_tables_S_M, positions_S)
 
     q, k, v:          the new tokens' query, key and value heads
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], one layer's slice of the pool
     block_tables_S_M: int32/int64, row s lists the blocks of sequence s in order (padding: any id)
-    context_lens_S:   the length of sequence s's context, the new token included
-    slots_S:          the pool slot (block * block_size + row) the new token's k/v are written to
+    positions_S:      int64, the new token's position p: it sees tokens 0..p, itself included
 
-Token t of sequence s sits in block block_tables[s, t // block_size] at row t % block_size. Query
-head h attends with kv head h // (Hq // Hkv) (grouped-query attention). The new token is the last
-one in its context, so no causal mask is needed: it sees all context_lens[s] tokens.
+Token t of sequence s sits in block block_tables[s, t // block_size] at row t % block_size, so the
+new token's k/v go to that slot for t = p. Query head h attends with kv head h // (Hq // Hkv)
+(grouped-query attention). The new token is the last one in its context, so no causal mask is
+needed.
 
 Two implementations with the same contract:
 - `paged_decode_attention_torch`: writes the new k/v into the pool (index_copy_), gathers every
@@ -42,15 +42,17 @@ from torch import Tensor
 
 def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
                                  k_cache: Tensor, v_cache: Tensor, block_tables_S_M: Tensor,
-                                 context_lens_S: Tensor, slots_S: Tensor, scale: float | None = None) -> Tensor:
+                                 positions_S: Tensor, scale: float | None = None) -> Tensor:
     S, M = block_tables_S_M.shape
     _, block_size, Hkv, D = k_cache.shape
+    block_S = block_tables_S_M.gather(1, (positions_S // block_size)[:, None])[:, 0].long()
+    slots_S = block_S * block_size + positions_S % block_size
     k_cache.flatten(0, 1).index_copy_(0, slots_S, k_S_Hkv_D.to(k_cache.dtype))
     v_cache.flatten(0, 1).index_copy_(0, slots_S, v_S_Hkv_D.to(v_cache.dtype))
     # [S, M, block_size, Hkv, D] -> [S, Hkv, M*block_size, D]: each sequence's tokens in order.
     k_S_Hkv_C_D = k_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
     v_S_Hkv_C_D = v_cache[block_tables_S_M.long()].reshape(S, M * block_size, Hkv, D).transpose(1, 2)
-    valid_S_C = torch.arange(M * block_size, device=q_S_Hq_D.device) < context_lens_S[:, None]
+    valid_S_C = torch.arange(M * block_size, device=q_S_Hq_D.device) <= positions_S[:, None]
     out = F.scaled_dot_product_attention(q_S_Hq_D[:, :, None, :], k_S_Hkv_C_D, v_S_Hkv_C_D,
                                          attn_mask=valid_S_C[:, None, None, :], scale=scale,
                                          enable_gqa=True)
@@ -58,7 +60,7 @@ def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D:
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, slots_ptr, out_ptr,
+def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, pos_ptr, out_ptr,
                          stride_kn, stride_vn, table_stride, scale,
                          G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -77,12 +79,13 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
     # The new token: its k/v go to their slot (the pool is [num_blocks, BS, HKV, D] contiguous,
     # so slot * HKV + h is its row for this kv head), rounded to the pool's dtype as every later
     # step will read them, and are folded in after the cached tokens.
-    slot_row = tl.load(slots_ptr + s).to(tl.int64) * HKV + h
+    cached = tl.load(pos_ptr + s)   # the new token's position = the tokens before it
+    own_block = tl.load(tables_ptr + s * table_stride + cached // BS).to(tl.int64)
+    slot_row = (own_block * BS + cached % BS) * HKV + h
     k_new = tl.load(k_new_ptr + s * stride_kn + h * D + d, mask=d_ok, other=0.0).to(k_ptr.dtype.element_ty)
     v_new = tl.load(v_new_ptr + s * stride_vn + h * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
     tl.store(k_ptr + slot_row * D + d, k_new, mask=d_ok)
     tl.store(v_ptr + slot_row * D + d, v_new, mask=d_ok)
-    cached = tl.load(lens_ptr + s) - 1
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max of the scores
     l = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)      # running sum of exp(score - m) * v
@@ -117,7 +120,7 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
 
 def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
                                   k_cache: Tensor, v_cache: Tensor, block_tables_S_M: Tensor,
-                                  context_lens_S: Tensor, slots_S: Tensor, scale: float | None = None) -> Tensor:
+                                  positions_S: Tensor, scale: float | None = None) -> Tensor:
     S, Hq, D = q_S_Hq_D.shape
     _, block_size, Hkv, _ = k_cache.shape
     # tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two.
@@ -131,7 +134,7 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
     out = torch.empty_like(q)
     G = Hq // Hkv
     _paged_decode_kernel[(S, Hkv)](
-        q, k, v, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S, out, k.stride(0), v.stride(0),
+        q, k, v, k_cache, v_cache, block_tables_S_M, positions_S, out, k.stride(0), v.stride(0),
         block_tables_S_M.stride(0), D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D,
         BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size))
@@ -139,11 +142,10 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
 
 
 def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
-                           v_cache: Tensor, block_tables_S_M: Tensor, context_lens_S: Tensor,
-                           slots_S: Tensor, scale: float | None = None) -> Tensor:
+                           v_cache: Tensor, block_tables_S_M: Tensor, positions_S: Tensor,
+                           scale: float | None = None) -> Tensor:
     block_size = k_cache.shape[1]
     triton_ok = block_size >= 16 and block_size & (block_size - 1) == 0
     use_triton = q_S_Hq_D.is_cuda or os.environ.get("NANOCASCADE_TRITON") == "1"
     fn = paged_decode_attention_triton if use_triton and triton_ok else paged_decode_attention_torch
-    return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, context_lens_S, slots_S,
-              scale)
+    return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S, scale)

@@ -348,28 +348,28 @@ def test_tool_response_is_masked_and_continuation_equals_recomputation(model64):
 @pytest.mark.triton
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (8, 1, 64), (6, 6, 16)])
 def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
-    """Both paths write the new tokens' k/v (strided views) to their slots and attend over the whole
-    context, the new token included: equal outputs, equal pools afterwards, and the torch path
-    equal to a plain per-sequence softmax attention. Contexts: 1 (only the new token), a block, a
-    block and one, and up to all M blocks (three of the kernel's 64-token chunks, the last partial)."""
+    """Both paths write the new tokens' k/v (strided views) to the slots of their positions and
+    attend over the whole context, the new token included: equal outputs, equal pools afterwards,
+    and the torch path equal to a plain per-sequence softmax attention. Contexts: 1 (only the new
+    token), a block, a block and one, and up to all M blocks (three of the kernel's 64-token
+    chunks, the last partial)."""
     g = torch.Generator().manual_seed(Hq * D)
     S, block_size, num_blocks, M = 5, 16, 50, 9
     k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
     v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g)
-    context_lens = torch.tensor([1, 16, 17, 45, 144], dtype=torch.int32)
+    positions = torch.tensor([0, 15, 16, 44, 143])   # contexts of 1, 16, 17, 45, 144 tokens
     block_tables = torch.randperm(num_blocks, generator=g)[:S * M].view(S, M).int()   # no block shared
-    last = context_lens.long() - 1
-    slots = block_tables.long()[torch.arange(S), last // block_size] * block_size + last % block_size
+    slots = block_tables.long()[torch.arange(S), positions // block_size] * block_size + positions % block_size
     q = torch.randn(S, Hq, D, generator=g)
     # strided new k/v, as views of a fused projection's output are
     k_new, _, v_new = torch.randn(S, 3, Hkv, D, generator=g).unbind(1)
     k64, v64 = k_cache.double(), v_cache.double()
     expected = paged_decode_attention_torch(q.double(), k_new.double(), v_new.double(), k64, v64,
-                                            block_tables, context_lens, slots)
+                                            block_tables, positions)
     assert torch.equal(k64.flatten(0, 1)[slots], k_new.double())
     # a plain per-sequence softmax attention, to pin the torch path itself
     for s in range(S):
-        n = int(context_lens[s])
+        n = int(positions[s]) + 1
         rows = (block_tables[s].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
         k = k64.flatten(0, 1)[rows].repeat_interleave(Hq // Hkv, dim=1)   # [n, Hq, D]
         v = v64.flatten(0, 1)[rows].repeat_interleave(Hq // Hkv, dim=1)
@@ -378,7 +378,7 @@ def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     k_dev, v_dev = dev(k_cache), dev(v_cache)
     got = paged_decode_attention_triton(dev(q), dev(k_new), dev(v_new), k_dev, v_dev, dev(block_tables),
-                                        dev(context_lens), dev(slots))
+                                        dev(positions))
     torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_dev.cpu().double(), k64)
     torch.testing.assert_close(v_dev.cpu().double(), v64)
