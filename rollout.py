@@ -377,15 +377,15 @@ class Engine:
         tables_S_M = self._block_tables([seq for seq, _ in batch])
         num_new_S = self._tensor([num_new for _, num_new in batch])
         cached_S = self._tensor([seq.num_cached for seq, _ in batch])
-        # per token: its sequence, its position, and the slot its k/v goes to
+        # per token: its sequence and its position (the decode tokens come first, one per sequence)
         seq_N = torch.repeat_interleave(torch.arange(S, device=dev), num_new_S, output_size=N)
         start_S = num_new_S.cumsum(0) - num_new_S
         pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
-        slots_N = self._slots(tables_S_M, seq_N, pos_N)
         ids_N = self._tensor(ids)
         meta = StepMeta(num_decode, tables_S_M[:num_decode], cached_S[:num_decode])
-        if num_decode < S:   # chunks: pad to [P, T] queries over [P, C] context positions
-            meta.slots_chunks = slots_N[num_decode:]
+        if num_decode < S:   # chunks: their slots; pad to [P, T] queries over [P, C] context positions
+            c = slice(num_decode, N)
+            meta.slots_chunks = self._slots(tables_S_M, seq_N[c], pos_N[c])
             p = slice(num_decode, S)
             T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
             t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
@@ -420,13 +420,10 @@ class Engine:
         that stops (or calls a tool) within the burst goes on decoding junk until the end of it, into
         its own blocks, at positions its attention never reads before they are rewritten; the host
         keeps its tokens up to the stop."""
-        # no longer than the longest remaining response: the tail of a rollout wastes no steps
-        k = min(self.decode_burst, max(params.max_new_tokens - (len(s.tokens) - s.num_prompt) for s in running))
+        k, num_new = self._plan(running, [seq.num_cached for seq in running], params)
         i = 0
-        while i < len(running):   # blocks for the whole burst, up front
-            seq = running[i]
-            num_new = min(k, self._last_pos(seq, params) - seq.num_cached + 1)
-            i += self._reserve_or_preempt(i, num_new, waiting, running, alloc)
+        while i < len(running):   # blocks for the whole burst, up front (preemption pops the newest)
+            i += self._reserve_or_preempt(i, num_new[i], waiting, running, alloc)
         if not running:
             return None
         seqs = list(running)
@@ -450,13 +447,11 @@ class Engine:
                 and self._can_burst(waiting, running, alloc)):
             return None
         starts = [start + burst.k for start in burst.starts]
-        k = min(self.decode_burst,
-                max(params.max_new_tokens - (start + 1 - seq.num_prompt) for seq, start in zip(burst.seqs, starts)))
+        k, num_new = self._plan(burst.seqs, starts, params)
         if k < 1:
             return None
-        for seq, start in zip(burst.seqs, starts):
-            num_new = min(k, self._last_pos(seq, params) - start + 1)
-            if num_new > 0 and not self._reserve(seq, num_new, alloc, start):
+        for seq, start, n in zip(burst.seqs, starts, num_new):
+            if n > 0 and not self._reserve(seq, n, alloc, start):
                 return None   # (blocks already reserved stay with their sequences: used or freed later)
         self.stats["ahead"] += 1
         return self._launch(Burst(burst.seqs, starts, k, burst.st, burst.graph), params, generator)
@@ -497,6 +492,15 @@ class Engine:
         host allocator keeps the buffer until the copy is done), else the array itself."""
         t = torch.from_numpy(array)
         return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _plan(self, seqs: list, starts: list[int], params: SamplingParams) -> tuple[int, list[int]]:
+        """A burst's k, and how many positions each sequence feeds in it. A sequence that feeds
+        position `start` next has a response of start + 1 - num_prompt tokens, so it has
+        max_new_tokens minus that still to sample (and feeds one position per token but its last).
+        k: the most of those, at most decode_burst, so the tail of a rollout wastes no steps."""
+        to_go = [params.max_new_tokens - (start + 1 - seq.num_prompt) for seq, start in zip(seqs, starts)]
+        k = min(self.decode_burst, max(to_go))
+        return k, [min(k, n) for n in to_go]
 
     @staticmethod
     def _last_pos(seq: Sequence, params: SamplingParams) -> int:

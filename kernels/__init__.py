@@ -7,9 +7,9 @@ with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter
 torch references run: they are the same math, slower, and work on any device. Both paths return the
 same values, so model code calls these functions and never asks which one it got. One exception is
 `draw`, the sampler: its two paths draw from the same distribution and return the same logprobs,
-but from different random numbers (kernels/sampling.py). The rule itself is `use_triton`: model.py
-asks it once more, for the forward-only QK-norm + RoPE kernel (kernels/qk_norm_rope.py), which it
-takes only when decoding through a KV cache without gradients.
+but from different random numbers (kernels/sampling.py). The rule itself is `use_triton`, which two
+other callers ask too: model.py, for the forward-only QK-norm + RoPE kernel (kernels/qk_norm_rope.py,
+taken only when decoding through a KV cache without gradients), and kernels/paged_attention.py.
 """
 import os
 

@@ -28,16 +28,16 @@ Two implementations with the same contract:
   read back: the program stores its k/v to their slot and folds them in from registers last (the
   two cache writes of a step cost no kernels of their own). It reads exactly the cached tokens and
   nothing else, which is what a memory-bound decode step wants.
-`paged_decode_attention` picks Triton when the tensors are on a GPU or NANOCASCADE_TRITON=1 (the
-rule of kernels/__init__.py), and the torch path otherwise.
+`paged_decode_attention` picks Triton by kernels.use_triton (a GPU, or NANOCASCADE_TRITON=1) when
+the block size suits the kernel, and the torch path otherwise.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels import use_triton
 
 
 def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
@@ -146,6 +146,5 @@ def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tenso
                            scale: float | None = None) -> Tensor:
     block_size = k_cache.shape[1]
     triton_ok = block_size >= 16 and block_size & (block_size - 1) == 0
-    use_triton = q_S_Hq_D.is_cuda or os.environ.get("NANOCASCADE_TRITON") == "1"
-    fn = paged_decode_attention_triton if use_triton and triton_ok else paged_decode_attention_torch
+    fn = paged_decode_attention_triton if use_triton(q_S_Hq_D) and triton_ok else paged_decode_attention_torch
     return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S, scale)
