@@ -4,16 +4,18 @@
     samples = engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=256),
                               n=G, seed=step)                 # samples[prompt][g]: Sample
 
-How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hidden in a global):
+How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hidden in a global).
+This file is the host side, which decides what runs; model_runner.py runs it on the device, so read
+this one first and `self.runner`'s methods on trust.
 
 1. Paged KV cache. Attention needs the keys and values of every earlier token. Instead of one
    [batch, max_len] buffer per sequence (which wastes memory on sequences that stop early and cannot
-   share), the engine preallocates ONE pool per layer of fixed-size blocks, k/v_cache[layer] of shape
-   [num_blocks, block_size, Hkv, D]. A sequence owns a *block table*, the list of its block ids: its
-   token at position p lives in block table[p // block_size], row p % block_size, i.e. at the flat
-   *slot* table[p // block_size] * block_size + p % block_size. A free list hands out blocks and
-   takes them back when a sequence finishes. Block 0 is never handed out: it is the "null block"
-   that padded rows of a CUDA graph write their junk into.
+   share), the runner preallocates ONE pool per layer of fixed-size blocks, [num_blocks, block_size,
+   Hkv, D] (ModelRunner.k_cache/v_cache[layer]). A sequence owns a *block table*, the list of its block
+   ids: its token at position p lives in block table[p // block_size], row p % block_size, i.e. at
+   the flat *slot* table[p // block_size] * block_size + p % block_size. A free list hands out
+   blocks and takes them back when a sequence finishes. Block 0 is never handed out: it is the
+   "null block" that padded rows of a CUDA graph write their junk into.
 
 2. Prefix sharing with reference counts. The G samples of one prompt share its prompt: the prompt is
    prefilled once (by sample 0), then samples 1..G-1 are *forked*: they copy sample 0's block table
@@ -21,26 +23,22 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    Full prompt blocks stay shared for the rest of generation. The last, partially filled prompt
    block is where every sample writes its first generated token, so it is copied on write: a
    sequence about to write into a block with ref_count > 1 gets a fresh block holding a copy of
-   that block's k/v (all layers, one indexed copy) and lets go of the shared one. We chose this
-   over "start each sample's own block at the first generated token" because it keeps one rule,
-   slot = f(position), for every token of every sequence, so attention and the kernel never need
-   to know about holes; the price is one block copy per sample, which is nothing next to a prefill.
-   (nano-vllm's Block also carries a hash of its tokens to reuse prefixes *across* requests; we
-   only share inside a group, where the fork tells us exactly what is shared, so no hash is needed.)
+   that block's k/v and lets go of the shared one. We chose this over "start each sample's own
+   block at the first generated token" because it keeps one rule, slot = f(position), for every
+   token of every sequence, so attention and the kernel never need to know about holes; the price
+   is one block copy per sample, which is nothing next to a prefill. (nano-vllm's Block also
+   carries a hash of its tokens to reuse prefixes *across* requests; we only share inside a group,
+   where the fork tells us exactly what is shared, so no hash is needed.)
 
 3. Continuous batching. A sequence is just tokens (prompt + response so far) of which the first
    `num_cached` have k/v in the cache. A step feeds each scheduled sequence its uncached tokens
    (a whole prompt, a chunk of one, an environment's tool response, or, in steady state, the one
-   token sampled last step), all flattened into one [1, N] row with per-token positions, under a
-   cap of max_batch_tokens. Sequences join when there is room and leave as soon as they stop, so
-   the batch stays full. The model runs with an explicit `attention` callable: it writes the step's
-   k/v through the slot mapping into the pool and attends each token over its own sequence's
-   cached prefix: single-token sequences through kernels/paged_attention.py (Triton on the GPU,
-   which also does their writes), multi-token chunks padded into one SDPA call over their context
-   gathered through the block tables. When the pool runs out, the newest sequence is preempted: its
+   token sampled last step) under a cap of max_batch_tokens, and the runner runs them as one
+   forward (model_runner.py, 2). Sequences join when there is room and leave as soon as they
+   stop, so the batch stays full. When the pool runs out, the newest sequence is preempted: its
    blocks are freed, and it is later recomputed from its prompt + tokens so far (the same tokens,
    so the same result). In steady state every step is pure decode, and the engine runs such steps
-   in bursts (8).
+   in bursts (7).
 
 4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
    draw (kernels.draw: torch.multinomial with a torch.Generator seeded by `seed`; on the GPU one
@@ -61,53 +59,37 @@ How it works (the mechanism of vLLM, learned from nano-vllm; nothing here is hid
    uncached tokens, prefilled next step like a prompt chunk. None or [] ends the sequence ("stop").
    Responses never exceed max_new_tokens tokens in total (appended tokens count, and are cut to fit).
 
-6. CUDA graphs (GPU only, `cuda_graphs`, default on for CUDA). A decode step (8) does the same work
-   for any batch of the same size, so the whole of it (slots, forward, draw, and the update of its
-   inputs for the next step) is captured once per padded batch size (1, 2, 4, 8, 16, 32, ...) and
-   sampling setting, and replayed: one launch instead of a few hundred small kernels, and no host
-   work between the steps of a burst. The draw can live in a graph because on the GPU it is one
-   Triton kernel whose random key, [seed, step], is read from device memory and moved on inside
-   the graph (kernels/sampling.py), with nothing to register with the graph.
-   Graphs stay valid while the parameters keep their storage (optimizers update in place); if
-   parameters are reallocated, or a model's forward cannot be captured, we re-capture or fall back.
-
-7. A policy sharded with FSDP2 (--fsdp) holds 1/W of each weight per rank; generate gathers the
+6. A policy sharded with FSDP2 (--fsdp) holds 1/W of each weight per rank; generate gathers the
    full weights once, for the whole call (common.full_parameters; so every rank must call it), and
    decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
 
-8. Decode bursts (`decode_burst`, default 16). A step as in 3 costs the host a few microseconds
-   per sequence (schedule, tables, reading the sampled tokens back, appending them), which at
-   batch 2048 is several milliseconds: far more than the GPU needs for the step. So when every
-   running sequence just decodes and no waiting one could join, the engine reserves blocks for
-   the next k tokens of each, copies the tokens, positions and block tables to the device once,
-   and runs k steps back to back there (`_decode_step`: each feeds the token the last one sampled,
-   at the next position), then reads the k x S tokens back once. Each sequence keeps its tokens
-   up to its first stop, tool call or max_new_tokens; a sequence that ended early decoded junk
-   for the rest of the burst, into its own blocks, which is the price (at most k - 1 steps per
-   sequence; k is cut to the longest remaining response). decode_burst=1 syncs after every step.
-   And on a GPU the host's reading does not stall the GPU (`overlap`): before it reads a burst, the
-   engine launches the next one (`_follow`), which continues from the inputs the last left on the
-   device and assumes every sequence goes on. While the GPU runs it, the host appends the tokens of
-   the one before; rows whose sequence ended or called a tool there are junk in the next one, and
-   the host drops them (`_take`). On a CPU, which runs the steps itself, there is nothing to
-   overlap. The pipeline drains and the batch re-forms when such a row exists, a waiting sequence
-   could join, or the pool would have to preempt. The samples are the same for any decode_burst
-   with greedy decoding; sampled ones draw their random numbers in a different order, so they
-   differ, with the same distribution.
+7. Decode bursts (`decode_burst`, default 16). A step as in 3 costs the host a few microseconds
+   per sequence (schedule, tables, reading the sampled tokens back, appending them): at batch
+   2048, several milliseconds, far more than the GPU needs for the step. So when every running
+   sequence just decodes and no waiting one could join, the engine reserves blocks for the next k
+   tokens of each, has the runner run k steps back to back on the device (model_runner.py, 3 and
+   4), and reads the k x S tokens back once. Each sequence keeps its tokens up to its first stop,
+   tool call or max_new_tokens; one that ended early decoded junk into its own blocks for the rest
+   of the burst (at most k - 1 steps; k is cut to the longest remaining response). decode_burst=1
+   syncs after every step. On a GPU (`overlap`), the engine launches the next burst (`_follow`)
+   before it reads the last, from the inputs the last left on the device, as if every sequence
+   went on, so the host appends tokens while the GPU computes the next ones. Rows whose sequence
+   ended or called a tool are junk in the next burst, and the host drops them (`_take`); the
+   pipeline drains and the batch re-forms when such a row exists, a waiting sequence could join,
+   or the pool would have to preempt. Greedy samples are the same for any decode_burst; sampled
+   ones draw their random numbers in another order, so they differ, with the same distribution.
 """
 import gc
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from common import full_parameters, is_sharded
 from kernels import draw
-from kernels.paged_attention import paged_decode_attention
+from model_runner import DecodeState, ModelRunner
 
 
 @dataclass
@@ -196,29 +178,14 @@ def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode)
     return any(s in text[max(0, before - len(s) + 1):] for s in params.stop_strings)
 
 
-@dataclass
-class StepMeta:
-    """Everything the attention callable needs to know about one step's N flattened tokens."""
-    num_decode: int                # tokens [0, num_decode) are single-token sequences (decode path)
-    block_tables_S_M: Tensor       # their block tables (padding: stale but valid block ids)
-    positions_S: Tensor            # their positions (the kernel finds their slots in the tables)
-    # multi-token chunks, padded to P sequences x T new tokens x C context tokens (None if none)
-    slots_chunks: Tensor | None = None  # pool slot each chunk token's k/v is written to (tokens S..N)
-    rows_P_T: Tensor | None = None      # index into N of each chunk token (padding: any valid index)
-    valid_P_T: Tensor | None = None     # real (not padding) chunk tokens
-    slots_P_C: Tensor | None = None     # pool slots of each chunk's context, in position order
-    mask_P_T_C: Tensor | None = None    # causal: token at position p sees context positions <= p
-
-
 @dataclass(eq=False)
 class Burst:
-    """k decode steps of `seqs` launched on the device; the host reads `tokens` and `logprobs` (host
-    tensors, [k, S], filled when `done` has happened) later, in _take."""
+    """k decode steps of `seqs` launched on the device (ModelRunner.launch). The host reads `tokens`
+    and `logprobs` ([k, S] host tensors, filled once `done` has happened) later, in _take."""
     seqs: list
     starts: list[int]      # each sequence's num_cached when the burst began (its first fed position)
     k: int
-    st: dict               # the device buffers its steps run on (_new_state)
-    graph: object          # the CUDA graph that runs a step on st, or None (eager)
+    st: DecodeState        # the device buffers its steps run on
     tokens: Tensor | None = None
     logprobs: Tensor | None = None
     done: object = None    # a torch.cuda.Event recorded after the copy back, on a GPU
@@ -228,62 +195,37 @@ class Burst:
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
-    running sequences (and the largest CUDA graph). decode_burst: decode steps per host sync
-    (docstring, 8; 1: one). overlap: launch each burst before the host reads the last (docstring,
-    8; default: on a GPU). After each generate, `stats` holds steps, forward_tokens, preemptions,
-    graph_steps, peak_blocks, bursts, and ahead (bursts launched before the host had read the one
-    before them). Pass the bare module, not a DDP wrapper."""
+    running sequences (and the largest CUDA graph). cuda_graphs: capture decode steps (default: on
+    a GPU, unless the model is FSDP-sharded (docstring, 6); model_runner.py). decode_burst: decode steps per host sync (docstring, 7; 1: one).
+    overlap: launch each burst before the host reads the last (docstring, 7; default: on a GPU).
+    After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
+    peak_blocks, bursts, and ahead (bursts launched before the host had read the one before them).
+    Pass the bare module, not a DDP wrapper."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
                  decode_burst: int = 16, overlap: bool | None = None):
         if decode_burst < 1:
             raise ValueError(f"rollout.py: decode_burst={decode_burst} must be >= 1 (1: a host sync per step)")
-        cfg = model.config
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.max_batch_tokens, self.max_seqs, self.decode_burst = max_batch_tokens, max_seqs, decode_burst
-        self.shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        self.max_len = cfg.max_position_embeddings
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.use_graphs = self.device.type == "cuda" and not is_sharded(model) if cuda_graphs is None \
-            else cuda_graphs
+        self.max_len = model.config.max_position_embeddings
+        device = next(model.parameters()).device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and not is_sharded(model)
+        self.runner = ModelRunner(model, block_size, cuda_graphs, max_graph=max_seqs)
         # a CPU runs the steps itself: there is nothing to overlap, and the junk rows would only cost
-        self.overlap = self.device.type == "cuda" if overlap is None else overlap
-        self.k_cache = self.v_cache = None
-        self.graphs, self.graph_pool, self.graph_key = {}, None, None
-        # the Triton sampler's random key [seed, step] (kernels/sampling.py), at one fixed address
-        # for the CUDA graphs to read
-        self.philox_2 = torch.zeros(2, dtype=torch.long, device=self.device)
+        self.overlap = device.type == "cuda" if overlap is None else overlap
         self.stats = {}
 
     def release(self):
-        """Give the pool and the CUDA graphs back to the allocator (e.g. before a training phase)."""
-        self.k_cache = self.v_cache = None
-        self.graphs, self.graph_pool = {}, None
+        """Give the KV pool and the CUDA graphs back to the allocator (e.g. before a training phase)."""
+        self.runner.release()
 
-    # ---- the pool
+    # ---- the pool's blocks
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-    def _ensure_pool(self, num_blocks: int):
-        L, Hkv, D = self.shape
-        if self.num_blocks is None and self.device.type == "cuda":
-            # size for the request, but never take more than half of the free GPU memory (free on
-            # the device, cached but unused by torch's allocator, or held by our current pool)
-            bytes_per_block = 2 * L * self.block_size * Hkv * D * self.dtype.itemsize
-            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-                    - torch.cuda.memory_allocated(self.device)
-                    + (2 * self.k_cache.nbytes if self.k_cache is not None else 0))
-            num_blocks = min(num_blocks, free // 2 // bytes_per_block)
-        if self.k_cache is not None and self.k_cache.shape[1] >= num_blocks:
-            return
-        self.release()
-        # zeros, not empty: masked-out positions still multiply their (0) weights with V, and NaN * 0 = NaN
-        self.k_cache = torch.zeros(L, num_blocks, self.block_size, Hkv, D, dtype=self.dtype,
-                                   device=self.device)
-        self.v_cache = torch.zeros_like(self.k_cache)
 
     def _reserve(self, seq: Sequence, num_new: int, alloc: BlockAllocator, start: int | None = None) -> bool:
         """Make room for k/v of tokens [start, start + num_new) (start: num_cached unless given);
@@ -299,8 +241,7 @@ class Engine:
             return False
         if copy:   # copy-on-write of a block shared with the other samples of the prompt
             shared, own = table[first], alloc.allocate()
-            self.k_cache[:, own] = self.k_cache[:, shared]
-            self.v_cache[:, own] = self.v_cache[:, shared]
+            self.runner.copy_block(shared, own)
             alloc.release(shared)
             table[first] = self.tables[seq.row, first] = own
         if grow > 0:
@@ -313,6 +254,10 @@ class Engine:
         for block in seq.block_table:
             alloc.release(block)
         seq.block_table, seq.num_cached = [], 0
+
+    def _tables(self, seqs: list) -> np.ndarray:
+        """The sequences' block tables, [S, M] (M: the longest; shorter rows padded with stale ids)."""
+        return self.tables[[seq.row for seq in seqs], :max(len(seq.block_table) for seq in seqs)]
 
     # ---- scheduling: which tokens of which sequences run this step
 
@@ -350,55 +295,6 @@ class Engine:
             budget -= num_new
         return batch
 
-    # ---- one forward over the flattened step
-
-    def _tensor(self, ints: list) -> Tensor:
-        """A list of ints as an int64 tensor on the device (via numpy: ~5x faster than torch.tensor)."""
-        return torch.from_numpy(np.array(ints, dtype=np.int64)).to(self.device)
-
-    def _block_tables(self, seqs: list) -> Tensor:
-        """The sequences' block tables as one [S, M] tensor on the device (M: the longest table)."""
-        width = max(len(seq.block_table) for seq in seqs)
-        return torch.from_numpy(self.tables[[seq.row for seq in seqs], :width]).to(self.device)
-
-    def _slots(self, tables_S_M: Tensor, seq: Tensor, pos: Tensor) -> Tensor:
-        """The pool slot of position `pos` of sequence `seq` (broadcast together): the block in its
-        table at pos // block_size, row pos % block_size (docstring, 1)."""
-        bs = self.block_size
-        return tables_S_M[seq, pos // bs].long() * bs + pos % bs
-
-    def _forward(self, batch: list, last: list) -> Tensor:
-        """Runs the step's tokens; returns logits at the flat token indices `last`."""
-        dev = self.device
-        S, num_decode = len(batch), sum(num_new == 1 for _, num_new in batch)
-        ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
-        N = len(ids)
-        self.stats["forward_tokens"] += N
-        tables_S_M = self._block_tables([seq for seq, _ in batch])
-        num_new_S = self._tensor([num_new for _, num_new in batch])
-        cached_S = self._tensor([seq.num_cached for seq, _ in batch])
-        # per token: its sequence and its position (the decode tokens come first, one per sequence)
-        seq_N = torch.repeat_interleave(torch.arange(S, device=dev), num_new_S, output_size=N)
-        start_S = num_new_S.cumsum(0) - num_new_S
-        pos_N = torch.arange(N, device=dev) - start_S[seq_N] + cached_S[seq_N]
-        ids_N = self._tensor(ids)
-        meta = StepMeta(num_decode, tables_S_M[:num_decode], cached_S[:num_decode])
-        if num_decode < S:   # chunks: their slots; pad to [P, T] queries over [P, C] context positions
-            c = slice(num_decode, N)
-            meta.slots_chunks = self._slots(tables_S_M, seq_N[c], pos_N[c])
-            p = slice(num_decode, S)
-            T, C = max(n for _, n in batch[p]), max(seq.num_cached + n for seq, n in batch[p])
-            t_T, c_C = torch.arange(T, device=dev), torch.arange(C, device=dev)
-            meta.valid_P_T = t_T < num_new_S[p, None]
-            meta.rows_P_T = torch.where(meta.valid_P_T, start_S[p, None] + t_T, 0)
-            # a padding token pretends to sit at position 0 so that its softmax row is not empty
-            pos_P_T = torch.where(meta.valid_P_T, cached_S[p, None] + t_T, 0)
-            meta.mask_P_T_C = c_C <= pos_P_T[:, :, None]
-            meta.slots_P_C = self._slots(tables_S_M, torch.arange(num_decode, S, device=dev)[:, None], c_C)
-        logits, _ = self.model(ids_N[None], pos_N[None], attention=self._attention(meta),
-                               logits_index=self._tensor(last))
-        return logits
-
     # ---- decode bursts: k decode steps with one host sync
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
@@ -414,7 +310,7 @@ class Engine:
         return not (seats and self._blocks_for(len(waiting[0].tokens)) <= len(alloc.free))
 
     def _burst(self, waiting: deque, running: list, alloc: BlockAllocator, params: SamplingParams,
-               generator: torch.Generator) -> "Burst | None":
+               sampler) -> "Burst | None":
         """Up to decode_burst decode steps of the running sequences, launched on the device and not
         waited for (_take reads them). Each step feeds the token the previous one sampled. A sequence
         that stops (or calls a tool) within the burst goes on decoding junk until the end of it, into
@@ -427,17 +323,16 @@ class Engine:
         if not running:
             return None
         seqs = list(running)
-        st, graph = self._decode_state(len(seqs), params, generator)
-        # the burst's inputs; padding rows feed token 0 at position 0 through block table row 0...:
-        # slot 0, the null block, with a context of 1
-        ids_pos_last = np.zeros((3, len(st["ids"])), dtype=np.int64)
-        ids_pos_last[:, :len(seqs)] = [[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
-                                       [self._last_pos(seq, params) for seq in seqs]]
-        st["ids_pos_last"].copy_(self._pinned(ids_pos_last), non_blocking=True)
-        return self._launch(Burst(seqs, [seq.num_cached for seq in seqs], k, st, graph), params, generator)
+        # per row: the token to feed, its position, and the last position it may ever feed (the
+        # response's last token is sampled, never fed)
+        inputs_3_S = np.array([[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
+                               [seq.num_prompt + params.max_new_tokens - 2 for seq in seqs]], dtype=np.int64)
+        st = self.runner.start(inputs_3_S, self.tables.shape[1], self.decode_burst, sampler,
+                               (params.temperature, params.top_k, params.top_p))
+        return self._launch(Burst(seqs, [seq.num_cached for seq in seqs], k, st), sampler)
 
     def _follow(self, burst: "Burst", waiting: deque, running: list, alloc: BlockAllocator,
-                params: SamplingParams, generator: torch.Generator) -> "Burst | None":
+                params: SamplingParams, sampler) -> "Burst | None":
         """The next burst of the same sequences, launched before the host has read `burst`: it assumes
         that every sequence takes all of burst's tokens, and starts from where burst leaves its
         inputs on the device. None when that cannot go on as it is: a sequence ended or diverged
@@ -454,44 +349,17 @@ class Engine:
             if n > 0 and not self._reserve(seq, n, alloc, start):
                 return None   # (blocks already reserved stay with their sequences: used or freed later)
         self.stats["ahead"] += 1
-        return self._launch(Burst(burst.seqs, starts, k, burst.st, burst.graph), params, generator)
+        return self._launch(Burst(burst.seqs, starts, k, burst.st), sampler)
 
-    def _launch(self, burst: "Burst", params: SamplingParams, generator: torch.Generator) -> "Burst":
-        """Enqueue the burst's k steps (a graph replay each, or eager steps), then the copy of their
-        tokens back to the host, which _take waits for. Every copy between host and device here is
-        asynchronous (pinned host memory), so the host runs ahead of the GPU."""
-        st, S = burst.st, len(burst.seqs)
-        width = max(len(seq.block_table) for seq in burst.seqs)   # blocks the burst may touch
-        if burst.graph is None:   # eager: as wide as that (the torch attention reads every entry)
-            st["width"] = width
-        tables = np.zeros((len(st["ids"]), width), dtype=np.int32)
-        tables[:S] = self.tables[[seq.row for seq in burst.seqs], :width]
-        st["tables"][:, :width].copy_(self._pinned(tables), non_blocking=True)
-        st["j"].zero_()
-        for _ in range(burst.k):
-            if burst.graph is None:
-                self._decode_step(st, params, generator)
-            else:
-                burst.graph.replay()
-        pin = self.device.type == "cuda"
-        burst.tokens = torch.empty(burst.k, S, dtype=torch.long, pin_memory=pin)
-        burst.logprobs = torch.empty(burst.k, S, pin_memory=pin)
-        burst.tokens.copy_(st["tokens"][:burst.k, :S], non_blocking=True)
-        burst.logprobs.copy_(st["logprobs"][:burst.k, :S], non_blocking=True)
-        if pin:
-            burst.done = torch.cuda.Event()
-            burst.done.record()
+    def _launch(self, burst: "Burst", sampler) -> "Burst":
+        """Hand the burst to the runner, with the block tables of its sequences."""
+        burst.tokens, burst.logprobs, burst.done = self.runner.launch(burst.st, burst.k, self._tables(burst.seqs),
+                                                                      sampler)
         self.stats["bursts"] += 1
         self.stats["steps"] += burst.k
-        self.stats["graph_steps"] += burst.k if burst.graph is not None else 0
-        self.stats["forward_tokens"] += burst.k * S
+        self.stats["graph_steps"] += burst.k if burst.st.graph is not None else 0
+        self.stats["forward_tokens"] += burst.k * len(burst.seqs)
         return burst
-
-    def _pinned(self, array: np.ndarray) -> Tensor:
-        """A host array as a tensor a non-blocking copy can read from: pinned on a GPU (torch's caching
-        host allocator keeps the buffer until the copy is done), else the array itself."""
-        t = torch.from_numpy(array)
-        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _plan(self, seqs: list, starts: list[int], params: SamplingParams) -> tuple[int, list[int]]:
         """A burst's k, and how many positions each sequence feeds in it. A sequence that feeds
@@ -501,109 +369,6 @@ class Engine:
         to_go = [params.max_new_tokens - (start + 1 - seq.num_prompt) for seq, start in zip(seqs, starts)]
         k = min(self.decode_burst, max(to_go))
         return k, [min(k, n) for n in to_go]
-
-    @staticmethod
-    def _last_pos(seq: Sequence, params: SamplingParams) -> int:
-        """The last position a sequence may ever feed (its last response token is never fed)."""
-        return seq.num_prompt + params.max_new_tokens - 2
-
-    def _decode_step(self, st: dict, params: SamplingParams, generator: torch.Generator):
-        """One step of a burst, all of it on the device, so that one CUDA graph holds it whole: each
-        row feeds its token at its position (its k/v written to the slot there), samples the next
-        token into row j of the burst's outputs, and that token and position + 1 (up to its last)
-        are the next step's input."""
-        pos_S = st["pos"]
-        meta = StepMeta(len(pos_S), st["tables"][:, :st["width"]], pos_S)
-        logits_S_V = self.model(st["ids"][None], pos_S[None], attention=self._attention(meta),
-                                logits_index=st["rows"])[0]
-        tokens_S, logprobs_S = sample(logits_S_V, params, generator, self.philox_2)
-        st["tokens"].index_copy_(0, st["j"], tokens_S[None])
-        st["logprobs"].index_copy_(0, st["j"], logprobs_S[None])
-        st["ids"].copy_(tokens_S)
-        torch.minimum(pos_S + 1, st["last"], out=pos_S)   # past its end a sequence rewrites its last slot
-        st["j"] += 1
-
-    def _new_state(self, n: int, width: int) -> dict:
-        """Device buffers for a burst of n rows: its inputs (ids, pos, last: one [3, n] tensor, so one
-        copy fills them), block tables [n, width] (the steps read the first st["width"] columns), and
-        the k sampled tokens and logprobs."""
-        dev = self.device
-        ids_pos_last = torch.zeros(3, n, dtype=torch.long, device=dev)
-        return dict(ids_pos_last=ids_pos_last, ids=ids_pos_last[0], pos=ids_pos_last[1], last=ids_pos_last[2],
-                    tables=torch.zeros(n, width, dtype=torch.int32, device=dev), width=width,
-                    rows=torch.arange(n, device=dev), j=torch.zeros(1, dtype=torch.long, device=dev),
-                    tokens=torch.zeros(self.decode_burst, n, dtype=torch.long, device=dev),
-                    logprobs=torch.zeros(self.decode_burst, n, device=dev))
-
-    def _attention(self, meta: StepMeta):
-        """The callable the model calls in every layer, with q/k already normed and RoPE'd."""
-        def attention(layer: int, q_1_Hq_N_D: Tensor, k_1_Hkv_N_D: Tensor, v_1_Hkv_N_D: Tensor) -> Tensor:
-            q_N_Hq_D, k_N_Hkv_D, v_N_Hkv_D = (t[0].transpose(0, 1)
-                                              for t in (q_1_Hq_N_D, k_1_Hkv_N_D, v_1_Hkv_N_D))
-            k_pool, v_pool = self.k_cache[layer], self.v_cache[layer]     # [num_blocks, block_size, Hkv, D]
-            S = meta.num_decode
-            # single-token sequences: their k/v written to their slots and attended in one call
-            decoded_S_Hq_D = paged_decode_attention(
-                q_N_Hq_D[:S], k_N_Hkv_D[:S], v_N_Hkv_D[:S], k_pool, v_pool, meta.block_tables_S_M,
-                meta.positions_S).to(q_N_Hq_D.dtype) if S else None
-            if meta.rows_P_T is None:   # decode only (every CUDA-graph step): nothing to merge
-                return decoded_S_Hq_D.transpose(0, 1)[None]
-            # chunks: their k/v into the pool, then each token attends over its gathered context
-            k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # views: [num_slots, Hkv, D]
-            k_slots.index_copy_(0, meta.slots_chunks, k_N_Hkv_D[S:].to(k_slots.dtype))
-            v_slots.index_copy_(0, meta.slots_chunks, v_N_Hkv_D[S:].to(v_slots.dtype))
-            out_N_Hq_D = torch.empty_like(q_N_Hq_D)
-            if S:
-                out_N_Hq_D[:S] = decoded_S_Hq_D
-            out = F.scaled_dot_product_attention(
-                q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
-                v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
-                enable_gqa=True)                                       # [P, Hq, T, D]
-            # (.to: under autocast q may be fp32 while SDPA's output is bf16)
-            out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T].to(out_N_Hq_D.dtype)
-            return out_N_Hq_D.transpose(0, 1)[None]
-        return attention
-
-    # ---- CUDA graphs: a burst's decode step, captured once per padded batch size
-
-    def _decode_state(self, S: int, params: SamplingParams, generator: torch.Generator):
-        """The buffers for a burst of S sequences, and the CUDA graph that runs its step on them
-        (S padded to the next power of two), or fresh buffers of S rows and None, to run eagerly."""
-        if self.use_graphs:
-            size = 1 << (S - 1).bit_length()
-            key = (size, self.decode_burst, params.temperature, params.top_k, params.top_p)
-            if size <= self.max_seqs and (key in self.graphs or self._capture(key, params, generator)):
-                return self.graphs[key]
-        return self._new_state(S, self.tables.shape[1]), None
-
-    def _capture(self, key: tuple, params: SamplingParams, generator: torch.Generator) -> bool:
-        st = self._new_state(key[0], self._blocks_for(self.max_len))   # zeros: every row writes slot 0
-        rng = self.philox_2.clone()   # the warm-up draws; they must not move this call's random numbers
-        try:
-            graph = self._graph_of(lambda: self._decode_step(st, params, generator))
-        except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
-            warnings.warn(f"rollout.py: CUDA graph capture failed, decoding eagerly: {e!r}")
-            self.use_graphs = False
-            return False
-        finally:
-            self.philox_2.copy_(rng)
-        self.graphs[key] = (st, graph)
-        return True
-
-    def _graph_of(self, step) -> torch.cuda.CUDAGraph:
-        """Run `step` once to warm up (Triton compiles, the allocator settles; off the main stream),
-        then capture it in a CUDA graph that shares one memory pool with the engine's others."""
-        dev = self.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            step()
-        self.graph_pool = graph.pool()
-        return graph
 
     # ---- the public entry point
 
@@ -633,14 +398,10 @@ class Engine:
             raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
                              f"max_position_embeddings = {self.max_len}")
         need = self._blocks_for(longest) * min(len(prompts) * n, self.max_seqs) + 1
-        self._ensure_pool(self.num_blocks or need)
-        if self.k_cache.shape[1] - 1 < self._blocks_for(longest):
-            raise ValueError(f"rollout.py: a pool of {self.k_cache.shape[1]} blocks of {self.block_size} "
+        num_blocks = self.runner.prepare(self.num_blocks or need, self.num_blocks is not None, seed)
+        if num_blocks - 1 < self._blocks_for(longest):
+            raise ValueError(f"rollout.py: a pool of {num_blocks} blocks of {self.block_size} "
                              f"tokens cannot hold one sequence of {longest} tokens")
-        if self.use_graphs:
-            key = [p.data_ptr() for p in self.model.parameters()]
-            if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
-                self.graphs, self.graph_pool, self.graph_key = {}, None, key
         was_training, gc_was_on = self.model.training, gc.isenabled()
         self.model.eval()
         # No cyclic garbage collection while generating: the engine makes no reference cycles, but
@@ -649,16 +410,16 @@ class Engine:
         gc.disable()
         try:
             with full_parameters(self.model):
-                return self._generate(prompts, params, n, seed, env_hook, decode, longest)
+                return self._generate(prompts, params, n, seed, env_hook, decode, longest, num_blocks)
         finally:
             self.model.train(was_training)
             if gc_was_on:
                 gc.enable()
 
-    def _generate(self, prompts, params, n, seed, env_hook, decode, longest) -> list[list[Sample]]:
-        alloc = self.alloc = BlockAllocator(self.k_cache.shape[1])   # kept for inspection (tests)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.philox_2.copy_(torch.tensor([seed % 2**32, 0]))
+    def _generate(self, prompts, params, n, seed, env_hook, decode, longest, num_blocks) -> list[list[Sample]]:
+        alloc = self.alloc = BlockAllocator(num_blocks)   # kept for inspection (tests)
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        sampler = lambda logits_R_V: sample(logits_R_V, params, generator, self.runner.philox_2)
         self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0,
                           ahead=0)
         groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
@@ -672,23 +433,23 @@ class Engine:
         while waiting or running or pending:
             if pending is not None:
                 # the next burst goes to the device before the host reads this one: the host's work
-                # on these tokens overlaps the GPU's on the next ones (docstring, 8)
-                follow = self._follow(pending, waiting, running, alloc, params, generator)
+                # on these tokens overlaps the GPU's on the next ones (docstring, 7)
+                follow = self._follow(pending, waiting, running, alloc, params, sampler)
                 all_live = self._take(pending, params, accept)
                 if follow is not None:
                     follow.all_live = all_live
                 pending = follow
             elif self._can_burst(waiting, running, alloc):
-                pending = self._burst(waiting, running, alloc, params, generator)
+                pending = self._burst(waiting, running, alloc, params, sampler)
             else:
-                self._step(waiting, running, alloc, params, generator, accept)
+                self._step(waiting, running, alloc, sampler, accept)
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
             running[:] = [seq for seq in running if seq.finish_reason is None]
         assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
         return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
                         s.finish_reason) for s in group] for group in groups]
 
-    def _step(self, waiting, running, alloc, params, generator, accept):
+    def _step(self, waiting, running, alloc, sampler, accept):
         """One scheduled step: prefill chunks and decodes in one forward, one token sampled for every
         sequence whose tokens are all cached after it (and for the samples forked from it)."""
         batch = self._schedule(waiting, running, alloc)
@@ -697,17 +458,21 @@ class Engine:
         self.stats["steps"] += 1
         batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
         # sequences whose chunk reaches the end of their tokens sample one token from its logits
-        last, samplers, end = [], [], 0
+        last, ready, end = [], [], 0
         for seq, num_new in batch:
             end += num_new
             if seq.num_cached + num_new == len(seq.tokens):
                 last.append(end - 1)
-                samplers.append(seq)
-        logits_R_V = self._forward(batch, last)
+                ready.append(seq)
+        ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
+        self.stats["forward_tokens"] += len(ids)
+        logits_R_V = self.runner.forward(ids, [num_new for _, num_new in batch],
+                                         [seq.num_cached for seq, _ in batch],
+                                         self._tables([seq for seq, _ in batch]), last)
         for seq, num_new in batch:
             seq.num_cached += num_new
         rows, seqs = [], []
-        for r, seq in enumerate(samplers):
+        for r, seq in enumerate(ready):
             if seq.children:   # prompt cached: fork the other samples onto its blocks
                 for child in seq.children:
                     for block in seq.block_table:
@@ -721,7 +486,7 @@ class Engine:
                 seq.children = []
             rows.append(r)
             seqs.append(seq)
-        tokens_R, logprobs_R = sample(logits_R_V[rows], params, generator, self.philox_2)
+        tokens_R, logprobs_R = sampler(logits_R_V[rows])
         for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
             accept(seq, token, logprob)
 

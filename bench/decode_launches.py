@@ -6,7 +6,7 @@
 At batch 256 a decode step is mostly small kernels, each costing a few microseconds of launch and
 ramp-up even inside a CUDA graph, so their number matters as much as their speed. On a GPU,
 `bench/rollout.py`'s decode-step profile counts them directly. This script counts them anywhere: it
-runs one step of a decode burst (`Engine._decode_step`: the forward through the engine's attention
+runs one step of a decode burst (`ModelRunner.decode_step`: the forward through the engine's attention
 callable, the draw, and the bookkeeping that feeds the next step, which is all that a CUDA graph
 replays) on the CPU, under a TorchDispatchMode that records every aten kernel (views and allocations
 excluded), and counts the pieces that are Triton on the GPU as the launches they make there: routing
@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
+import model_runner  # noqa: E402
 import rollout  # noqa: E402
 from kernels.sampling import draw_reference  # noqa: E402
 
@@ -75,8 +76,8 @@ def main():
     model.grouped_mm = counted_as(model.grouped_mm, 1, "triton grouped GEMM", counter)
     model.grouped_swiglu = counted_as(model.grouped_swiglu, 1, "triton grouped GEMM + SwiGLU", counter)
     model.combine = counted_as(model.combine, 1, "triton combine", counter)
-    rollout.paged_decode_attention = counted_as(rollout.paged_decode_attention, 1, "triton paged attention",
-                                                counter)
+    model_runner.paged_decode_attention = counted_as(model_runner.paged_decode_attention, 1,
+                                                     "triton paged attention", counter)
     rms_norm = F.rms_norm
     fused_rms_norm = counted_as(rms_norm, 1, "fused rms_norm", counter)
     F.rms_norm = lambda x, shape, weight=None, eps=None: (
@@ -89,19 +90,19 @@ def main():
     torch.manual_seed(0)
     config = model.ModelConfig.from_json(args.config)
     net = model.Transformer(config).to(torch.bfloat16).eval()
-    engine = rollout.Engine(net, num_blocks=args.batch + 1, cuda_graphs=False)
-    engine._ensure_pool(args.batch + 1)
+    runner = model_runner.ModelRunner(net, block_size=16, cuda_graphs=False)
+    runner.prepare(args.batch + 1, fixed=True, seed=0)
     S = args.batch   # sequence s: one cached block (block s + 1), its new token at position 4
-    st = engine._new_state(S, 1)
-    st["tables"].copy_(torch.arange(1, S + 1, dtype=torch.int32)[:, None])
-    st["pos"].fill_(4)
-    st["last"].fill_(4)
-    st["ids"].copy_(torch.randint(0, config.vocab_size, (S,)))
-    generator = torch.Generator().manual_seed(0)
+    generator, params = torch.Generator().manual_seed(0), rollout.SamplingParams(temperature=1.0)
+    st = runner.new_state(S, 1, 2)
+    st.tables_n_M.copy_(torch.arange(1, S + 1, dtype=torch.int32)[:, None])
+    st.inputs_3_n[0].copy_(torch.randint(0, config.vocab_size, (S,)))   # tokens
+    st.inputs_3_n[1:].fill_(4)                                          # positions, last positions
     with torch.no_grad():
-        step = lambda: engine._decode_step(st, rollout.SamplingParams(temperature=1.0), generator)
+        sample = lambda logits: rollout.sample(logits, params, generator, runner.philox_2)
+        step = lambda: runner.decode_step(st, sample)
         step()   # (first calls may set things up)
-        st["j"].zero_()
+        st.j.zero_()
         counter.counts.clear()
         with counter:
             step()

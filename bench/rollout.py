@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer  # noqa: E402
+from model_runner import ModelRunner  # noqa: E402
 from rollout import Engine, SamplingParams, sample  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,8 @@ class StubModel(torch.nn.Module):
         self.config, self.dummy = config, torch.nn.Parameter(torch.zeros(1, device=device))
 
     def forward(self, ids_1_N, positions_1_N=None, attention=None, logits_index=None):
-        return self.dummy.new_zeros(len(logits_index), 16), None
+        shape = (len(logits_index),) if logits_index is not None else ids_1_N.shape
+        return self.dummy.new_zeros(*shape, 16), None
 
 
 def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
@@ -157,19 +159,20 @@ def host_cost(config, device, batch_sizes, new_tokens=64, prompt_len=16):
 
 def decode_profile(model, B, context, device, steps=10, top=12):
     """Where one decode step's time goes: torch.profiler over `steps` eager decode steps (the whole
-    step a CUDA graph holds: forward, sampling, bookkeeping) of B sequences at `context` cached tokens. Eager runs the same kernels as the CUDA
-    graph, so the kernel count and the kernel times are the graph's; what eager adds, the gaps
-    between launches, is left out. On the CPU: aten ops instead of kernels."""
-    engine = Engine(model, max_seqs=B, cuda_graphs=False, decode_burst=steps + 1)
-    blocks = -(-context // engine.block_size)
-    engine._ensure_pool(B * blocks + 1)
-    st = engine._new_state(B, blocks)   # sequence s: blocks s*blocks+1..., fed at its last position
-    st["tables"].copy_(torch.arange(1, B * blocks + 1, device=device, dtype=torch.int32).view(B, blocks))
-    st["pos"].fill_(context - 1)
-    st["last"].fill_(context - 1)
-    st["ids"].copy_(torch.randint(0, model.config.vocab_size, (B,), device=device))
-    generator = torch.Generator(device).manual_seed(0)
-    step = lambda: engine._decode_step(st, SamplingParams(), generator)
+    step a CUDA graph holds: forward, sampling, bookkeeping) of B sequences at `context` cached
+    tokens. Eager runs the same kernels as the CUDA graph, so the kernel count and the kernel times
+    are the graph's; what eager adds, the gaps between launches, is left out. On the CPU: aten ops
+    instead of kernels."""
+    runner = ModelRunner(model, block_size=16, cuda_graphs=False)
+    blocks = -(-context // runner.block_size)
+    runner.prepare(B * blocks + 1, fixed=True, seed=0)
+    generator, params = torch.Generator(device).manual_seed(0), SamplingParams()
+    st = runner.new_state(B, blocks, steps + 1)
+    # sequence s: blocks s*blocks+1..., fed at its last position
+    st.tables_n_M.copy_(torch.arange(1, B * blocks + 1, device=device, dtype=torch.int32).view(B, blocks))
+    st.inputs_3_n[0].copy_(torch.randint(0, model.config.vocab_size, (B,), device=device))   # tokens
+    st.inputs_3_n[1:].fill_(context - 1)                                             # positions, last
+    step = lambda: runner.decode_step(st, lambda logits: sample(logits, params, generator, runner.philox_2))
     with torch.no_grad():
         step()
         sync(device)
@@ -180,7 +183,7 @@ def decode_profile(model, B, context, device, steps=10, top=12):
             for _ in range(steps):
                 step()
             sync(device)
-    engine.release()
+    runner.release()
     if device.type == "cuda":
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         what = "kernels"
@@ -306,7 +309,7 @@ def main():
                                                        max_new_tokens=m), seed=0), device)[0])
         step = (times[1] - times[0]) / (m2 - m1)
         context = P + (m1 + m2) / 2
-        floor = decode_floor_s(model, B, context, engine.k_cache.dtype.itemsize)
+        floor = decode_floor_s(model, B, context, engine.runner.k_cache.dtype.itemsize)
         print(f"{B:6d} {context:8.0f} {step * 1e3:8.3f} {floor * 1e3:9.3f} {step / floor:6.1f}")
         engine.release()
     print()

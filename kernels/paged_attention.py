@@ -1,6 +1,6 @@
 """Paged decode attention: one new token per sequence, whose k/v are appended to that sequence's
 cache and whose query attends over all of it. The cache lives scattered over fixed-size blocks of
-a shared pool (see rollout.py for the pool).
+a shared pool (see rollout.py for the block tables, model_runner.py for the pool).
 
     out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache,
                                         block_tables_S_M, positions_S)

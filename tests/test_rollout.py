@@ -1,4 +1,5 @@
-"""Tests for rollout.py and kernels/paged_attention.py, on the tiny config with random weights.
+"""Tests for rollout.py, model_runner.py and kernels/paged_attention.py, on the tiny config with
+random weights.
 
 The reference for everything the engine returns is the training forward without any cache: the
 whole sequence so far through `model(ids)`, once per new token. Exact-token comparisons (greedy)
@@ -7,8 +8,10 @@ a near-tie; the logprob comparisons run in float32, the dtype RL trains in, at f
 """
 import copy
 import dataclasses
+import gc
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ import torch
 from kernels.paged_attention import paged_decode_attention_torch, paged_decode_attention_triton
 from kernels.sampling import draw_triton
 from model import ModelConfig, Transformer
+import model_runner
+from model_runner import ModelRunner
 import rollout
 from rollout import Engine, SamplingParams
 
@@ -184,7 +189,7 @@ def test_decode_bursts_change_nothing_but_the_schedule(varied64):
         calls.clear()
         engine = Engine(varied64, block_size=4, num_blocks=blocks, decode_burst=burst, overlap=overlap)
         runs[burst, blocks, overlap] = engine.generate(prompts, params, n=2, env_hook=env_hook), dict(engine.stats)
-        assert sorted(engine.alloc.free) == list(range(1, engine.k_cache.shape[1]))
+        assert sorted(engine.alloc.free) == list(range(1, engine.runner.k_cache.shape[1]))
     reference, stats = runs[1, None, False]
     assert {s.finish_reason for g in reference for s in g} == {"stop", "length"}
     assert any(0 in s.gen_mask for g in reference for s in g)   # a tool reply was appended somewhere
@@ -396,9 +401,9 @@ def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch
     def triton_path(q, k, v, *pool_and_tables):
         calls.append(1)
         return paged_decode_attention_triton(q.float(), k.float(), v.float(), *pool_and_tables).to(q.dtype)
-    monkeypatch.setattr(rollout, "paged_decode_attention", paged_decode_attention_torch)
+    monkeypatch.setattr(model_runner, "paged_decode_attention", paged_decode_attention_torch)
     expected = Engine(model, decode_burst=4).generate(prompts, params, n=2)
-    monkeypatch.setattr(rollout, "paged_decode_attention", triton_path)
+    monkeypatch.setattr(model_runner, "paged_decode_attention", triton_path)
     got = Engine(model, decode_burst=4).generate(prompts, params, n=2)
     assert calls
     for g_got, g_exp in zip(got, expected):
@@ -423,7 +428,7 @@ def test_the_graph_path_on_the_cpu(model32_v256, monkeypatch, overlap):
     gives the tokens and logprobs of the eager path, with the Triton sampler (the GPU's), and the
     second call, which captures nothing, gives them again; with bursts overlapped or not."""
     use_sampler("triton", monkeypatch)
-    monkeypatch.setattr(Engine, "_graph_of", lambda self, step: EagerGraph(step))
+    monkeypatch.setattr(ModelRunner, "_graph_of", lambda self, step: EagerGraph(step))
     prompts = make_prompts([5, 9, 3], seed=11, vocab_size=256)
     params = SamplingParams(temperature=1.0, max_new_tokens=10)
     eager = Engine(model32_v256, block_size=4, decode_burst=4, cuda_graphs=False, overlap=overlap)
@@ -432,13 +437,38 @@ def test_the_graph_path_on_the_cpu(model32_v256, monkeypatch, overlap):
     for call in range(2):
         got = graphed.generate(prompts, params, n=2, seed=3)
         assert graphed.stats["graph_steps"] == graphed.stats["steps"] - 1 > 0   # all but the prefill
-        assert list(graphed.graphs) == [(8, 4, 1.0, 0, 1.0)]
+        assert list(graphed.runner.graphs) == [(8, 4, 1.0, 0, 1.0)]
         for g_want, g_got in zip(want, got):
             for a, b in zip(g_want, g_got):
                 assert a.token_ids == b.token_ids, call
                 # (the graph's tables are as wide as max_position_embeddings allows, the eager ones
                 # as wide as the burst needs: the torch attention sums over other padding)
                 torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_dropped_engine_is_freed_at_once(model32, monkeypatch, cuda_graphs):
+    """An engine makes no reference cycle, not even through its captured graphs: dropping it frees
+    its KV pool at once, without waiting for the cycle collector. (The RL stages build engines for
+    teachers and checkpoints; a pool kept alive would shrink the next one's, on a GPU half the free
+    memory.) The stand-in graph, like a real one, keeps no Python object: it replays nothing."""
+    class Graph:
+        def __init__(self, step):
+            step()
+            self.replay = lambda: None
+    monkeypatch.setattr(ModelRunner, "_graph_of", lambda self, step: Graph(step))
+    engine = Engine(model32, block_size=4, decode_burst=4, cuda_graphs=cuda_graphs)
+    engine.generate(make_prompts([5, 3], seed=1), SamplingParams(max_new_tokens=9), n=2)
+    assert bool(engine.runner.graphs) == cuda_graphs
+    alive, pool = weakref.ref(engine), weakref.ref(engine.runner.k_cache)
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        del engine
+        assert alive() is None and pool() is None
+    finally:
+        if gc_was_on:
+            gc.enable()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -454,7 +484,7 @@ def test_cuda_graph_decode_equals_eager(temperature, top_p):
     eager = Engine(model, cuda_graphs=False).generate(prompts, params, n=3, seed=4)
     engine = Engine(model, cuda_graphs=True)
     graphed = engine.generate(prompts, params, n=3, seed=4)
-    assert engine.stats["graph_steps"] > 0 and engine.graphs
+    assert engine.stats["graph_steps"] > 0 and engine.runner.graphs
     again = engine.generate(prompts, params, n=3, seed=4)
     for a, b, c in zip(eager, graphed, again):
         assert [s.token_ids for s in a] == [s.token_ids for s in b] == [s.token_ids for s in c]
