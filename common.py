@@ -12,6 +12,7 @@ checkpoint resumes with or without --fsdp, on any number of ranks.
 """
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -158,17 +159,24 @@ def clip_grad_norm(params, max_norm):
 
 
 def _recover(path):
-    # a crash between the two renames in atomic_dir leaves only path.old: that is the last good state
+    """A crash between the two renames in atomic_dir leaves only path.old: the last good state. Every
+    rank may get here at once (on a shared disk one rename wins; the others find it done)."""
     if not os.path.exists(path) and os.path.exists(path + ".old"):
-        os.rename(path + ".old", path)
+        try:
+            os.rename(path + ".old", path)
+        except FileNotFoundError:   # another rank renamed it first
+            pass
 
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yield a fresh temporary directory; on success it replaces `path` in two renames."""
+    """Yield a fresh temporary directory; on success it replaces `path` in two renames. One writer
+    per path (rank 0): the temporary directories of writes that were killed are deleted first."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _recover(path)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
     try:
         yield tmp
@@ -219,6 +227,24 @@ def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
     barrier()
+
+
+def check_same_args(path, state, args, keys):
+    """A resumed run continues the one it resumes: the arguments that decide its data and batches
+    (`keys`) must be those `path` was written with."""
+    saved = state.get("args", {})
+    for key in keys:
+        if key in saved and saved[key] != getattr(args, key):
+            raise ValueError(f"{path} was written with --{key} {saved[key]}, this run has "
+                             f"{getattr(args, key)}: same arguments, or a fresh --out")
+
+
+def save_final(out, model, tokenizer_path, state):
+    """OUT/final (the stage contract: it exists iff the stage ran to the end), then OUT/last goes: final
+    supersedes it, and it holds the optimizer's state too (about 3x the model)."""
+    save_checkpoint(os.path.join(out, "final"), model, tokenizer_path, state=state)
+    if is_main():
+        shutil.rmtree(os.path.join(out, "last"), ignore_errors=True)
 
 
 def finished_summary(out):
@@ -277,6 +303,8 @@ def lr_at(step, total, warmup, peak, final_frac=0.1, schedule="cosine"):
 
 class MetricsLogger:
     """One JSON object per line per step (rank 0 only); appends, so a resumed run keeps its history.
+    "step" is the stage's own count: SFT's rows are numbered from 1 (steps done after the update),
+    the RL stages' from 0 (the step's index, as `range(steps)` gives it).
 
     drop_from_step: a run resumed from a checkpoint first drops the rows with "step" >= this, the
     steps it logged after that checkpoint and is about to log again."""

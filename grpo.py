@@ -93,7 +93,7 @@ def load_prompts(data_dir, domains, prompts_file=None, split="rl"):
     return pools
 
 
-def rollout(engine, tok, rows, group_size, params, seed):
+def sample_groups(engine, tok, rows, group_size, params, seed):
     """G responses per prompt -> (samples, texts), flat, the G of a prompt consecutive. The tool domain
     is multi-turn: at </tool_call> the environment (verifiers.tool.ToolEnv) runs that turn's calls and
     appends the results as a user turn; generation goes on (within max_new_tokens, tool output
@@ -146,9 +146,12 @@ def micro_batches(samples, size, pad_id, device):
         batch = [samples[i] for i in ix]
         seqs = [s.prompt_ids + s.token_ids for s in batch]
         T = max(map(len, seqs)) - 1
-        pad = lambda rows, value, dtype=torch.float32: torch.tensor(   # right-pad every row to T
-            [r + [value] * (T - len(r)) for r in rows], dtype=dtype, device=device)
-        response = lambda s, x: [0] * (len(s.prompt_ids) - 1) + list(x)   # at the response's targets
+
+        def pad(rows, value, dtype=torch.float32):   # right-pad every row to T
+            return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=dtype, device=device)
+
+        def response(s, x):   # per-response-token values x, placed at the response's targets
+            return [0] * (len(s.prompt_ids) - 1) + list(x)
         out.append((ix, dict(inputs_B_T=pad([q[:-1] for q in seqs], pad_id, torch.long),
                              targets_B_T=pad([q[1:] for q in seqs], pad_id, torch.long),
                              mask_B_T=pad([response(s, s.gen_mask) for s in batch], 0),
@@ -189,8 +192,11 @@ def global_sums(values, device):
 
 def per_domain(run, values_N, domains_N, name):
     """{"<domain>/<name>": sum of the values, "<domain>/n": their count} for global_sums."""
-    by_domain = [(x, [v for v, y in zip(values_N, domains_N) if y == x]) for x in run.domains]
-    return {k: v for x, vs in by_domain for k, v in ((f"{x}/{name}", sum(vs)), (f"{x}/n", len(vs)))}
+    out = {}
+    for x in run.domains:
+        values = [v for v, y in zip(values_N, domains_N) if y == x]
+        out[f"{x}/{name}"], out[f"{x}/n"] = sum(values), len(values)
+    return out
 
 
 def sync_grads(params):
@@ -233,6 +239,7 @@ def setup(args, freeze_router=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)   # none in RL
     if start == last:   # resuming (a checkpoint written with or without --fsdp, by any number of ranks)
+        common.check_same_args(last, state, args, ("seed", "group_size", "prompts_per_step", "domains", "mix"))
         common.load_optimizer(last, model, opt, state)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
@@ -241,11 +248,15 @@ def setup(args, freeze_router=False):
     if len(mix) != len(domains) or min(mix) < 0 or sum(mix) <= 0:
         raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
     step = state.get("step", 0) if start == last else 0   # steps done (rows are numbered from 0)
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    # the rows of the steps before `step`, for the summary over the last steps (a resumed run's too)
+    history = ([r for r in common.read_metrics(metrics) if r.get("step", step) < step]
+               if step and os.path.exists(metrics) else [])
     return SimpleNamespace(
         dist=d, model=model, tok=tok, tok_path=os.path.join(start, "tokenizer.json"), optimizer=opt,
         params=params, step=step, domains=domains, mix=mix,
         autocast=lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16),
-        logger=common.MetricsLogger(os.path.join(args.out, "metrics.jsonl"), drop_from_step=step),
+        logger=common.MetricsLogger(metrics, drop_from_step=step), history=history,
         pools=load_prompts(args.data, domains, args.prompts), engine=Engine(model))
 
 
@@ -263,7 +274,7 @@ def rollout_step(run, args, step, sampling, reward_fn=None):
         rows.append(dict(row, thinking=think))
     rows = rows[run.dist.rank::run.dist.world_size]   # shares may differ by one: sums are global
     t0 = time.time()
-    samples, texts = rollout(run.engine, run.tok, rows, args.group_size, sampling,
+    samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling,
                              seed=(args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank)
     stats = dict(lr=lr, rollout_s=time.time() - t0, samples=len(samples),
                  gen_tokens=sum(sum(s.gen_mask) for s in samples),
@@ -283,6 +294,7 @@ def step_row(run, step, stats):
                                             for x in run.domains if g[f"{x}/n"]})
     row.update(response_len=g["resp_tokens"] / g["samples"], trained_tokens=g["tokens"],
                entropy=g["entropy"] / n, mismatch_abs=g["mismatch_abs"] / n, mismatch_k3=g["mismatch_k3"] / n,
+               # seconds summed over ranks / world = each rank's mean time
                rollout_tok_s=g["gen_tokens"] / g["rollout_s"] * world,
                train_tok_s=g["fwd_tokens"] / max(g["train_s"], 1e-9) * world)
     if "grad_norm" in stats:   # already global (no step: no norm)
@@ -290,32 +302,31 @@ def step_row(run, step, stats):
     return row, g
 
 
-def end_step(run, args, history, row):
+def end_step(run, args, row):
     """Log the step's row, print it every log_every steps, write OUT/last every save_every steps."""
     step, last = row["step"], row["step"] + 1 == args.steps
     run.logger.log(row)
-    history.append(row)
+    run.history.append(row)
     if step % args.log_every == 0 or last:
         print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.save_every and (step + 1) % args.save_every == 0 and not last:
         common.save_checkpoint(os.path.join(args.out, "last"), run.model, run.tok_path, run.optimizer,
-                               dict(step=step + 1))
+                               dict(step=step + 1, args=vars(args)))
 
 
-def finish(run, args, history):
+def finish(run, args):
     """OUT/final with the summary: each reward/eval metric averaged over the last 5 steps."""
-    recent = history[-5:]
+    recent = run.history[-5:]
     summary = {k: sum(r[k] for r in recent if k in r) / sum(k in r for r in recent)
                for k in {k for r in recent for k in r if k.startswith(("reward/", "eval", "reverse_kl/"))}}
-    common.save_checkpoint(os.path.join(args.out, "final"), run.model, run.tok_path,
-                           state=dict(step=args.steps, summary=summary))
+    common.save_final(args.out, run.model, run.tok_path, dict(step=args.steps, summary=summary))
     return summary
 
 
 # ---- GRPO ----------------------------------------------------------------------------------------
 def grpo_update(run, args, samples, advantages_N, ref=None):
     """One rollout batch -> args.epochs optimizer steps (1 = strict on-policy). Returns local sums."""
-    pad_id = run.tok.token_to_id("<|pad|>")
+    pad_id = run.tok.token_to_id(chat.PAD)
     mbs = micro_batches(samples, args.micro_batch, pad_id, run.dist.device)
     mbs = same_count(run, mbs, ([], empty_batch(pad_id, run.dist.device)))
     local = sum(b["mask_B_T"].sum().item() for _, b in mbs)
@@ -358,17 +369,20 @@ def train(args, reward_fn=None):
     if args.kl_coef > 0:   # the KL reference (off by default): the stage's frozen starting checkpoint
         ref = common.load_checkpoint(args.init, run.dist.device)[0].eval().requires_grad_(False)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    history, G = [], args.group_size
+    G = args.group_size
     for step in range(run.step, args.steps):
         _, samples, rewards, stats = rollout_step(run, args, step, sampling, reward_fn)
         truncated_N = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool)
-        rewards_N = torch.where(truncated_N & (args.overlong == "penalize"), 0.0,   # overlong: reward 0
-                                torch.tensor(rewards, dtype=torch.float64))
+        rewards_N = torch.tensor(rewards, dtype=torch.float64)
+        if args.overlong == "penalize":   # truncated: reward 0
+            rewards_N[truncated_N] = 0.0
         advantages_N = group_advantages(rewards_N, G).float().to(run.dist.device)
         no_signal_P = rewards_N.view(-1, G).amax(1) == rewards_N.view(-1, G).amin(1)
-        # DAPO's dynamic filtering (equal rewards: no signal) and overlong filtering (truncated: no loss)
-        drop_N = ((no_signal_P.repeat_interleave(G) & (args.filter_groups == "on"))
-                  | (truncated_N & (args.overlong == "mask")))
+        drop_N = torch.zeros(len(samples), dtype=torch.bool)
+        if args.filter_groups == "on":   # DAPO's dynamic filtering: equal rewards, no signal
+            drop_N |= no_signal_P.repeat_interleave(G)
+        if args.overlong == "mask":      # DAPO's overlong filtering: truncated, no loss
+            drop_N |= truncated_N
         kept = (~drop_N).nonzero().squeeze(1).tolist()
         t0 = time.time()
         stats.update(grpo_update(run, args, [samples[i] for i in kept], advantages_N[kept], ref),
@@ -378,8 +392,8 @@ def train(args, reward_fn=None):
         row, g = step_row(run, step, stats)
         row.update(filtered_frac=g["filtered"] / g["groups"], truncated_frac=g["truncated"] / g["samples"],
                    clip_frac=g["clip"] / max(g["tokens"], 1), kl_ref=g["kl"] / max(g["tokens"], 1))
-        end_step(run, args, history, row)
-    return finish(run, args, history)
+        end_step(run, args, row)
+    return finish(run, args)
 
 
 def add_rl_args(p, lr, group_size):
@@ -420,7 +434,8 @@ def build_parser():
     a("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
     a("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (clip-higher)")
     a("--kl_coef", type=float, default=0.0, help="k3 KL penalty to --init (0: none, as in the paper)")
-    a("--overlong", default="mask", choices=["mask", "penalize", "none"], help="truncated: no loss/reward 0")
+    a("--overlong", default="mask", choices=["mask", "penalize", "none"],
+      help="truncated: no loss / reward 0 (a verifier's worst; a reward model's scores can be below 0)")
     a("--filter_groups", default="on", choices=["on", "off"], help="drop groups with equal rewards")
     a("--freeze_router", action="store_true", help="freeze the MoE router (and drop its aux loss)")
     return p

@@ -6,8 +6,9 @@ Read top to bottom:
   3. Attention     grouped-query attention (GQA) with RMSNorm on q and k per head before RoPE
                    (Qwen3's "QK-norm"). Causal, and block-diagonal when several documents are
                    packed into one row (SFT). An `attention` callable can replace the core, which
-                   is how the rollout engine runs these very layers over its paged KV cache (and
-                   then, on the GPU, QK-norm + RoPE run as one kernel: kernels/qk_norm_rope.py).
+                   is how the rollout engine runs these very layers over its paged KV cache
+                   (model_runner.py). On the GPU, QK-norm + RoPE then run as one kernel
+                   (kernels/qk_norm_rope.py).
   4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
                    copies sorted by expert (when decoding, on the GPU, the SwiGLU runs inside the
                    first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
@@ -31,7 +32,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from common import atomic_dir
 from kernels import combine, grouped_mm, grouped_swiglu, route, use_triton
@@ -96,8 +98,9 @@ class ModelConfig:
             if "rope_theta" in rope:
                 if d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
                     bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
-        if d.get("attention_bias"):
-            bad("attention_bias", "is true; Qwen3-MoE attention has no biases")
+        for key in ("attention_bias", "use_sliding_window"):
+            if d.get(key):
+                bad(key, "is true; not implemented (Qwen3-MoE has no attention biases, and attends in full)")
         if d.get("hidden_act", "silu") != "silu":
             bad("hidden_act", f"is {d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
         kwargs = {}
@@ -198,7 +201,8 @@ def qk_norm_rope(q_B_T_Hq_D, k_B_T_Hkv_D, q_weight_D, k_weight_D, cos, sin, eps)
 
 def decoding(attention) -> bool:
     """Whether this forward may take the forward-only kernels (QK-norm + RoPE, SwiGLU in the expert
-    GEMM): when it decodes through a KV cache (an attention callable) with no gradient recorded.
+    GEMM): when it runs through the rollout engine's KV cache (an attention callable: decode steps
+    and prefill chunks alike) with no gradient recorded.
     Every forward that computes logprobs to train on or against (the policy's, a reference's, a
     teacher's) keeps the torch path, so they are all computed the same way; only the rollout
     differs from them, at bf16 rounding, as its paged attention already makes it."""
@@ -236,8 +240,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.d)
         v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
         # decoding on the GPU: the norms and RoPE in one (forward-only) kernel
-        q, k = (qk_norm_rope_triton if decoding(attention) and use_triton(q) else qk_norm_rope)(
-            q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
+        norm_rope = qk_norm_rope_triton if decoding(attention) and use_triton(q) else qk_norm_rope
+        q, k = norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
         if attention is None:
             out_B_Hq_T_D = causal_attention(q, k, v, mask)
         else:
@@ -297,9 +301,11 @@ class MoE(nn.Module):
         if valid_N is None:
             f_E, P_E = r.counts_E.float() / N, r.probs_N_E.mean(dim=0)
         else:
-            n = valid_N.sum().clamp(min=1)
-            f_E = torch.bincount(r.experts_N_K[valid_N].flatten(), minlength=self.E).float() / n
-            P_E = (r.probs_N_E * valid_N[:, None]).sum(dim=0) / n
+            # (counted by an index_add of 0s and 1s, exact: a boolean index or bincount syncs the GPU)
+            valid = valid_N.float()
+            n = valid.sum().clamp(min=1)
+            f_E = valid.new_zeros(self.E).index_add_(0, r.experts_N_K.flatten(), valid.repeat_interleave(self.K)) / n
+            P_E = (r.probs_N_E * valid[:, None]).sum(dim=0) / n
         aux = self.E * (f_E * P_E).sum()
         return out_N_H.view(B, T, H), aux
 
@@ -368,7 +374,7 @@ class Transformer(nn.Module):
         """-> (logits [B, T, V] or [len(logits_index), V], load-balancing aux loss).
         attention: None for training (causal, block-diagonal with doc_ids), or a callable
           attention(layer_idx, q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D) -> out_B_Hq_T_D that receives
-          q, k after QK-norm and RoPE (the rollout engine's paged KV cache).
+          q, k after QK-norm and RoPE (model_runner.py's, over the paged KV cache).
         logits_index: flat indices into B*T; only those positions go through the LM head.
         return_hidden: return the final-norm hidden states [B, T, C] instead of logits (the reward
           model of rlhf.py puts its own scalar head on them).
@@ -468,6 +474,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """The model of a checkpoint directory, read one tensor at a time into parameters allocated
+        once and never initialized (each is overwritten): a large checkpoint costs the model's memory,
+        not twice that, and no time drawing random weights."""
         config = ModelConfig.from_json(os.path.join(path, "config.json"))
         # one model.safetensors, or shards listed in an index (large Hub checkpoints)
         index = os.path.join(path, "model.safetensors.index.json")
@@ -476,24 +485,29 @@ class Transformer(nn.Module):
                 files = sorted(set(json.load(f)["weight_map"].values()))
         else:
             files = ["model.safetensors"]
-        found, where = {}, {}
+        where = {}   # key -> its file, from the files' headers
         for name in files:
-            for key, t in load_file(os.path.join(path, name), device=str(device)).items():
-                found[key], where[key] = t, os.path.join(path, name)
-        with torch.device(device):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), os.path.join(path, name)))
+        with torch.device("meta"):   # shapes only
             model = cls(config).to(dtype)
+        model = model.to_empty(device=device)
+        if config.tie_word_embeddings:   # (to_empty makes new parameters: tie them again)
+            model.lm_head.weight = model.model.embed_tokens.weight
+            where.pop("lm_head.weight", None)   # some tied checkpoints store it anyway
         expected = model.hf_state_dict()
-        if config.tie_word_embeddings:
-            found.pop("lm_head.weight", None)   # some tied checkpoints store it anyway
-        missing = [k for k in expected if k not in found]
-        unexpected = [k for k in found if k not in expected]
+        missing = [k for k in expected if k not in where]
+        unexpected = [k for k in where if k not in expected]
         if missing or unexpected:
             raise ValueError(f"{path}: {len(missing)} missing keys {missing[:5]}, "
                              f"{len(unexpected)} unexpected keys {unexpected[:5]} (first 5 shown)")
         with torch.no_grad():
-            for key, dst in expected.items():   # views into our parameters: copy_ writes through
-                if found[key].shape != dst.shape:
-                    raise ValueError(f"{where[key]}: '{key}' has shape {list(found[key].shape)}, "
-                                     f"expected {list(dst.shape)} from config.json")
-                dst.copy_(found[key])
+            for file in sorted(set(where.values())):
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in [k for k in f.keys() if k in expected]:
+                        dst, shape = expected[key], f.get_slice(key).get_shape()
+                        if list(shape) != list(dst.shape):
+                            raise ValueError(f"{file}: '{key}' has shape {list(shape)}, "
+                                             f"expected {list(dst.shape)} from config.json")
+                        dst.copy_(f.get_tensor(key))   # views into our parameters: writes through
         return model

@@ -45,6 +45,7 @@ import common
 import grpo
 import verifiers
 from common import print0
+from data import chat
 from rollout import Engine
 
 
@@ -69,7 +70,8 @@ def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, h
     """L = -(1/|V|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (RECIPE.md MOPD: L).
 
     |V| counts the valid tokens of the global batch (num_tokens, all-reduced by the caller; default
-    the mask's own count). Returns (loss, advantages_B_T, weights_B_T)."""
+    the mask's own count): the response's tokens, those the mismatch window drops (w_t = 0)
+    included, as RECIPE.md reads "valid". Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)
     if num_tokens is None:
         num_tokens = mask.sum()
@@ -111,7 +113,7 @@ def load_teachers(spec, domains, tok_path, device):
 def mopd_update(run, args, samples, domains_N, teachers):
     """One optimizer step on a rollout batch. Micro-batches hold one domain each, so that each is
     scored by one teacher. Returns local sums for the logs."""
-    pad_id = run.tok.token_to_id("<|pad|>")
+    pad_id = run.tok.token_to_id(chat.PAD)
     mbs = []
     for dom in sorted(set(domains_N)):
         mine = [i for i, x in enumerate(domains_N) if x == dom]
@@ -147,7 +149,7 @@ def evaluate(run, args, engine, pools):
     d = run.dist
     rows = [dict(r, thinking=args.thinking != "off") for rs in pools.values() for r in rs[:args.eval_prompts]]
     rows = rows[d.rank::d.world_size]
-    texts = grpo.rollout(engine, run.tok, rows, 1, dict(temperature=0.0, max_new_tokens=args.max_new_tokens),
+    texts = grpo.sample_groups(engine, run.tok, rows, 1, dict(temperature=0.0, max_new_tokens=args.max_new_tokens),
                          args.seed)[1]   # (with no rows too: under FSDP generate is a collective)
     domains = [r["domain"] for r in rows]
     scores = verifiers.score_many(domains, texts, [r["meta"] for r in rows])
@@ -170,7 +172,6 @@ def train(args):
         for dom in run.domains:
             teacher_eval.update(evaluate(run, args, Engine(teachers[dom]), {dom: eval_pools[dom]}))
         print0("teacher eval scores:", teacher_eval)
-    history = []
     for step in range(run.step, args.steps):
         # the verifiers' rewards are never trained on: a side metric, to rise toward the teachers'
         rows_N, samples, _, stats = grpo.rollout_step(run, args, step, dict(
@@ -182,15 +183,15 @@ def train(args):
         for dom in run.domains:
             if g[f"{dom}/tokens"]:
                 # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
-                row[f"reverse_kl/{dom}"] = (0.0 - g[f"{dom}/adv"]) / g[f"{dom}/tokens"]
+                row[f"reverse_kl/{dom}"] = -g[f"{dom}/adv"] / g[f"{dom}/tokens"]
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
         if eval_pools and (step + 1 == args.steps or (step + 1) % args.eval_every == 0):
             for dom, score in evaluate(run, args, run.engine, eval_pools).items():
                 row[f"eval/{dom}"] = score
                 if teacher_eval.get(dom):
                     row[f"eval_vs_teacher/{dom}"] = score / teacher_eval[dom]
-        grpo.end_step(run, args, history, row)
-    return grpo.finish(run, args, history)
+        grpo.end_step(run, args, row)
+    return grpo.finish(run, args)
 
 
 def build_parser():

@@ -15,7 +15,8 @@ What we change, and why: a generative pairwise judge is far beyond a tiny model.
 classic Bradley-Terry reward model: the same transformer (initialized from --init) with a scalar
 head on the hidden state of the last token, trained with -log sigma(r_chosen - r_rejected). The RL
 phase is grpo.py's loop with the reward model's score in place of a verifier; group normalization
-makes the score's offset and scale irrelevant, only its ranking inside a group matters.
+makes the score's offset and scale irrelevant, only its ranking inside a group matters. The KL
+penalty is off by default, as in every other RL stage here; `--kl_coef 0.03` turns on the paper's.
 
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
@@ -100,7 +101,7 @@ def train_reward_model(args, tok, d, logger):
     rm = RewardModel(body).to("cpu" if fsdp else d.device)
     if fsdp:
         common.shard(rm, d.device)
-    pad_id = tok.token_to_id("<|pad|>")
+    pad_id = tok.token_to_id(chat.PAD)
     train = pair_ids(tok, data.load_jsonl(os.path.join(args.data, "prefs", "train.jsonl"), "prefs"))
     held_out = pair_ids(tok, data.load_jsonl(os.path.join(args.data, "prefs", "eval.jsonl"), "prefs"))
     if min(args.rm_batch, len(train)) < d.world_size:
@@ -121,10 +122,12 @@ def train_reward_model(args, tok, d, logger):
         grpo.sync_grads(list(rm.parameters()))
         grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
         opt.step()
-        if step % args.log_every == 0 or step + 1 == args.rm_steps:
-            acc = (rc > rr).float().mean().item()
-            logger.log(dict(rm_step=step, rm_loss=local_loss.item(), rm_batch_acc=acc, rm_grad_norm=grad_norm))
-            print0(f"rm step {step} | loss {local_loss.item():.4f} | batch acc {acc:.3f}")
+        if step % args.log_every == 0 or step + 1 == args.rm_steps:   # (every rank: a collective)
+            g = grpo.global_sums(dict(loss=local_loss.item() * len(mine), right=(rc > rr).sum().item(),
+                                      n=len(mine)), d.device)
+            loss, acc = g["loss"] / g["n"], g["right"] / g["n"]   # over the global batch
+            logger.log(dict(rm_step=step, rm_loss=loss, rm_batch_acc=acc, rm_grad_norm=grad_norm))
+            print0(f"rm step {step} | loss {loss:.4f} | batch acc {acc:.3f}")
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
     logger.log(stats)
@@ -171,7 +174,7 @@ def judge_win_rate(args, tok, d, final_path):
     scores = []
     for path in (args.init, final_path):
         model, _ = common.load_checkpoint(path, d.device)
-        texts = grpo.rollout(Engine(model), tok, rows, 1, sampling, args.seed)[1] if rows else []
+        texts = grpo.sample_groups(Engine(model), tok, rows, 1, sampling, args.seed)[1] if rows else []
         scores.append([judge(t, r["meta"]) for t, r in zip(texts, rows)])
     wins = sum(1.0 if b > a else 0.5 if b == a else 0.0 for a, b in zip(*scores))
     g = grpo.global_sums(dict(wins=wins, n=len(rows), base=sum(scores[0]), final=sum(scores[1])), d.device)
@@ -212,7 +215,7 @@ def main(argv=None):
     # scoring reads the saved reward model, a plain module on every rank (also after FSDP training)
     rm, rm_stats = load_reward_model(rm_path, d.device)
     rm.eval().requires_grad_(False)
-    pad_id = tok.token_to_id("<|pad|>")
+    pad_id = tok.token_to_id(chat.PAD)
 
     def reward_fn(rows_N, texts_N):   # the reward model's score of the final answer
         answers = [chat.parse_response(t)["answer"] for t in texts_N]

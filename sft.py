@@ -51,7 +51,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -215,10 +214,7 @@ def main(argv=None):
                             lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda" and not fsdp)
     step, epoch, pos = 0, 0, 0
     if resume:
-        for key in ("seed", "batch_size", "seq_len"):
-            if state["args"][key] != getattr(args, key):
-                raise ValueError(f"{last} was written with --{key} {state['args'][key]}, this run has "
-                                 f"{getattr(args, key)}: same arguments, or a fresh --out")
+        common.check_same_args(last, state, args, ("seed", "batch_size", "seq_len"))
         common.load_optimizer(last, model, opt, state)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         common.print0(f"resuming from {last} at step {step}")
@@ -285,9 +281,7 @@ def main(argv=None):
     summary = dict(loss=loss, steps=total, rows=n_rows, conversations=n_docs, truncated=truncated,
                    epochs=total * args.batch_size / n_rows,
                    tokens_per_s=timed_tokens / timed_s if timed_s else tokens_per_s)
-    common.save_checkpoint(final, model, tok_path, state=dict(step=step, summary=summary))
-    if common.is_main():  # final/ supersedes last/ (which holds optimizer state: 3x the model)
-        shutil.rmtree(last, ignore_errors=True)
+    common.save_final(args.out, model, tok_path, dict(step=step, summary=summary))
     common.print0(f"SFT done: {final} | {json.dumps(summary)}")
     return summary
 

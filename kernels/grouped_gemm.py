@@ -24,7 +24,9 @@ walks a flat list of output tiles: group 0's tiles, then group 1's, ... Program 
 p + P, p + 2P, ... ("persistent" kernel, as in the Triton grouped-GEMM tutorial). The tile list is
 never materialized: each program walks the group offsets and skips the tiles of other programs.
 This needs no host sync on the group sizes (they live on the GPU) and leaves no program idle
-because a group happened to be small. Tile shapes come from a small autotune list per (N, K).
+because a group happened to be small. Tile shapes come from a small autotune list per (N, K) and
+power of two of M, so a decode step's few rows per expert and a training step's thousands each get
+their own.
 Inputs are bf16 (or fp32), accumulation is always fp32.
 """
 import os
@@ -47,7 +49,7 @@ def grouped_mm_reference(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs. On the GPU autotune picks one per (N, K) the first time a shape is seen. Under the
+# Configs. On the GPU autotune picks one per (N, K, M's power of two) the first time it sees one. Under the
 # interpreter (TRITON_INTERPRET=1, tests on a CPU) one small config: every program costs ~1 ms.
 
 def _interpreting() -> bool:
@@ -74,9 +76,10 @@ def _num_sms(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # Forward (and dX): Y[rows of group g] = A[rows] @ B[g], tile by tile.
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "M_LOG"])
 @triton.jit
 def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
+                       M_LOG,  # M's bit length (at most 17): only autotune's key reads it
                        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_ym,
                        N: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                        PRECISION: tl.constexpr, FP32_MATH: tl.constexpr,
@@ -147,7 +150,7 @@ def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tens
                              * triton.cdiv(N, meta["BLOCK_N"])),)
     _grouped_mm_kernel[grid](
         a, b_E_K_N, y, offsets_E1, gather_idx if gather_idx is not None else offsets_E1, E,
-        a.stride(0), a.stride(1), *b_E_K_N.stride(), y.stride(0), N=N, K=K,
+        min(M.bit_length(), 17), a.stride(0), a.stride(1), *b_E_K_N.stride(), y.stride(0), N=N, K=K,
         GATHER=gather_idx is not None, SWIGLU=swiglu, PRECISION=_precision(a), FP32_MATH=_interpreting())
     return y
 

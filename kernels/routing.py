@@ -12,8 +12,9 @@ A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router
                  and the token of each sorted row, from which that GEMM gathers its input.
 
 Flat copy index j = token * K + k. The sort is stable, by expert then by j, so it is deterministic
-and equal to `argsort(experts_N_K.flatten(), stable=True)`: the Triton path and the reference
-return identical integers.
+and equal to `argsort(experts_N_K.flatten(), stable=True)`: given the same experts the Triton path
+and the reference return identical integers. (Which experts: tied probabilities go to the lowest id
+here, to any of them in `torch.topk`.)
 
 Three kernels:
   1. `_topk_kernel`, one program per BLOCK_N tokens: softmax, top-k by K rounds of row-wise argmax
@@ -91,11 +92,14 @@ def _topk_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, block_counts_p
     tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
 
     # Top-k by K rounds of "take the row max, then knock it out". Probabilities are >= 0, so
-    # padding experts start at -1 and a taken expert is set to -2. Ties go to the lowest id.
+    # padding experts start at -1 and a taken expert is set to -2. Ties go to the lowest id. A NaN
+    # row (the model diverged) is all ties at 0: it takes experts 0..K-1 and weights 0 (NaN once
+    # renormalized), so the NaN shows in the loss and no expert id is ever out of range (a NaN
+    # equals no maximum, and the id would be BLOCK_E: the permutation would write out of bounds).
     kcols = tl.arange(0, BLOCK_K)
     top_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     top_e = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    work = tl.where(col_ok[None, :], p, -1.0)
+    work = tl.where(col_ok[None, :], tl.where(p == p, p, 0.0), -1.0)
     for k in tl.static_range(TOP_K):
         best = tl.max(work, axis=1)
         best_e = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)
@@ -194,7 +198,7 @@ def _route_kernels(logits_N_E: Tensor, top_k: int, norm: bool):
 
 
 class _Route(torch.autograd.Function):
-    """Forward: the two kernels. Backward: the analytic gradient of probs and weights w.r.t. the
+    """Forward: the three kernels. Backward: the analytic gradient of probs and weights w.r.t. the
     logits, so no softmax is recomputed. With q = probs[experts] and S = sum_k q_k:
         weights = q / S  =>  dq = (dweights - sum_k dweights_k * weights_k) / S   (plain: dq = dw)
         probs = softmax(logits)  =>  dlogits = p * (dp - sum_e dp_e * p_e)

@@ -89,9 +89,9 @@ def draw_triton(logits_R_V: Tensor, temperature: float, philox_2: Tensor):
     logits = logits_R_V if logits_R_V.stride(1) == 1 else logits_R_V.contiguous()
     tokens_R = torch.empty(R, dtype=torch.long, device=logits.device)
     logprobs_R = torch.empty(R, dtype=torch.float32, device=logits.device)
-    # a row in tiles of up to 2048 columns (8192 in four), small vocabularies several rows to a
-    # program; under the interpreter, where each op costs per call, tiles of 64 (which also walk a
-    # test's small vocabulary in several tiles)
+    # a row in tiles of up to 2048 columns (a 152K vocabulary in 75), and a small vocabulary's
+    # 2048 // BLOCK_V rows to a program; under the interpreter, where each op costs per call, tiles
+    # of 64 (which also walk a test's small vocabulary in several tiles)
     BLOCK_V = min(64 if _interpreting() else 2048, triton.next_power_of_2(V))
     BLOCK_R = min(2048 // BLOCK_V, triton.next_power_of_2(R))
     _draw_kernel[(triton.cdiv(R, BLOCK_R),)](

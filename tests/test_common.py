@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import common
 from common import MetricsLogger, atomic_dir, checkpoint_exists, lr_at, read_metrics
 
 
@@ -30,6 +31,30 @@ def test_crash_between_the_renames_is_recovered(tmp_path):
     (old / "config.json").write_text("{}")
     assert checkpoint_exists(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "config.json").exists() and not old.exists()
+
+
+def test_two_ranks_recovering_at_once(tmp_path, monkeypatch):
+    # every rank recovers ckpt.old on a shared disk: one rename wins, the others find it done
+    old = tmp_path / "ckpt.old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    common._recover(str(tmp_path / "ckpt"))   # the winner
+    seen_before = {str(tmp_path / "ckpt"): False, str(old): True}   # what a slower rank had seen
+    monkeypatch.setattr(common.os.path, "exists", lambda p: seen_before.get(p, os.path.lexists(p)))
+    common._recover(str(tmp_path / "ckpt"))   # its rename finds no ckpt.old: not an error
+    monkeypatch.undo()
+    assert checkpoint_exists(str(tmp_path / "ckpt"))
+
+
+def test_killed_writes_leave_no_temporaries(tmp_path):
+    # SIGKILL skips atomic_dir's cleanup: the next write of that path deletes what it left
+    target = tmp_path / "ckpt"
+    (tmp_path / "ckpt.tmp-killed").mkdir()
+    (tmp_path / "ckpt.tmp-killed" / "model.safetensors").write_text("half")
+    (tmp_path / "other.tmp-x").mkdir()   # another path's: not ours to delete
+    with atomic_dir(target) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("1")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "other.tmp-x"]
 
 
 def test_lr_schedule():

@@ -67,6 +67,24 @@ def test_route_matches_reference(N, E, K, norm):
 
 
 @pytest.mark.parametrize("norm", [True, False])
+def test_route_of_a_nan_row_stays_in_range(norm):
+    """A diverged model's NaN router logits still route every copy to a real expert (never to id E,
+    which would scatter out of bounds on the GPU), and the NaN is not hidden: its probabilities stay
+    NaN for the aux loss, and its weights too once renormalized."""
+    N, E, K = 20, 8, 2
+    logits = torch.randn(N, E, device=DEVICE)
+    logits[3] = float("nan")
+    r = route_triton(logits, K, norm)
+    assert ((r.experts_N_K >= 0) & (r.experts_N_K < E)).all()
+    assert r.offsets_E1[-1] == N * K and torch.equal(r.sort_idx.sort().values, torch.arange(N * K, device=DEVICE))
+    assert r.experts_N_K[3].tolist() == [0, 1] and r.probs_N_E[3].isnan().all()
+    assert r.weights_N_K[3].isnan().all() if norm else (r.weights_N_K[3] == 0).all()
+    ok = torch.arange(N, device=DEVICE) != 3   # the other rows are routed as always
+    ref = route_reference(logits[ok], K, norm)
+    assert torch.equal(r.experts_N_K[ok], ref.experts_N_K)
+
+
+@pytest.mark.parametrize("norm", [True, False])
 def test_route_gradient_matches_reference(norm):
     """The kernel is forward-only; _Route.backward's analytic gradient must equal autograd's."""
     torch.manual_seed(1 + norm)

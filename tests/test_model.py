@@ -38,6 +38,20 @@ def randn_like_params(model, seed):
 # MoE block
 
 
+def test_moe_aux_loss_leaves_padding_out():
+    """With valid_N, the load-balancing loss (value and gradient) is that of the valid tokens alone:
+    padding never changes it."""
+    c = ModelConfig.from_dict({**BASE, "num_experts": 6, "num_experts_per_tok": 2})
+    moe = randn_like_params(MoE(c).double(), seed=3)
+    x = torch.randn(2, 5, c.hidden_size, dtype=torch.float64)
+    valid_N = torch.tensor([True, True, False, True, False, True, True, True, False, False])
+    _, aux = moe(x, valid_N)
+    _, want = moe(x.reshape(-1, c.hidden_size)[valid_N][None])
+    torch.testing.assert_close(aux, want)
+    got_grad = torch.autograd.grad(aux, moe.gate.weight)
+    torch.testing.assert_close(got_grad, torch.autograd.grad(want, moe.gate.weight))
+
+
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_moe_matches_naive_loop(norm_topk_prob):
     c = ModelConfig.from_dict({**BASE, "num_experts": 6, "num_experts_per_tok": 3,
@@ -338,6 +352,9 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         ModelConfig.from_json(tmp_path / "broken.json")
     with pytest.raises(ValueError, match=r"'rope_parameters' asks for rope_type 'yarn'"):
         ModelConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    for key in ("attention_bias", "use_sliding_window"):   # read, never silently ignored
+        with pytest.raises(ValueError, match=rf"config key '{key}' is true; not implemented"):
+            ModelConfig.from_dict({**BASE, key: True})
 
 
 def test_config_spellings_and_defaults():

@@ -176,7 +176,7 @@ def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
 
     rows = [dict(domain="tool", messages=[dict(role="user", content="hi")], thinking=False),
             dict(domain="math", messages=[dict(role="user", content="hi")], thinking=False)]
-    grpo.rollout(SimpleNamespace(generate=generate), tok, rows, 1, dict(max_new_tokens=64), seed=0)
+    grpo.sample_groups(SimpleNamespace(generate=generate), tok, rows, 1, dict(max_new_tokens=64), seed=0)
     env = ToolEnv()
     assert appended[0] == chat.tool_response_ids(tok, [env.run("get_capital", {"country": "Norway"})], False)
     assert appended[1] == chat.tool_response_ids(tok, [env.run("get_weather", {"city": "Oslo"})], False)
@@ -195,7 +195,7 @@ def check_outputs(out, summary, main, argv):
     return rows
 
 
-def test_grpo_main(tiny_setup):
+def test_grpo_main(tiny_setup, monkeypatch):
     root, data_dir, init = tiny_setup
     out = str(root / "grpo")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--domains", "math,tool", "--mix", "1,1",
@@ -206,11 +206,23 @@ def test_grpo_main(tiny_setup):
     assert {"entropy", "clip_frac", "mismatch_abs", "mismatch_k3", "kl_ref", "rollout_tok_s",
             "train_tok_s", "filtered_frac", "response_len"} <= set(rows[-1])
     assert all(r["trained_tokens"] > 0 for r in rows)   # filter and overlong off: every token trains
-    # resume: without OUT/final, a longer run continues from OUT/last (saved after step 0)
-    shutil.rmtree(os.path.join(out, "final"))
-    grpo.main(argv + ["--steps", "3"])
-    assert [r["step"] for r in common.read_metrics(os.path.join(out, "metrics.jsonl"))] == [0, 1, 2]  # step 1 re-run, logged once
     assert any(k.startswith("reward/") for k in summary)
+    assert not os.path.exists(os.path.join(out, "last"))   # OUT/final supersedes it
+    # killed after its last step, before OUT/final: the run resumes from OUT/last (saved after step 0),
+    # runs step 1 again, and reports the summary of the run that was not killed (step 0's row counts)
+    shutil.rmtree(out)
+
+    def killed(run, args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(grpo, "finish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            grpo.main(argv)
+    assert common.checkpoint_exists(os.path.join(out, "last"))
+    with pytest.raises(ValueError, match="--group_size 2, this run has 4"):
+        grpo.main(argv + ["--group_size", "4"])   # a different batch: refused, nothing lost
+    assert grpo.main(argv) == summary
+    assert [r["step"] for r in common.read_metrics(os.path.join(out, "metrics.jsonl"))] == [0, 1]  # logged once
 
 
 def test_mopd_main(tiny_setup):
