@@ -6,17 +6,19 @@ long-context RL -> code RL -> SWE RL, each stage starting from the previous one'
 with its own hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
 A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
   1. skips it if RUN/stages/<name>/final exists (the stage contract), else calls <script>.main([...])
-     in-process, in the same torchrun process group (a stage killed midway resumes from OUT/last);
+     in-process, in the same torchrun process group (a stage killed midway resumes from
+     RUN/stages/<name>/last; a stage whose directory was deleted is trained and evaluated afresh);
   2. evaluates every domain on its held-out prompts, greedy, with the domain's verifier: math with
      and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's answers
      (ties count 1/2; ArenaHard is a judged win rate too); cached in RUN/eval.json, so the same
      command run again after a kill recomputes nothing;
   3. keeps the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
      the earlier one): a MOPD stage gets its --teachers from it.
-The whole recipe is checked first, each stage's arguments by that stage's own argparse parser.
+The whole recipe is checked first: every key, its value's type, and each stage's arguments by that
+stage's own argparse parser (no abbreviations).
 RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
 with matplotlib, PNG curves. Dropped: the paper's benchmarks (our domains' held-out prompts stand
-in), its RLHF branch as chat teacher.
+in) and its separate RLHF-tuned branch as MOPD's chat teacher (ours: the best checkpoint so far).
 
 Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients;
 with `fsdp = true` in the recipe, every stage shards the trained model with FSDP2, see common.py);
@@ -53,10 +55,13 @@ from model import ModelConfig, Transformer
 from rollout import Engine
 
 SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
-TOP_KEYS = {"name", "model", "init", "data", "build", "seed", "device", "fsdp", "eval", "stage"}
-EVAL_KEYS = {"limit", "max_new_tokens", "thinking", "domains"}
-BUILD_KEYS = {"preset", "sizes", "vocab_size", "doc_lines"}  # data.build's arguments
-STAGE_KEYS = {"name", "script", "args"}
+# every key a recipe may have, and the type of its value
+TOP_KEYS = {"name": str, "model": str, "init": str, "data": str, "build": dict, "seed": int, "device": str,
+            "fsdp": bool, "eval": dict, "stage": list}
+EVAL_KEYS = {"limit": int, "max_new_tokens": int, "thinking": bool, "domains": list}
+BUILD_KEYS = {"preset": str, "sizes": dict, "vocab_size": int, "doc_lines": int}  # data.build's arguments
+STAGE_KEYS = {"name": str, "script": str, "args": dict}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
 SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "device", "fsdp"}  # the cascade wires these itself
 
 # ----------------------------------------------------------------------------------------------
@@ -83,32 +88,41 @@ def load_recipe(path, steps_scale=1.0):
     def bad(msg):
         raise RecipeError(f"{path}: {msg}")
 
-    def known(table, allowed, where):
-        for key in table:
+    def known(table, allowed, where):  # allowed: {key: the type of its value}
+        for key, value in table.items():
             if key not in allowed:
                 bad(f"{where}unknown key '{key}' (expected one of {sorted(allowed)})")
+            if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
+                bad(f"{where}{key} = {value!r}: must be {TYPE_NAMES[allowed[key]]}")
     try:
         with open(path, "rb") as f:
             recipe = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         bad(f"cannot read the recipe ({e})")
     known(recipe, TOP_KEYS, "")
-    known(recipe.get("eval", {}), EVAL_KEYS, "[eval]: ")
-    known(recipe.get("build", {}), BUILD_KEYS, "[build]: ")
-    if recipe.get("build", {}).get("preset", "tiny") not in data.PRESETS:
-        bad(f"[build]: unknown preset '{recipe['build']['preset']}' (expected one of {sorted(data.PRESETS)})")
+    ev, build = recipe.get("eval", {}), recipe.get("build", {})
+    known(ev, EVAL_KEYS, "[eval]: ")
+    known(build, BUILD_KEYS, "[build]: ")
+    known(build.get("sizes", {}), dict.fromkeys(data.PRESETS["tiny"]["sizes"], int), "[build] sizes: ")
+    if build.get("preset", "tiny") not in data.PRESETS:
+        bad(f"[build]: unknown preset '{build['preset']}' (expected one of {sorted(data.PRESETS)})")
+    for key in ("limit", "max_new_tokens"):
+        if ev.get(key, 1) < 1:
+            bad(f"[eval]: {key} = {ev[key]}: must be a positive integer")
+    if not ev.get("domains", data.DOMAINS) or any(d not in data.DOMAINS for d in ev.get("domains", [])):
+        bad(f"[eval]: domains = {ev['domains']!r}: must be a non-empty list of {list(data.DOMAINS)}")
     if ("model" in recipe) == ("init" in recipe):
         bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
-    if not isinstance(recipe.get("fsdp", False), bool):
-        bad(f"fsdp = {recipe['fsdp']!r}: must be true or false")
     if recipe.get("device", "auto") not in ("auto", "cpu", "cuda"):
         bad(f"device = {recipe['device']!r}: must be \"auto\", \"cpu\" or \"cuda\"")
     recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in",
               "device": "auto", **recipe}
-    if not isinstance(recipe.get("stage"), list) or not recipe["stage"]:
+    if not recipe.get("stage"):
         bad("no [[stage]] tables: a recipe needs at least one stage")
     names = {"start"}  # the starting point's row in the table
     for i, st in enumerate(recipe["stage"]):
+        if not isinstance(st, dict):
+            bad(f"stage #{i + 1} = {st!r}: must be a table ([[stage]])")
         where = f"[[stage]] #{i + 1} ({st.get('name', '?')!r}): "
         known(st, STAGE_KEYS, where)
         if "name" not in st or "script" not in st:
@@ -123,6 +137,7 @@ def load_recipe(path, steps_scale=1.0):
             bad(f"{where}argument '{key}' is set by the cascade: remove it from args")
         parser = SCRIPTS[st["script"]].build_parser()
         parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
+        parser.allow_abbrev = False  # no prefixes: "fsd" must not pass for --fsdp, nor "step" for --steps
         for key in ("steps", "rm_steps"):  # --steps_scale (quick tests): floor 1; 0 means "derive"
             value = args.get(key, parser.get_default(key))
             if steps_scale != 1 and isinstance(value, int) and value > 0:
@@ -136,6 +151,9 @@ def load_recipe(path, steps_scale=1.0):
         if unknown:
             key = next((k for k in args if f"--{k}" in unknown), unknown[0])
             bad(f"{where}unknown argument '{key}' for {st['script']}.py (see python {st['script']}.py --help)")
+        wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
+        if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
+            bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
     return recipe
 
 
@@ -151,8 +169,8 @@ def eval_columns(settings):
 
 def evaluate(ckpt, data_dir, settings, dd):
     """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. Each rank
-    answers a strided share of all columns' prompts with grpo.rollout (the multi-turn tool loop of
-    training) at temperature 0; the scores are gathered back in order on every rank."""
+    answers a strided share of all columns' prompts with grpo.sample_groups (the multi-turn tool
+    loop of training) at temperature 0; the scores are gathered back in order on every rank."""
     t0 = time.time()
     model, _ = load_checkpoint(ckpt, device=dd.device)
     tok, engine = data.load_tokenizer(ckpt), Engine(model)
@@ -162,7 +180,7 @@ def evaluate(ckpt, data_dir, settings, dd):
     params, texts = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"]), []
     for column in columns:  # a batch per column: similar lengths, less padding
         batch = [jobs[j][2] for j in mine if jobs[j][0] == column]
-        texts += grpo.rollout(engine, tok, batch, 1, params, seed=0)[1] if batch else []
+        texts += grpo.sample_groups(engine, tok, batch, 1, params, seed=0)[1] if batch else []
     engine.release()
     pairs = list(zip(mine, verifiers.score_many([jobs[j][1] for j in mine], texts, [jobs[j][2]["meta"] for j in mine])))
     parts = [pairs] if dd.world_size == 1 else [None] * dd.world_size
@@ -288,6 +306,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         out = os.path.join(run, "stages", st["name"])
         final, stage_s = os.path.join(out, "final"), None
         if not checkpoint_exists(final):
+            if rows.pop(st["name"], None) and is_main():  # it was deleted to retrain it: evaluate it afresh
+                write_json(cache_path, cache)
             argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
                     "--device", recipe["device"]]
             argv += ["--fsdp"] if recipe.get("fsdp") else []

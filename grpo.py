@@ -222,7 +222,9 @@ def optimizer_step(run, args):
 # ---- the stage's skeleton (also mopd.py's and rlhf.py's): start or resume, roll out, log, finish
 def setup(args, freeze_router=False):
     """An RL stage's state, as a plain namespace: the policy (OUT/last when resuming, else --init),
-    tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights."""
+    tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights. The
+    engine keeps its KV pool and CUDA graphs from step to step (so nothing is captured twice): the
+    pool is sized for a step's rollout, not for the GPU, unless a rollout needs more than half."""
     d = common.init_distributed(args.device)
     last = os.path.join(args.out, "last")
     start = last if common.checkpoint_exists(last) else args.init

@@ -137,22 +137,26 @@ def decode(tok, ids):
     return tok.decode(list(ids), skip_special_tokens=False)
 
 
-_CALL = re.compile(r"<tool_call>\s*<function=([^>\s]+)>(.*?)</function>\s*</tool_call>", re.S)
-_PARAM = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
-_TOOL_RESPONSE = re.compile(r"<tool_response>.*?</tool_response>", re.S)
-
-
 def _parse_value(text):
     text = text.strip()
     try:
         return json.loads(text)  # numbers, booleans, lists, objects, quoted strings
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[...]]]] deeper than the stack
         return text  # a bare string such as Oslo
+
+
+# The tags as regexes. Each body is "tempered": it may not run past the next opener, so a flood of
+# openers that never close is scanned once, not once per opener (a plain lazy `.*?` would rescan the
+# rest of the text from every opener: quadratic on such output), and a malformed call cannot
+# swallow the next one.
+_TOOL_RESPONSE = re.compile(r"<tool_response>(?:(?!<tool_response>).)*?</tool_response>", re.S)
+_CALL = re.compile(r"<tool_call>\s*<function=([^>\s]+)>((?:(?!<tool_call>).)*?)</function>\s*</tool_call>", re.S)
+_PARAM = re.compile(r"<parameter=([^>\s]+)>((?:(?!<parameter=).)*?)</parameter>", re.S)
 
 
 def parse_response(text):
     """Generated text (everything after the generation prompt, special tokens kept) ->
-    dict(reasoning, answer, tool_calls). Never raises, whatever the text.
+    dict(reasoning, answer, tool_calls). Never raises, whatever the text, and takes linear time.
 
     - tool_calls: every well-formed <tool_call> the model wrote, in order (tool responses skipped);
       argument values are JSON-decoded where they parse, else kept as strings.

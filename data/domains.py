@@ -30,11 +30,6 @@ import re
 
 DOMAINS = ("math", "code", "if", "mcqa", "structured", "tool", "longctx", "chat", "swe")
 
-# the meta keys each verifier reads (DOMAINS.md); data.load_jsonl checks user files against them
-META_KEYS = {"math": ["answer"], "code": ["entry_point", "tests"], "if": ["constraints"],
-             "mcqa": ["answer", "choices"], "structured": ["schema"], "tool": ["expected_calls", "answer"],
-             "longctx": ["answer"], "chat": ["topic", "keywords", "length"], "swe": ["files", "tests"]}
-
 EVAL_EVERY = 8
 NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned",
          "Pam", "Sam", "Tom", "Zoe", "Ada"]

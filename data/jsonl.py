@@ -17,7 +17,8 @@ should cost a second to find, not a crash deep inside a training step.
 import json
 import os
 
-from data.domains import DOMAINS, META_KEYS
+# the module, not names from it: verifiers imports data.chat, so either package may be loading first
+import verifiers
 
 ROLES = ("system", "user", "assistant", "tool")
 REQUIRED_KEYS = {"sft": ("messages",), "rl": ("domain", "messages", "meta"),
@@ -77,15 +78,8 @@ def check_record(rec, kind):
         raise ValueError('"tools" must be a list of objects (JSON-schema function declarations)')
     if "domain" in rec and not isinstance(rec["domain"], str):
         raise ValueError('"domain" must be a string')
-    if kind == "rl":
-        domain, meta = rec["domain"], rec["meta"]
-        if domain not in DOMAINS:
-            raise ValueError(f"domain {domain!r} has no verifier; expected one of {list(DOMAINS)}")
-        if not isinstance(meta, dict):
-            raise ValueError(f'"meta" must be an object, got {type(meta).__name__}')
-        missing = [k for k in META_KEYS[domain] if k not in meta]
-        if missing:
-            raise ValueError(f"meta of a {domain} prompt lacks {missing} (see data/DOMAINS.md)")
+    if kind == "rl":  # the verifier's own check: what its meta must hold (data/DOMAINS.md)
+        verifiers.check_meta(rec["domain"], rec["meta"])
     if kind == "prefs":
         for key in ("chosen", "rejected"):
             if not isinstance(rec[key], str):
@@ -98,17 +92,23 @@ def load_jsonl(path, kind):
     if kind not in REQUIRED_KEYS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(REQUIRED_KEYS)}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any other bad line
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text: byte {e.start + 1} of the line is "
+                                 f"{raw[e.start:e.start + 1]!r}") from None
+            except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from None
             try:
                 check_record(rec, kind)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: a deep structure in a checked field
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             records.append(rec)
     if not records:

@@ -7,6 +7,7 @@ scripts and domains) with every size cut to the bone (--steps_scale, --eval_limi
 generations): they check the plumbing, not the learning."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -40,7 +41,10 @@ def toml_value(v):
 
 
 def write_recipe(path, recipe):
-    """The inverse of tomllib.load for the shapes a recipe uses."""
+    """The inverse of tomllib.load for the shapes a recipe uses; a str is TOML, written as it is."""
+    if isinstance(recipe, str):
+        path.write_text(recipe)
+        return str(path)
     lines = [f"{k} = {toml_value(v)}" for k, v in recipe.items() if not isinstance(v, (dict, list))]
     for k, v in recipe.items():
         if isinstance(v, dict):
@@ -93,6 +97,26 @@ def minimal(**stage):
     ({"stage": [{"name": "a", "script": "sft"}]}, "exactly one of 'model'"),
     ({**minimal(name="rl", script="grpo"), "device": "gpu"}, "device = 'gpu': must be"),
     (minimal(name="rl", script="grpo", args={"device": "cpu"}), "argument 'device' is set by the cascade"),
+    # no argparse abbreviations: each would be --fsdp, --steps (unscaled) or ambiguous
+    (minimal(name="rl", script="grpo", args={"fsd": True}), "[[stage]] #2 ('rl'): unknown argument 'fsd' for grpo.py"),
+    (minimal(name="rl", script="grpo", args={"step": 300}), "[[stage]] #2 ('rl'): unknown argument 'step'"),
+    (minimal(name="rl", script="grpo", args={"clip": 0.3}), "[[stage]] #2 ('rl'): unknown argument 'clip'"),
+    # value types, checked up front
+    ({**minimal(name="rl", script="grpo"), "eval": {"thinking": "off"}}, "[eval]: thinking = 'off': must be true"),
+    ({**minimal(name="rl", script="grpo"), "eval": 5}, "eval = 5: must be a table"),
+    ({**minimal(name="rl", script="grpo"), "build": 3}, "build = 3: must be a table"),
+    ({**minimal(name="rl", script="grpo"), "seed": "0"}, "seed = '0': must be an integer"),
+    ({**minimal(name="rl", script="grpo"), "seed": True}, "seed = True: must be an integer"),
+    ({**minimal(name="rl", script="grpo"), "fsdp": 1}, "fsdp = 1: must be true or false"),
+    ({**minimal(name="rl", script="grpo"), "eval": {"limit": "32"}}, "[eval]: limit = '32': must be an integer"),
+    ({**minimal(name="rl", script="grpo"), "eval": {"max_new_tokens": 0}}, "max_new_tokens = 0: must be a positive"),
+    ({**minimal(name="rl", script="grpo"), "eval": {"domains": ["math", "foo"]}}, "[eval]: domains = ['math', 'foo']"),
+    ({**minimal(name="rl", script="grpo"), "eval": {"domains": []}}, "[eval]: domains = []: must be a non-empty"),
+    ({**minimal(name="rl", script="grpo"), "build": {"sizes": {"sft": "many"}}}, "[build] sizes: sft = 'many'"),
+    (f"model = {json.dumps(CONFIG)}\nstage = [7]\n", "stage #1 = 7: must be a table"),
+    # a MOPD stage's teachers are picked by eval scores: its domains must all be evaluated
+    ({**minimal(name="m", script="mopd", args={"domains": ["math", "if", "code"]}), "eval": {"domains": ["math"]}},
+     "[[stage]] #2 ('m'): MOPD domains ['code', 'if'] are not in [eval] domains"),
 ])
 def test_recipe_errors_name_the_key_and_the_file(tmp_path, recipe, message):
     path = write_recipe(tmp_path / "bad.toml", recipe)
@@ -194,6 +218,12 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
     # --only_eval reproduces a cached row: greedy decoding is deterministic
     row = cascade.main(argv + ["--only_eval", str(run / "stages" / "if_rl" / "final")])
     assert row == table["if_rl"]
+
+    # a stage whose directory is deleted is trained again, and its new checkpoint evaluated again
+    shutil.rmtree(run / "stages" / "swe_rl")
+    cascade.main(argv)
+    evals = [r["stage"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["event"] == "eval"]
+    assert (run / "stages" / "swe_rl" / "final").is_dir() and evals[9:] == ["swe_rl"]
 
 
 

@@ -97,3 +97,36 @@ def test_parse_response():
     assert parse_response("<think></think>\\boxed{5}<|im_end|>")["answer"] == "\\boxed{5}"
     for garbage in ["", "</think>" * 5, "<tool_call><function=", "\x00\xff" * 100, "<tool_call>" * 1000]:
         assert isinstance(parse_response(garbage)["answer"], str)
+
+
+def test_parse_response_keeps_odd_parameter_values_as_text():
+    deep = "[" * 5000 + "]" * 5000  # valid JSON, nested deeper than the interpreter's stack
+    for value in (deep, "9" * 5000, "[1, 2"):  # too deep, too many digits for int(), not JSON
+        text = f"<tool_call><function=f><parameter=x>{value}</parameter></function></tool_call>"
+        assert parse_response(text)["tool_calls"] == [{"name": "f", "arguments": {"x": value}}]
+
+
+@pytest.mark.parametrize("unit", ["<tool_call><function=a>", "<tool_call><function=a><parameter=x>",
+                                  "<tool_response>", "<tool_call><function=a>x</function>"])
+def test_parse_response_of_unclosed_markers(unit):
+    """200 KB of openers that never close (model output can be anything). The parser's tempered
+    regexes scan such text once (milliseconds); plain lazy ones rescanned the rest of the text from
+    each opener (quadratic: about 20 s for this text on the development machine, measured once,
+    not asserted here)."""
+    text = unit * (200_000 // len(unit)) + "</tool_call>"
+    out = parse_response(text)
+    if unit.endswith("</function>"):  # only the last opener before the closer makes a call
+        assert out["tool_calls"] == [{"name": "a", "arguments": {}}]
+    else:
+        assert out["tool_calls"] == []
+
+
+def test_parse_response_calls_and_parameters():
+    # whitespace between the tags is allowed; a call ends at its own </tool_call>; a malformed call or
+    # parameter is skipped, the others are kept
+    text = ("<tool_call>\n<function=f>\n<parameter=a>1</parameter>\n<parameter=b c>2</parameter>"
+            "<parameter=d>x</parameter>\n</function>\n</tool_call> text <tool_call><function=g></tool_call>"
+            "<tool_call><function= h></function></tool_call><tool_call><function=k></function></tool_call>")
+    assert parse_response(text)["tool_calls"] == [{"name": "f", "arguments": {"a": 1, "d": "x"}},
+                                                  {"name": "k", "arguments": {}}]
+    assert parse_response(text)["answer"] == "text"

@@ -282,6 +282,13 @@ BAD = [  # (kind, line, what the message must say)
     ("rl", '{"domain": "poetry", "messages": [{"role": "user", "content": "x"}], "meta": {}}', "no verifier"),
     ("rl", '{"domain": "code", "messages": [{"role": "user", "content": "x"}], "meta": {"tests": []}}',
      "lacks ['entry_point']"),
+    # the verifier's own meta check, reported at path:line (these would otherwise score 0 silently)
+    ("rl", '{"domain": "mcqa", "messages": [{"role": "user", "content": "x"}], '
+           '"meta": {"answer": "AB", "choices": ["a", "b", "c", "d"]}}', "mcqa meta: answer 'AB' is not one of"),
+    ("rl", '{"domain": "if", "messages": [{"role": "user", "content": "x"}], "meta": {"constraints": '
+           '[{"type": "length_constraints:number_words", "num_words": 3, "relation": "at most"}]}}', "bad relation"),
+    ("rl", '{"domain": "structured", "messages": [{"role": "user", "content": "x"}], '
+           '"meta": {"schema": {"type": "string", "pattern": "^a"}}}', "['pattern']"),
     ("rl", '{"domain": "math", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
            '"content": "y"}], "meta": {"answer": "1"}}', "must end with a user message"),
     ("prefs", '{"messages": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": null}',
@@ -299,6 +306,19 @@ def test_malformed_lines_name_file_line_and_reason(tmp_path, kind, line, reason)
         load_jsonl(str(path), kind)
     msg = str(e.value)
     assert msg.startswith(f"{path}:4: ") and reason in msg, msg
+
+
+@pytest.mark.parametrize("line,reason", [
+    (b'{"messages": "caf\xe9"}', "not UTF-8 text: byte 18 of the line is b'\\xe9'"),  # Latin-1, not UTF-8
+    (b"[" * 100000 + b"]" * 100000, "invalid JSON: RecursionError"),                   # deeper than the stack
+    (b'{"messages": ' + b"1" * 5000 + b"}", "invalid JSON: ValueError"),               # too many digits for int()
+])
+def test_undecodable_lines_name_file_and_line(tmp_path, line, reason):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD_SFT).encode() + b"\n" + line + b"\n")
+    with pytest.raises(ValueError) as e:
+        load_jsonl(str(path), "sft")
+    assert str(e.value).startswith(f"{path}:2: ") and reason in str(e.value), str(e.value)
 
 
 def test_load_jsonl_accepts_good_files_and_rejects_empty_ones(tmp_path):

@@ -240,6 +240,25 @@ def test_hostile_swe_patch_scores_zero(name):
     assert swe.score("</think>\n" + swe_patch(SWE_HOSTILE[name]), SWE_META, LIMITS) == 0.0
 
 
+PARITY = "def is_even(n):\n    return n % 2 == 1\n\n\ndef odds_below(n):\n    return [k for k in range(n) if k % 2 == 0]"
+PARITY_META = {"files": {"parity.py": PARITY + "\n"},
+               "tests": "from parity import is_even, odds_below\n\ndef test_even():\n    assert is_even(4)\n"
+                        "    assert is_even(0)\n\ndef test_odds():\n    assert 3 in odds_below(5)\n"}
+
+
+def test_swe_handles_cannot_answer_truth_or_membership():
+    """A returned object is a handle in the tests box. If its truth value or `in` were asked of the
+    model's object, one whose __len__ says 1 and whose __contains__ says True would pass these
+    tests without computing anything; instead both raise TypeError, and the tests fail."""
+    def score(source):  # a patch that replaces the whole module by `source`
+        return swe.score(f"</think>\nparity.py\n<<<<<<< SEARCH\n{PARITY}\n=======\n{source}\n>>>>>>> REPLACE",
+                         PARITY_META, LIMITS)
+    assert score(PARITY.replace("== 1", "== 0").replace("== 0]", "== 1]")) == 1.0  # the real fix
+    liar = ("class Liar:\n    def __len__(self):\n        return 1\n\n    def __contains__(self, x):\n"
+            "        return True\n\n\ndef is_even(n):\n    return Liar()\n\n\nodds_below = is_even")
+    assert score(liar) == 0.0
+
+
 @pytest.mark.parametrize("path", ["/tmp/module.py", "../module.py", "test_module.py", "module.py/../../x.py"])
 def test_swe_patch_outside_the_module_is_refused(path):
     meta = SWE_META | {"files": SWE_META["files"] | {"test_module.py": "def add(a, b):\n    return a - b\n"}}

@@ -53,11 +53,6 @@ def test_math_nested_braces_and_tolerance():
     assert math_answer.score("\\boxed{0.50001}", {"answer": "1/2"}) == 0.0    # rel. error 2e-5
 
 
-def test_math_bad_meta_raises():
-    with pytest.raises(ValueError, match="not a number"):
-        math_answer.score("\\boxed{1}", {"answer": "many"})
-
-
 # ---------------------------------------------------------------------------------------------- mcqa
 
 MCQA = {"answer": "C", "choices": ["a", "b", "c", "d"]}
@@ -127,10 +122,6 @@ def test_schema_validator_details():
     assert schema_errors({"a": 1}, extra_schema) == [] and schema_errors({"a": "x"}, extra_schema) != []
     assert schema_errors({"a": {"b": "x"}}, {"properties": {"a": {"properties": {"b": {"type": "integer"}}}}}) \
         == ["$.a.b: expected integer, found str"]
-    with pytest.raises(ValueError, match="pattern"):
-        schema_errors("x", {"type": "string", "pattern": "x"})
-    with pytest.raises(ValueError, match="unknown type"):
-        schema_errors("x", {"type": "text"})
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -190,8 +181,6 @@ def test_if_prompt_level_strict_and_loose():
     detail = ifeval.score_detail(thinking("Sure! Here it is:\nthe sea is calm"), meta)
     assert detail == {"strict": 0.0, "loose": 1.0, "strict_list": [False, True], "loose_list": [True, True]}
     assert ifeval.score(thinking(""), meta) == 0.0  # silence follows no instruction
-    with pytest.raises(ValueError, match="unknown constraint"):
-        ifeval.score("x", {"constraints": [{"type": "nope"}]})
 
 
 def test_if_checker_list_is_complete():
@@ -247,10 +236,10 @@ def test_tool_env_hook_answers_the_latest_turn():
 @pytest.mark.parametrize("calls,final,expected", [
     ([("get_weather", {"city": "Oslo"})], "It is rainy in Oslo.", 1.0),
     ([("get_weather", {"city": "Oslo"})], "It is sunny.", 0.5),          # right call, wrong answer
-    ([("get_weather", {"city": "Paris"})], "It is Rainy.", 0.5),         # wrong call, answer right
-    ([("get_weather", {"city": "Oslo"})] * 2, "rainy", 0.5),             # one call too many
+    ([("get_weather", {"city": "Paris"})], "It is Rainy.", 0.0),         # wrong call: the answer earns nothing
+    ([("get_weather", {"city": "Oslo"})] * 2, "rainy", 0.0),             # one call too many
     ([("get_wether", {"city": "Oslo"})], "no idea", 0.0),
-    ([], "rainy", 0.5),
+    ([], "rainy", 0.0),                                                  # no call, right word
 ])
 def test_tool_score(calls, final, expected):
     results = [tool.ToolEnv().run(n, a) for n, a in calls]
@@ -262,7 +251,28 @@ def test_tool_numeric_arguments():
     calls = [("convert_units", {"value": 10, "unit": "km"})]
     assert tool.score(tool_turns(calls, ["6.21"], "About 6.21 miles."), meta) == 1.0
     calls = [("convert_units", {"value": '"10"', "unit": "km"})]  # a string is not a number
-    assert tool.score(tool_turns(calls, ["error"], "About 6.21 miles."), meta) == 0.5
+    assert tool.score(tool_turns(calls, ["error"], "About 6.21 miles."), meta) == 0.0
+
+
+def test_tool_answer_alone_cannot_game_the_reward():
+    # every word the tables hold, and no call: the substring test alone would have paid 0.5
+    everything = " ".join(list(tool.WEATHER.values()) + list(tool.PRICES.values()) + list(tool.CAPITALS.values()))
+    assert tool.score(thinking(everything), WEATHER_META) == 0.0
+    calls = [("get_weather", {"city": "Oslo"})]
+    assert tool.score(tool_turns(calls, ["rainy"], everything), WEATHER_META) == 1.0  # with the call, it counts
+
+
+def test_tool_env_never_raises_on_odd_calls(monkeypatch):
+    env = tool.ToolEnv()
+    assert env.run("convert_units", {"value": 10 ** 400, "unit": "km"}) == "error: value out of range"
+    assert env.run("convert_units", {"value": float("nan"), "unit": "km"}) == "error: value out of range"
+    call = "<tool_call><function={}><parameter={}>{}</parameter><parameter=unit>km</parameter></function></tool_call>"
+    assert env.respond(call.format("convert_units", "value", "9" * 400)) == ["error: value out of range"]
+    deep = env.respond(call.format("get_weather", "city", "[" * 5000 + "]" * 5000))  # deeper than the stack
+    assert len(deep) == 1 and deep[0].startswith("error: ")
+    # and a bug of ours while running a call becomes that call's result, not an exception in the rollout
+    monkeypatch.setitem(tool.CONVERSIONS, "km", ("mi", lambda v: v / 0))
+    assert env.respond(call.format("convert_units", "value", "1")) == ["error: ZeroDivisionError: float division by zero"]
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -347,13 +357,6 @@ def test_swe_objects_through_handles():
     assert swe.score(thinking(fix.replace("pop()", "pop(0)")), meta, FAST) == 0.0
 
 
-def test_swe_bad_meta_raises():
-    with pytest.raises(ValueError, match="do not compile"):
-        swe.score(FIX, SWE_META | {"tests": "def test_x(:\n"}, FAST)
-    with pytest.raises(ValueError, match="relative"):
-        swe.score(FIX, SWE_META | {"files": {"/etc/module.py": "x = 1\n"}}, FAST)
-
-
 def test_swe_patch_refusals():
     files = {"module.py": "x = 1\n", "tests/test_module.py": "def test_x():\n    pass\n"}
     block = "{}\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE"
@@ -371,7 +374,7 @@ METAS = {"math": {"answer": "9"}, "code": CODE_META, "if": {"constraints": [{"ty
 
 
 def test_dispatch_and_errors():
-    assert set(METAS) == set(verifiers.VERIFIERS)
+    assert set(METAS) == set(verifiers.VERIFIERS) == set(verifiers.META_KEYS)
     assert verifiers.score("math", thinking("\\boxed{9}"), {"answer": "9"}) == 1.0
     with pytest.raises(ValueError, match="unknown domain"):
         verifiers.score("poetry", "x", {})
@@ -379,6 +382,60 @@ def test_dispatch_and_errors():
         verifiers.score("math", "\\boxed{9}", {"solution": "9"})
     with pytest.raises(ValueError, match="meta must be a dict"):
         verifiers.score("mcqa", "C", None)
+    for domain, meta in METAS.items():
+        verifiers.check_meta(domain, meta)  # the good metas of these tests pass
+
+
+BAD_METAS = [  # (domain, meta, what the error must say): each would otherwise score 0, or anything, silently
+    ("math", {"answer": "many"}, "not a number"),
+    ("code", CODE_META | {"entry_point": "double all"}, "function name"),
+    ("code", CODE_META | {"tests": [[1, 2]]}, "[args, expected]"),
+    ("if", {"constraints": []}, "non-empty list"),
+    ("if", {"constraints": [{"type": "nope"}]}, "unknown constraint"),
+    ("if", {"constraints": [{"type": "length_constraints:number_words", "num_words": 3, "relation": "at most"}]},
+     "bad relation 'at most' (one of ['at least', 'less than'])"),
+    ("if", {"constraints": [{"type": "keywords:existence", "keyword": ["sea"]}]}, "takes ['keywords']"),
+    ("if", {"constraints": [{"type": "startend:end_checker", "end_phrase": " "}]}, "bad end_phrase"),
+    ("mcqa", MCQA | {"answer": ""}, "is not one of"),
+    ("mcqa", MCQA | {"answer": "AB"}, "is not one of"),
+    ("mcqa", MCQA | {"answer": "E"}, "is not one of"),
+    ("mcqa", MCQA | {"choices": []}, "1 to 26"),
+    ("structured", {"schema": {"type": "string", "pattern": "x"}}, "outside the supported subset: ['pattern']"),
+    ("structured", {"schema": {"properties": {"age": {"type": "text"}}}}, "schema at $.properties.age: type"),
+    ("structured", {"schema": {"items": {"minimum": "0"}}}, "$.items: minimum must be a number"),
+    ("structured", {"schema": {"type": "object", "additionalProperties": "no"}}, "must be an object"),
+    ("tool", WEATHER_META | {"answer": ""}, "non-empty string"),
+    ("tool", WEATHER_META | {"expected_calls": [{"name": "get_weather", "arguments": {"town": "Oslo"}}]},
+     "missing argument 'city'"),
+    ("longctx", {"answer": " `` "}, "non-empty string"),
+    ("chat", CHAT_META | {"keywords": ["sleep"]}, "at least two"),
+    ("chat", CHAT_META | {"length": [40, 10]}, "low <= high"),
+    ("swe", SWE_META | {"tests": "def test_x(:\n"}, "do not compile"),
+    ("swe", SWE_META | {"tests": "x = 1\n"}, "no test_ function"),
+    ("swe", SWE_META | {"files": {"/etc/module.py": "x = 1\n"}}, "relative"),
+]
+
+
+@pytest.mark.parametrize("domain,meta,reason", BAD_METAS)
+def test_bad_meta_raises_instead_of_scoring(domain, meta, reason):
+    with pytest.raises(ValueError, match=f"^{domain} meta") as e:
+        verifiers.check_meta(domain, meta)
+    assert reason in str(e.value)
+    with pytest.raises(ValueError):  # score checks first: a bad meta is never a silent 0
+        verifiers.score(domain, thinking('{"name": "Ada", "age": 36}'), meta)
+
+
+def test_domains_md_meta_examples_are_valid_metas():
+    """The `meta` column of DOMAINS.md's table, with its "…" elisions dropped, is what the verifiers read."""
+    rows = [line.split(" | ") for line in open("data/DOMAINS.md") if line.startswith("| `")]
+    examples = {row[0].strip("|` "): row[2].split("`")[1] for row in rows if len(row) == 4}  # not the tools table
+    assert set(examples) == set(verifiers.VERIFIERS)
+    for domain, text in examples.items():
+        meta = json.loads(text.replace(", …]", "]").replace("{…}", "{}"))
+        if domain == "swe":  # its example elides the sources, so it names the keys only
+            assert set(meta) == set(verifiers.META_KEYS["swe"])
+        else:
+            verifiers.check_meta(domain, meta)
 
 
 def junk_responses(seed=0):

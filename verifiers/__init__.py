@@ -17,8 +17,10 @@ keyword `if`.) The sandbox for `code` and `swe` is verifiers/sandbox.py + verifi
 The contract: a verifier never raises on model output — any string, empty, huge, binary junk.
 The checkers are written to hold that (bounded regexes, parse errors caught where parsing happens);
 `score` below adds one more guard at the boundary, since an exception in an RL step would kill a run
-over one odd sample. A bad `meta` is our data's fault and raises a ValueError that names it; so does
-an unknown domain.
+over one odd sample. A bad `meta` is our data's fault, and it must not hide behind that guard as a
+reward of 0: each module's `check_meta(meta)` raises a ValueError that says what is wrong, and
+`check_meta(domain, meta)` below is the one place it is called from, by `score` before scoring and
+by data.load_jsonl on every RL line (so a user's file fails at path:line, not mid-run).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,31 +30,37 @@ from verifiers.sandbox import SandboxError
 
 VERIFIERS = {"math": math_answer, "code": coding, "if": ifeval, "mcqa": mcqa, "structured": structured,
              "tool": tool, "longctx": longctx, "chat": chat, "swe": swe}
+META_KEYS = {"math": ["answer"], "code": ["entry_point", "tests"], "if": ["constraints"],
+             "mcqa": ["answer", "choices"], "structured": ["schema"], "tool": ["expected_calls", "answer"],
+             "longctx": ["answer"], "chat": ["topic", "keywords", "length"], "swe": ["files", "tests"]}
 SANDBOXED = ("code", "swe")
+
+
+def check_meta(domain, meta):
+    """Raise ValueError if `meta` is not what the verifier of `domain` needs (DOMAINS.md)."""
+    if domain not in VERIFIERS:
+        raise ValueError(f"unknown domain {domain!r} (no verifier); the built-in domains are {sorted(VERIFIERS)}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{domain} meta must be a dict, got {type(meta).__name__}")
+    missing = [k for k in META_KEYS[domain] if k not in meta]
+    if missing:
+        raise ValueError(f"{domain} meta lacks {missing} (see data/DOMAINS.md)")
+    VERIFIERS[domain].check_meta(meta)
 
 
 def score(domain, response, meta):
     """The reward of `response` for a prompt of `domain` with verifier data `meta`, in [0, 1]."""
-    if domain not in VERIFIERS:
-        raise ValueError(f"unknown domain {domain!r}; the built-in domains are {sorted(VERIFIERS)}")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{domain} meta must be a dict, got {type(meta).__name__}")
+    check_meta(domain, meta)
     if not isinstance(response, str):  # bytes or None from a caller's decode path
         response = response.decode("utf-8", "replace") if isinstance(response, bytes) else str(response)
     try:
-        value = VERIFIERS[domain].score(response, meta)
+        return float(VERIFIERS[domain].score(response, meta))
     except SandboxError:  # this machine cannot run the sandbox: neither the model's nor the data's fault
         raise
-    except Exception as e:
-        # Whose fault? If the empty response fails too, the meta is bad: raise, naming it.
-        # Otherwise this response hit a verifier bug: it scores 0 rather than killing an RL run
-        # (the tests feed every verifier junk directly, so such bugs do not hide behind this).
-        try:
-            VERIFIERS[domain].score("", meta)
-        except Exception as meta_error:
-            raise ValueError(f"{domain} meta {str(meta)[:200]}: {meta_error!r}") from e
+    except Exception:
+        # the meta passed its check, so this response hit a verifier bug: it scores 0 rather than
+        # killing an RL run (the tests feed every verifier junk directly, so such bugs do not hide here)
         return 0.0
-    return float(value)
 
 
 def score_many(domains, responses, metas, workers=None):

@@ -172,15 +172,22 @@ def run_tests(pipe, modules, test_file, verdict_fd):
             send = lambda v: encode(v, lambda r: r._ref["h"] if isinstance(r, Remote) else _refuse(r))
             return request(op="call", obj=self._ref, args=send(list(args)), kwargs=send(kwargs))
 
-        # the few operators tests use on objects; each is a call of the remote method
+        # len() and [] are calls of the remote method; Python itself insists that len() gets a
+        # plain int, and an item comes back as plain data or another handle
         def __len__(self):
             return self.__getattr__("__len__")()
 
         def __getitem__(self, key):
             return self.__getattr__("__getitem__")(key)
 
+        # but no truth value and no `in`: both would be the model's object answering for the test
+        # (a returned object whose __len__ says 1 would pass `assert is_even(3)`). A test compares
+        # plain values: `assert is_even(3) is True`, `assert 3 in stack.items`.
+        def __bool__(self):
+            raise TypeError("an object of the module under test has no truth value here: compare a plain value")
+
         def __contains__(self, item):
-            return self.__getattr__("__contains__")(item)
+            raise TypeError("`in` on an object of the module under test: test a plain value instead")
 
     def _refuse(value):
         raise TypeError(f"cannot pass a {type(value).__name__} to the module under test")

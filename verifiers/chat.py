@@ -26,6 +26,20 @@ def _words(text):
     return _WORD.findall(text.lower())
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta has a topic, two or more keywords and a [low, high] word range."""
+    if not isinstance(meta["topic"], str):
+        raise ValueError(f"chat meta: topic must be a string, got {meta['topic']!r}")
+    keywords = meta["keywords"]
+    if not (isinstance(keywords, list) and len(keywords) >= 2
+            and all(isinstance(k, str) and k.strip() for k in keywords)):  # the check asks for two mentions
+        raise ValueError(f"chat meta: keywords must be a list of at least two words, got {keywords!r}")
+    length = meta["length"]
+    if not (isinstance(length, list) and len(length) == 2 and all(type(n) is int for n in length)
+            and 0 <= length[0] <= length[1]):
+        raise ValueError(f"chat meta: length must be [low, high] word counts, 0 <= low <= high, got {length!r}")
+
+
 def checks(response, meta):
     """The five judge checks on the answer part of `response`, as a dict of booleans."""
     answer = parse_response(response)["answer"]

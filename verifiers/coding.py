@@ -21,10 +21,17 @@ def extract_code(answer):
     return fences[-1] if fences else answer
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta names a function and holds a non-empty list of [args, expected] tests."""
+    if not (isinstance(meta["entry_point"], str) and meta["entry_point"].isidentifier()):
+        raise ValueError(f"code meta: entry_point must be a function name, got {meta['entry_point']!r}")
+    tests = meta["tests"]
+    if not (isinstance(tests, list) and tests
+            and all(isinstance(t, list) and len(t) == 2 and isinstance(t[0], list) for t in tests)):
+        raise ValueError("code meta: tests must be a non-empty list of [args, expected] pairs")
+
+
 def score(response, meta, limits=Limits()):
     """1.0 iff the code defines meta['entry_point'] and passes every [args, expected] of meta['tests']."""
-    tests = meta["tests"]
-    if not tests or not all(isinstance(t, list) and len(t) == 2 and isinstance(t[0], list) for t in tests):
-        raise ValueError("code meta: tests must be a non-empty list of [args, expected] pairs")
     source = extract_code(parse_response(response)["answer"])
-    return float(run_function_tests(source, meta["entry_point"], tests, limits) == len(tests))
+    return float(run_function_tests(source, meta["entry_point"], meta["tests"], limits) == len(meta["tests"]))

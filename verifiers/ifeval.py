@@ -13,18 +13,18 @@ Scores, as in IFEval:
 An empty answer follows no instruction: otherwise "be lowercase, use no commas" would reward silence.
 Module name `ifeval` because `if` is a Python keyword.
 """
+import inspect
 import json
 import re
 
 from data.chat import parse_response
 
 
+RELATIONS = ("at least", "less than")
+
+
 def _compare(count, n, relation):
-    if relation == "at least":
-        return count >= n
-    if relation == "less than":
-        return count < n
-    raise ValueError(f"if meta: relation must be 'at least' or 'less than', got {relation!r}")
+    return count >= n if relation == "at least" else count < n
 
 
 def _words(text):
@@ -83,12 +83,40 @@ CHECKERS = {
 }
 
 
+def _kwarg_ok(name, value):
+    """Is `value` a sensible IFEval kwarg `name`? (An empty phrase would hold for every answer.)"""
+    if name == "relation":
+        return value in RELATIONS
+    if name in ("keywords", "forbidden_words"):
+        return isinstance(value, list) and bool(value) and all(isinstance(w, str) and w.strip() for w in value)
+    if name == "frequency" or name.startswith("num_"):
+        return type(value) is int and value >= 0
+    return isinstance(value, str) and bool(value.strip())  # keyword, start_phrase, ...
+
+
+def check_meta(meta):
+    """Raise ValueError unless meta['constraints'] is a non-empty list of known instruction ids, each
+    with exactly the kwargs its checker takes, each kwarg of the right kind."""
+    constraints = meta["constraints"]
+    if not (isinstance(constraints, list) and constraints):  # no constraint would reward any answer
+        raise ValueError("if meta: constraints must be a non-empty list")
+    for i, c in enumerate(constraints):
+        checker = CHECKERS.get(c["type"]) if isinstance(c, dict) and isinstance(c.get("type"), str) else None
+        if checker is None:
+            raise ValueError(f"if meta: constraints[{i}]: unknown constraint type in {c!r}")
+        wanted = list(inspect.signature(checker).parameters)[1:]  # the checker's own kwarg names
+        given = [k for k in c if k != "type"]
+        if sorted(given) != sorted(wanted):
+            raise ValueError(f"if meta: constraints[{i}] ({c['type']}) takes {wanted}, got {given}")
+        for k in given:
+            if not _kwarg_ok(k, c[k]):
+                hint = f" (one of {list(RELATIONS)})" if k == "relation" else ""
+                raise ValueError(f"if meta: constraints[{i}] ({c['type']}): bad {k} {c[k]!r}{hint}")
+
+
 def _check(constraint, text):
     kwargs = {k: v for k, v in constraint.items() if k != "type"}
-    checker = CHECKERS.get(constraint["type"])
-    if checker is None:
-        raise ValueError(f"if meta: unknown constraint type {constraint['type']!r}")
-    return bool(text.strip()) and checker(text, **kwargs)
+    return bool(text.strip()) and CHECKERS[constraint["type"]](text, **kwargs)
 
 
 def _loose_variants(answer):

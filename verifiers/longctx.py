@@ -20,6 +20,12 @@ def normalize(text):
     return text.removesuffix(".").strip().lower()
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta['answer'] is a string that is not empty once normalized."""
+    if not (isinstance(meta["answer"], str) and normalize(meta["answer"])):  # "" would reward silence
+        raise ValueError(f"longctx meta: answer must be a non-empty string, got {meta['answer']!r}")
+
+
 def score(response, meta):
     """1.0 iff the normalized answer equals the normalized meta['answer']."""
-    return float(normalize(parse_response(response)["answer"]) == normalize(str(meta["answer"])))
+    return float(normalize(parse_response(response)["answer"]) == normalize(meta["answer"]))

@@ -66,11 +66,15 @@ def equal(a, b, rel_tol=Fraction(1, 10**6)):
     return abs(a - b) <= rel_tol * max(abs(a), abs(b))
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta['answer'] is a number (as a string or a JSON number)."""
+    if isinstance(meta["answer"], bool) or to_number(str(meta["answer"])) is None:
+        raise ValueError(f"math meta: answer {meta['answer']!r} is not a number")
+
+
 def score(response, meta):
     """1.0 iff the last \\boxed{} of the answer equals meta['answer'] numerically, else 0.0."""
     reference = to_number(str(meta["answer"]))
-    if reference is None:
-        raise ValueError(f"math meta: answer {meta['answer']!r} is not a number")
     boxed = last_boxed(parse_response(response)["answer"])
     value = None if boxed is None else to_number(boxed)
     return float(value is not None and equal(value, reference))

@@ -24,10 +24,16 @@ def chosen_letter(answer):
     return m.group(1) if m else None
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta has 1 to 26 choices and an answer that is exactly one of their letters."""
+    choices = meta["choices"]
+    if not (isinstance(choices, list) and 1 <= len(choices) <= 26):
+        raise ValueError(f"mcqa meta: choices must be a list of 1 to 26 options, got {str(choices)[:80]}")
+    letters = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(choices)])
+    if meta["answer"] not in letters:  # a list, not a string: "" and "AB" are not letters of "ABCD"
+        raise ValueError(f"mcqa meta: answer {meta['answer']!r} is not one of {letters}")
+
+
 def score(response, meta):
-    """1.0 iff the chosen letter is meta['answer'] (and names one of meta['choices'])."""
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(meta["choices"])]
-    if meta["answer"] not in letters:
-        raise ValueError(f"mcqa meta: answer {meta['answer']!r} is not one of {list(letters)}")
-    letter = chosen_letter(parse_response(response)["answer"])
-    return float(letter is not None and letter in letters and letter == meta["answer"])
+    """1.0 iff the chosen letter is meta['answer'] (a letter of one of meta['choices'])."""
+    return float(chosen_letter(parse_response(response)["answer"]) == meta["answer"])

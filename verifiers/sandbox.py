@@ -16,9 +16,11 @@ printed "PASSED", a killed timer. So the design starts from one rule:
   module under test is a proxy whose attribute reads and calls are requests to the "serve" box
   holding the patched module, answered with plain data. The assertions, `==` included, are
   evaluated on those plain values in the tests box, and its verdict goes to a pipe that only the
-  parent and the tests box hold. Limitation: a test must talk to the module through calls and
-  attribute reads (objects come back as handles), since arguments are copied, an in-place mutation
-  of an argument is not seen by the test.
+  parent and the tests box hold. Limitations: a test must talk to the module through calls and
+  attribute reads (objects come back as handles); since arguments are copied, an in-place mutation
+  of an argument is not seen by the test; and a handle has no truth value and no `in` (both raise
+  TypeError, failing the test), since the model's object would decide them: a test asserts on
+  plain values (`assert f(3) is True`, `assert x in obj.items`), as our generated tests do.
 
 The box itself (box.py, read next) is a fresh process per verification: `python -I -S` (nothing of
 ours importable), an empty environment, stdin closed, output to a capped file, and as root new

@@ -3,14 +3,16 @@
 The subset (DOMAINS.md) is the part of JSON Schema that structured-output tasks actually use:
 `type` (string, integer, number, boolean, object, array, null, or a list of them), `properties`,
 `required`, `enum`, `minimum`, `maximum`, `minLength`, `maxLength`, `items`, `minItems`,
-`maxItems`, `additionalProperties` (false or a schema). It is hand-written (about 60 lines) rather
-than a dependency, so a reader sees every rule, and two rules people get wrong are explicit:
+`maxItems`, `additionalProperties` (false or a schema). It is hand-written (about 100 lines with its
+check of the schema itself) rather than a dependency, so a reader sees every rule, and two rules
+people get wrong are explicit:
 - JSON has one number type; "integer" means a number with no fractional part (so 36 and 36.0 are
   integers, 36.5 is not), as the JSON Schema spec says.
 - Python's `True` is an `int`, but a JSON boolean is never a number, and `enum: [1]` does not
   accept `true`. Equality below is JSON equality, not Python's.
-A schema keyword outside the subset is an error in *our* data and raises; the model's output never
-does.
+A schema outside the subset (a keyword such as `pattern`, an unknown type name) is an error in *our*
+data: `check_meta` raises on it, naming where it is, before anything is scored (otherwise valid
+JSON would quietly score 0). The model's output never raises.
 """
 import json
 import math
@@ -18,6 +20,7 @@ import re
 
 from data.chat import parse_response
 
+_TYPES = ("string", "integer", "number", "boolean", "object", "array", "null")
 _KEYWORDS = {"type", "properties", "required", "enum", "minimum", "maximum", "minLength", "maxLength",
              "items", "minItems", "maxItems", "additionalProperties", "description", "title"}
 _FENCE = re.compile(r"```(?:json)?\s*\n?(.*?)```", re.S)
@@ -32,10 +35,7 @@ def _is_type(value, name):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return name == "number" or isinstance(value, int) or float(value).is_integer()
-    python = {"string": str, "object": dict, "array": list}.get(name)
-    if python is None:
-        raise ValueError(f"schema: unknown type {name!r}")
-    return isinstance(value, python)
+    return isinstance(value, {"string": str, "object": dict, "array": list}[name])
 
 
 def json_equal(a, b):
@@ -51,11 +51,47 @@ def json_equal(a, b):
     return type(a) is type(b) and a == b
 
 
-def errors(value, schema, path="$"):
-    """All the ways `value` violates `schema`, as 'path: reason' strings (empty = valid)."""
+def check_schema(schema, path="$"):
+    """Raise ValueError if `schema` is not in the supported subset, naming where ($.properties.age)."""
+    def fail(reason):
+        raise ValueError(f"structured meta: schema at {path}: {reason}")
+    if not isinstance(schema, dict):
+        fail(f"a schema must be an object, got {type(schema).__name__}")
     unknown = set(schema) - _KEYWORDS
     if unknown:
-        raise ValueError(f"schema at {path}: keywords outside the supported subset: {sorted(unknown)}")
+        fail(f"keywords outside the supported subset: {sorted(unknown)}")
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not types or not all(t in _TYPES for t in types):
+            fail(f"type must be one of {list(_TYPES)} or a non-empty list of them, got {schema['type']!r}")
+    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems"):
+        if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], (int, float))):
+            fail(f"{key} must be a number, got {schema[key]!r}")
+    if "enum" in schema and not (isinstance(schema["enum"], list) and schema["enum"]):
+        fail("enum must be a non-empty list")
+    required = schema.get("required", [])
+    if not (isinstance(required, list) and all(isinstance(k, str) for k in required)):
+        fail("required must be a list of property names")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        fail("properties must be an object")
+    for key, sub in properties.items():
+        check_schema(sub, f"{path}.properties.{key}")
+    if "items" in schema:
+        check_schema(schema["items"], f"{path}.items")
+    extra = schema.get("additionalProperties", True)
+    if not isinstance(extra, bool):
+        check_schema(extra, f"{path}.additionalProperties")
+
+
+def check_meta(meta):
+    """Raise ValueError unless meta['schema'] is a schema in the supported subset."""
+    check_schema(meta["schema"])
+
+
+def errors(value, schema, path="$"):
+    """All the ways `value` violates `schema` (one that passed check_schema), as 'path: reason'
+    strings (empty = valid)."""
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_is_type(value, t) for t in types):

@@ -16,6 +16,7 @@ touches a test file, or its SEARCH text does not occur exactly once. Otherwise t
 the tests go to the sandbox (sandbox.run_module_tests), and the reward is 1 iff every test_* passes.
 """
 import posixpath
+import re
 
 from data.chat import parse_response
 from verifiers.sandbox import Limits, run_module_tests
@@ -69,19 +70,30 @@ def apply_patch(files, patch_text):
     return patched
 
 
-def score(response, meta, limits=Limits()):
-    """1.0 iff the patch applies cleanly and every test_* in meta['tests'] passes, else 0.0."""
+def check_meta(meta):
+    """Raise ValueError unless meta['files'] maps relative, normalized paths to sources and
+    meta['tests'] is test source that compiles and defines a test_ function."""
     files, tests = meta["files"], meta["tests"]
+    if not (isinstance(files, dict) and files and all(isinstance(v, str) for v in files.values())):
+        raise ValueError("swe meta: files must be a non-empty object {path: source}")
     for path in files:
         if posixpath.isabs(path) or posixpath.normpath(path) != path or path.startswith(".."):
             raise ValueError(f"swe meta: file path {path!r} must be relative and normalized")
+    if not isinstance(tests, str):
+        raise ValueError(f"swe meta: tests must be test source, got {type(tests).__name__}")
     try:
         compile(tests, "<swe meta tests>", "exec")  # a broken test file is our bug, not a 0 reward
     except SyntaxError as e:
         raise ValueError(f"swe meta: the tests do not compile: {e}") from None
+    if not re.search(r"^def test_", tests, re.M):  # no test would mean no verdict: every patch scores 0
+        raise ValueError("swe meta: the tests define no test_ function")
+
+
+def score(response, meta, limits=Limits()):
+    """1.0 iff the patch applies cleanly and every test_* in meta['tests'] passes, else 0.0."""
     try:
-        patched = apply_patch(files, parse_response(response)["answer"])
+        patched = apply_patch(meta["files"], parse_response(response)["answer"])
     except PatchError:
         return 0.0
-    verdict = run_module_tests(patched, tests, limits)
+    verdict = run_module_tests(patched, meta["tests"], limits)
     return float(verdict is not None and verdict[1] > 0 and verdict[0] == verdict[1])

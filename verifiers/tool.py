@@ -7,9 +7,11 @@ the model continue until it writes its final answer. Everything is a lookup in f
 rollout is deterministic and the verifier knows the right answer without running anything.
 
 Reward (DOMAINS.md): 0.5 if the calls made, in order, are exactly `meta["expected_calls"]` (each one
-a declared tool with valid arguments), plus 0.5 if the final answer — the text after the last tool
-response — contains `meta["answer"]`, case-insensitively. Splitting the reward lets RL credit a
-model that calls the right tool before it learns to read the result back.
+a declared tool with valid arguments), plus 0.5 if, *with those calls made*, the final answer — the
+text after the last tool response — contains `meta["answer"]`, case-insensitively. Splitting the
+reward lets RL credit a model that calls the right tool before it learns to read the result back;
+tying the answer half to the calls keeps it honest, since the answer check is a substring test: an
+answer that lists every word of a table would otherwise earn 0.5 without calling anything.
 """
 from data.chat import parse_response
 
@@ -95,17 +97,24 @@ class ToolEnv:
         if name == "get_capital":
             return _lookup(CAPITALS, arguments["country"], "country")
         target, convert = CONVERSIONS[arguments["unit"]]
-        value = float(arguments["value"])
-        if abs(value) > 1e12:
+        value = arguments["value"]
+        if not abs(value) <= 1e12:  # before float(): a 400-digit integer overflows it (and NaN fails this)
             return "error: value out of range"
-        return f"{convert(value):.2f}"
+        return f"{convert(float(value)):.2f}"
 
     def respond(self, text):
         """The rollout's multi-turn hook: the results of the calls in the model's latest turn (the
         text after the last </tool_response>), in order. An empty list means there is nothing to
-        answer and the turn is over."""
+        answer and the turn is over. The calls are model output: whatever goes wrong running one
+        becomes its "error: ..." result, never an exception in the middle of a rollout."""
         latest = text.rsplit("</tool_response>", 1)[-1]
-        return [self.run(c["name"], c["arguments"]) for c in parse_response(latest)["tool_calls"]]
+        results = []
+        for call in parse_response(latest)["tool_calls"]:
+            try:
+                results.append(self.run(call["name"], call["arguments"]))
+            except Exception as e:  # a bug of ours on odd input: the model reads it as a failed call
+                results.append(f"error: {type(e).__name__}: {str(e)[:200]}")
+        return results
 
 
 def calls_match(calls, expected_calls):
@@ -120,11 +129,24 @@ def calls_match(calls, expected_calls):
     return True
 
 
+def check_meta(meta):
+    """Raise ValueError unless meta holds a list of valid expected calls and a non-empty answer."""
+    calls = meta["expected_calls"]
+    if not isinstance(calls, list):
+        raise ValueError("tool meta: expected_calls must be a list of {name, arguments}")
+    for i, call in enumerate(calls):
+        if not (isinstance(call, dict) and set(call) == {"name", "arguments"} and isinstance(call["name"], str)):
+            raise ValueError(f"tool meta: expected_calls[{i}] must be {{name: str, arguments}}, got {call!r}")
+        error = argument_error(call["name"], call["arguments"])
+        if error:  # a call no model could match would make the reward unreachable
+            raise ValueError(f"tool meta: expected_calls[{i}]: {error}")
+    if not (isinstance(meta["answer"], str) and meta["answer"].strip()):
+        raise ValueError(f"tool meta: answer must be a non-empty string, got {meta['answer']!r}")
+
+
 def score(response, meta):
-    """0.5 for exactly the expected calls + 0.5 for an answer containing meta['answer']."""
-    expected, answer = meta["expected_calls"], meta["answer"]
+    """0.5 for exactly the expected calls, + 0.5 if they were made and the answer contains meta['answer']."""
     parsed = parse_response(response)
-    reward = 0.5 if calls_match(parsed["tool_calls"], expected) else 0.0
-    if str(answer).casefold() in parsed["answer"].casefold():
-        reward += 0.5
-    return reward
+    calls_ok = calls_match(parsed["tool_calls"], meta["expected_calls"])
+    answer_ok = meta["answer"].casefold() in parsed["answer"].casefold()
+    return 0.5 * calls_ok + 0.5 * (calls_ok and answer_ok)
