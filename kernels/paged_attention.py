@@ -27,7 +27,9 @@ Two implementations with the same contract:
   (running max m, running sum l, rescaled accumulator), as in FlashAttention. The new token is not
   read back: the program stores its k/v to their slot and folds them in from registers last (the
   two cache writes of a step cost no kernels of their own). It reads exactly the cached tokens and
-  nothing else, which is what a memory-bound decode step wants.
+  nothing else, which is what a memory-bound decode step wants, and its two dots run on the tensor
+  cores in the pool's dtype with fp32 accumulation (fp32 pools: tf32 where torch allows it), so
+  the math stays small next to those reads.
 `paged_decode_attention` picks Triton by kernels.use_triton (a GPU, or NANOCASCADE_TRITON=1) when
 the block size suits the kernel, and the torch path otherwise.
 """
@@ -38,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import use_triton
+from kernels.grouped_gemm import _interpreting, _precision
 
 
 def paged_decode_attention_torch(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
@@ -64,7 +67,7 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
                          stride_kn, stride_vn, table_stride, scale,
                          G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+                         BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, FP32_MATH: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -72,10 +75,13 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
     j = tl.arange(0, BLOCK_T)   # a chunk of BLOCK_T context tokens: BLOCK_T // BS blocks
     g_ok = g < G
     d_ok = d < D
-    # q is [S, Hq, D] contiguous; the query heads of kv head h are h*G .. h*G+G-1.
+    # q is [S, Hq, D] contiguous; the query heads of kv head h are h*G .. h*G+G-1. The two dots run
+    # on the tensor cores in the pool's dtype (bf16: as SDPA would round q), accumulating in fp32;
+    # under the interpreter, whose bf16 arithmetic is wrong, everything is fp32 (FP32_MATH).
+    dt = tl.float32 if FP32_MATH else k_ptr.dtype.element_ty
     q_rows = s * HKV * G + h * G + g
     q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0).to(dt)
     # The new token: its k/v go to their slot (the pool is [num_blocks, BS, HKV, D] contiguous,
     # so slot * HKV + h is its row for this kv head), rounded to the pool's dtype as every later
     # step will read them, and are folded in after the cached tokens.
@@ -99,17 +105,18 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
         block = tl.load(tables_ptr + s * table_stride + tok // BS, mask=ok, other=0).to(tl.int64)
         kv_off = ((block * BS + tok % BS) * HKV + h)[:, None] * D + d[None, :]
         kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale   # [BLOCK_G, BLOCK_T]
+        k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0).to(dt)
+        v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0).to(dt)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale   # [BLOCK_G, BLOCK_T], fp32
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))   # finite: the first chunk holds a valid token
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        # (p rounded to the pool's dtype for the second dot, as FlashAttention does)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PRECISION)
         m = m_new
-    score = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * scale   # the new token, last
+    score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale   # the new token, last
     m_new = tl.maximum(m, score)
     alpha = tl.exp(m - m_new)   # 0 when nothing was cached (m = -inf)
     p = tl.exp(score - m_new)
@@ -137,7 +144,8 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
         q, k, v, k_cache, v_cache, block_tables_S_M, positions_S, out, k.stride(0), v.stride(0),
         block_tables_S_M.stride(0), D ** -0.5 if scale is None else scale, G=G, HKV=Hkv, D=D,
         BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size))
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size),
+        PRECISION=_precision(k_cache), FP32_MATH=_interpreting())
     return out
 
 

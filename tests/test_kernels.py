@@ -502,10 +502,13 @@ def compile_all_for_h100():
                                             experts_ptr="*i64", block_counts_ptr="*i32"),
                       dict(E=128, TOP_K=8, NORM=True, BLOCK_N=16, BLOCK_E=128, BLOCK_K=8))
     import kernels.paged_attention as pa
-    _compile_for_h100(pa._paged_decode_kernel, dict(q_ptr="*bf16", k_new_ptr="*bf16", v_new_ptr="*bf16",
-                                                    k_ptr="*bf16", v_ptr="*bf16", tables_ptr="*i32",
-                                                    pos_ptr="*i64", out_ptr="*bf16", scale="fp32"),
-                      dict(G=4, HKV=2, D=64, BS=16, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64))
+    paged = _compile_for_h100(pa._paged_decode_kernel, dict(q_ptr="*bf16", k_new_ptr="*bf16",
+                                                            v_new_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16",
+                                                            tables_ptr="*i32", pos_ptr="*i64", out_ptr="*bf16",
+                                                            scale="fp32"),
+                              dict(G=4, HKV=2, D=64, BS=16, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
+                                   PRECISION="tf32", FP32_MATH=False))
+    assert "mma" in paged.asm["ptx"], "paged attention's dots not on the tensor cores"
     _compile_for_h100(rt._combine_kernel, dict(y_ptr="*bf16", unsort_ptr="*i64", weights_ptr="*fp32",
                                                out_ptr="*bf16"), dict(TOP_K=8, BLOCK_H=512))
     import kernels.qk_norm_rope as qr

@@ -389,6 +389,29 @@ def test_triton_paged_attention_equals_torch(Hq, Hkv, D):
     torch.testing.assert_close(v_dev.cpu().double(), v64)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_paged_attention_bf16():
+    """On the GPU, with a bf16 pool, the kernel's dots run on the tensor cores in bf16 (the
+    probabilities rounded to bf16 for the second, as FlashAttention does): within bf16 rounding of
+    an fp64 attention over the same bf16 values, at a rollout's shapes (contexts up to 384)."""
+    g = torch.Generator().manual_seed(0)
+    S, Hq, Hkv, D, bs, M = 64, 8, 2, 64, 16, 24
+    num_blocks = S * M + 1
+    k_cache, v_cache = (torch.randn(num_blocks, bs, Hkv, D, generator=g).bfloat16() for _ in range(2))
+    positions = torch.randint(0, M * bs, (S,), generator=g)
+    block_tables = (torch.randperm(num_blocks - 1, generator=g)[:S * M] + 1).view(S, M).int()
+    q, k_new, v_new = (torch.randn(S, H, D, generator=g).bfloat16() for H in (Hq, Hkv, Hkv))
+    expected = paged_decode_attention_torch(q.double(), k_new.double(), v_new.double(), k_cache.double(),
+                                            v_cache.double(), block_tables, positions)
+    k_dev, v_dev = k_cache.cuda(), v_cache.cuda()
+    got = paged_decode_attention_triton(q.cuda(), k_new.cuda(), v_new.cuda(), k_dev, v_dev,
+                                        block_tables.cuda(), positions.cuda())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.cpu().double(), expected, atol=2e-2, rtol=2e-2)
+    slots = block_tables.long()[torch.arange(S), positions // bs] * bs + positions % bs
+    assert torch.equal(k_dev.flatten(0, 1)[slots.cuda()].cpu(), k_new)
+
+
 def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch):
     """The engine's greedy tokens and logprobs are the same with the Triton decode kernel (which also
     writes the decode tokens' k/v to the pool) as with the torch path (block_size 16, as the kernel
