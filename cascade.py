@@ -289,11 +289,14 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
     metrics = MetricsLogger(os.path.join(run, "metrics.jsonl"))
 
-    def record(name, row):
-        rows[name] = row
+    def save():   # the eval cache and the teacher registry it implies, always together
         if is_main():
             write_json(cache_path, cache)
             write_json(os.path.join(run, "teachers.json"), teacher_registry(rows, candidates, ref))
+
+    def record(name, row):
+        rows[name] = row
+        save()
         barrier()
         scores = table(rows, order, ref)[name]
         metrics.log({"event": "eval", "stage": name, **scores})
@@ -306,8 +309,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         out = os.path.join(run, "stages", st["name"])
         final, stage_s = os.path.join(out, "final"), None
         if not checkpoint_exists(final):
-            if rows.pop(st["name"], None) and is_main():  # it was deleted to retrain it: evaluate it afresh
-                write_json(cache_path, cache)
+            if rows.pop(st["name"], None):  # it was deleted to retrain it: evaluate it afresh
+                save()
             argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
                     "--device", recipe["device"]]
             argv += ["--fsdp"] if recipe.get("fsdp") else []

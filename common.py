@@ -326,5 +326,15 @@ class MetricsLogger:
 
 
 def read_metrics(path):
+    """The rows of a metrics log. A last line cut short (a crash in mid-write) is left out; any other
+    line that is not JSON is an error naming it."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON line: {line[:80]!r}") from None
+    return rows

@@ -241,7 +241,8 @@ def setup(args, freeze_router=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)   # none in RL
     if start == last:   # resuming (a checkpoint written with or without --fsdp, by any number of ranks)
-        common.check_same_args(last, state, args, ("seed", "group_size", "prompts_per_step", "domains", "mix"))
+        common.check_same_args(last, state, args, ("seed", "group_size", "prompts_per_step", "domains", "mix",
+                                                   "thinking", "prompts"))
         common.load_optimizer(last, model, opt, state)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
@@ -277,7 +278,7 @@ def rollout_step(run, args, step, sampling, reward_fn=None):
     rows = rows[run.dist.rank::run.dist.world_size]   # shares may differ by one: sums are global
     t0 = time.time()
     samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling,
-                             seed=(args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank)
+                                   seed=(args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank)
     stats = dict(lr=lr, rollout_s=time.time() - t0, samples=len(samples),
                  gen_tokens=sum(sum(s.gen_mask) for s in samples),
                  resp_tokens=sum(len(s.token_ids) for s in samples))

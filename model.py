@@ -496,6 +496,8 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
             where.pop("lm_head.weight", None)   # some tied checkpoints store it anyway
         expected = model.hf_state_dict()
+        assert sum(t.numel() for t in expected.values()) == sum(p.numel() for p in model.parameters()), \
+            "model.py: hf_state_dict() must cover every parameter (the others would stay uninitialized)"
         missing = [k for k in expected if k not in where]
         unexpected = [k for k in where if k not in expected]
         if missing or unexpected:

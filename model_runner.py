@@ -3,8 +3,8 @@
 rollout.Engine decides what each step runs: which tokens of which sequences, and which blocks of
 the pool hold each sequence's k/v (its block table; rollout.py's docstring, 1). A ModelRunner runs
 that on the model's device. It knows nothing of sequences or prompts: it gets token ids, positions
-and block tables, and gives back logits, or the tokens a `sample` function it is handed drew. (vLLM and nano-vllm
-split their engines the same way, into a scheduler and a model runner.)
+and block tables, and gives back logits, or the tokens a `sampler` function it is handed drew.
+(vLLM and nano-vllm split their engines the same way, into a scheduler and a model runner.)
 
 1. The pool: k_cache and v_cache, each [layers, num_blocks, block_size, Hkv, D], zeros (a masked-out
    position still multiplies its 0 weight with V, and NaN * 0 = NaN). Its size is the engine's
@@ -99,10 +99,10 @@ class ModelRunner:
 
     # ---- the pool
 
-    def prepare(self, num_blocks: int, fixed: bool, seed: int) -> int:
+    def prepare(self, num_blocks: int, fixed: bool) -> int:
         """Before a generate: a pool of num_blocks blocks (on a GPU and unless `fixed`, at most half
-        the free memory, counting our current pool as free), graphs dropped if the parameters moved, and
-        the sampler's key reset to `seed`. -> the pool's size in blocks."""
+        the free memory, counting our current pool as free), and graphs dropped if the parameters moved.
+        -> the pool's size in blocks."""
         L, Hkv, D = self.shape
         if not fixed and self.device.type == "cuda":
             bytes_per_block = 2 * L * self.block_size * Hkv * D * self.dtype.itemsize
@@ -119,8 +119,11 @@ class ModelRunner:
             key = [p.data_ptr() for p in self.model.parameters()]
             if key != self.graph_key:   # parameters reallocated since capture: graphs read stale memory
                 self.graphs, self.graph_pool, self.graph_key = {}, None, key
-        self.philox_2.copy_(torch.tensor([seed % 2**32, 0]))
         return self.k_cache.shape[1]
+
+    def seed(self, seed: int):
+        """Restart the Triton sampler's random numbers: its key is [seed, step], and step counts draws."""
+        self.philox_2.copy_(torch.tensor([seed % 2**32, 0]))
 
     def copy_block(self, src: int, dst: int):
         """Copy-on-write of a shared block (rollout.py's docstring, 2): all layers, one indexed copy."""
@@ -210,42 +213,42 @@ class ModelRunner:
             tokens_k_n=torch.zeros(steps, n, dtype=torch.long, device=dev),
             logprobs_k_n=torch.zeros(steps, n, device=dev), j=torch.zeros(1, dtype=torch.long, device=dev))
 
-    def decode_step(self, st: DecodeState, sample: Callable):
+    def decode_step(self, st: DecodeState, sampler: Callable):
         """One step of a burst, all of it on the device, so that one CUDA graph holds it whole: each
         row feeds its token at its position (its k/v written to the slot there), samples the next
-        token (sample: logits_S_V -> tokens_S, logprobs_S) into row j of the burst's outputs, and
+        token (sampler: logits_S_V -> tokens_S, logprobs_S) into row j of the burst's outputs, and
         that token and position + 1 (up to its last) are the next step's input."""
         ids_S, pos_S, last_S = st.inputs_3_n[0], st.inputs_3_n[1], st.inputs_3_n[2]   # views
         meta = StepMeta(len(pos_S), st.tables_n_M[:, :st.width], pos_S)
         # (no logits_index: every row samples)
         logits_1_S_V, _ = self.model(ids_S[None], pos_S[None], attention=self._attention(meta))
-        tokens_S, logprobs_S = sample(logits_1_S_V[0])
+        tokens_S, logprobs_S = sampler(logits_1_S_V[0])
         st.tokens_k_n.index_copy_(0, st.j, tokens_S[None])
         st.logprobs_k_n.index_copy_(0, st.j, logprobs_S[None])
         ids_S.copy_(tokens_S)
         torch.minimum(pos_S + 1, last_S, out=pos_S)   # past its end a sequence rewrites its last slot
         st.j += 1
 
-    def start(self, inputs_3_S: np.ndarray, width: int, steps: int, sample: Callable,
+    def start(self, inputs_3_S: np.ndarray, capacity: int, steps: int, sampler: Callable,
               setting: tuple) -> DecodeState:
         """The state for a burst of S rows with these inputs (token, position, last position per
         row): a CUDA graph's, for S padded to the next power of two (captured now if it is new;
-        `setting` names the sampling setting that `sample` draws with, part of the graph's key), or
-        fresh buffers of S rows `width` blocks wide."""
+        `setting` names the sampling setting that `sampler` draws with, part of the graph's key), or
+        fresh buffers of S rows with tables of `capacity` blocks (the longest a sequence may need)."""
         S = inputs_3_S.shape[1]
         size = 1 << (S - 1).bit_length()
         key = (size, steps, *setting)
-        if self.use_graphs and size <= self.max_graph and (key in self.graphs or self._capture(key, sample)):
+        if self.use_graphs and size <= self.max_graph and (key in self.graphs or self._capture(key, sampler)):
             st = self.graphs[key]
         else:
-            st = self.new_state(S, width, steps)
+            st = self.new_state(S, capacity, steps)
         padded = np.zeros((3, st.inputs_3_n.shape[1]), dtype=np.int64)
         padded[:, :S] = inputs_3_S
         st.inputs_3_n.copy_(self._pinned(padded), non_blocking=True)
         return st
 
-    def launch(self, st: DecodeState, k: int, tables_S_M: np.ndarray, sample: Callable):
-        """Enqueue k steps on `st` (a graph replay each, or eager steps drawing with `sample`) with
+    def launch(self, st: DecodeState, k: int, tables_S_M: np.ndarray, sampler: Callable):
+        """Enqueue k steps on `st` (a graph replay each, or eager steps drawing with `sampler`) with
         these block tables (the first S rows), then the copy of their tokens back to the host, none
         of it waited for.
         -> host tensors tokens [k, S] and logprobs [k, S], and the event after which they are filled
@@ -259,7 +262,7 @@ class ModelRunner:
         st.j.zero_()
         for _ in range(k):
             if st.graph is None:
-                self.decode_step(st, sample)
+                self.decode_step(st, sampler)
             else:
                 st.graph.replay()
         pin = self.device.type == "cuda"
@@ -281,15 +284,15 @@ class ModelRunner:
 
     # ---- CUDA graphs (docstring, 4)
 
-    def _capture(self, key: tuple, sample: Callable) -> bool:
+    def _capture(self, key: tuple, sampler: Callable) -> bool:
         """A graph of a decode step for key = (rows, steps, *sampling setting), on zeroed buffers as
         wide as the longest sequence's table (every row writes slot 0 until a burst fills them in).
-        The graph keeps no Python reference: `sample` is called only while capturing."""
+        The graph keeps no Python reference: `sampler` is called only while capturing."""
         rows, steps = key[:2]
         st = self.new_state(rows, self.max_blocks, steps)
         rng = self.philox_2.clone()   # the warm-up draws; they must not move this call's random numbers
         try:
-            st.graph = self._graph_of(lambda: self.decode_step(st, sample))
+            st.graph = self._graph_of(lambda: self.decode_step(st, sampler))
         except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
             warnings.warn(f"model_runner.py: CUDA graph capture failed, decoding eagerly: {e!r}")
             self.use_graphs = False

@@ -150,7 +150,7 @@ def evaluate(run, args, engine, pools):
     rows = [dict(r, thinking=args.thinking != "off") for rs in pools.values() for r in rs[:args.eval_prompts]]
     rows = rows[d.rank::d.world_size]
     texts = grpo.sample_groups(engine, run.tok, rows, 1, dict(temperature=0.0, max_new_tokens=args.max_new_tokens),
-                         args.seed)[1]   # (with no rows too: under FSDP generate is a collective)
+                               args.seed)[1]   # (with no rows too: under FSDP generate is a collective)
     domains = [r["domain"] for r in rows]
     scores = verifiers.score_many(domains, texts, [r["meta"] for r in rows])
     g = grpo.global_sums(grpo.per_domain(run, scores, domains, "score"), d.device)

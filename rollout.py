@@ -168,6 +168,11 @@ def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generato
     return draw(logits_R_V, temperature, generator, philox_2)
 
 
+def sampling_key(params: SamplingParams) -> tuple:
+    """What `sample` reads of params: a CUDA graph captured with one setting serves only that one."""
+    return params.temperature, params.top_k, params.top_p
+
+
 def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode) -> bool:
     """Does the last token complete one of params.stop_strings, i.e. does one occur in the text and
     end inside that token's text? Occurrences already there before it (say, in a tool response the
@@ -196,8 +201,9 @@ class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
     running sequences (and the largest CUDA graph). cuda_graphs: capture decode steps (default: on
-    a GPU, unless the model is FSDP-sharded (docstring, 6); model_runner.py). decode_burst: decode steps per host sync (docstring, 7; 1: one).
-    overlap: launch each burst before the host reads the last (docstring, 7; default: on a GPU).
+    a GPU, unless the model is FSDP-sharded (docstring, 6); model_runner.py). decode_burst: decode
+    steps per host sync (docstring, 7; 1: one). overlap: launch each burst before the host reads
+    the last (docstring, 7; default: on a GPU).
     After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
     peak_blocks, bursts, and ahead (bursts launched before the host had read the one before them).
     Pass the bare module, not a DDP wrapper."""
@@ -328,7 +334,7 @@ class Engine:
         inputs_3_S = np.array([[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
                                [seq.num_prompt + params.max_new_tokens - 2 for seq in seqs]], dtype=np.int64)
         st = self.runner.start(inputs_3_S, self.tables.shape[1], self.decode_burst, sampler,
-                               (params.temperature, params.top_k, params.top_p))
+                               sampling_key(params))
         return self._launch(Burst(seqs, [seq.num_cached for seq in seqs], k, st), sampler)
 
     def _follow(self, burst: "Burst", waiting: deque, running: list, alloc: BlockAllocator,
@@ -398,7 +404,7 @@ class Engine:
             raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
                              f"max_position_embeddings = {self.max_len}")
         need = self._blocks_for(longest) * min(len(prompts) * n, self.max_seqs) + 1
-        num_blocks = self.runner.prepare(self.num_blocks or need, self.num_blocks is not None, seed)
+        num_blocks = self.runner.prepare(self.num_blocks or need, self.num_blocks is not None)
         if num_blocks - 1 < self._blocks_for(longest):
             raise ValueError(f"rollout.py: a pool of {num_blocks} blocks of {self.block_size} "
                              f"tokens cannot hold one sequence of {longest} tokens")
@@ -418,7 +424,8 @@ class Engine:
 
     def _generate(self, prompts, params, n, seed, env_hook, decode, longest, num_blocks) -> list[list[Sample]]:
         alloc = self.alloc = BlockAllocator(num_blocks)   # kept for inspection (tests)
-        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)   # torch's draws
+        self.runner.seed(seed)                                                      # the kernel's
         sampler = lambda logits_R_V: sample(logits_R_V, params, generator, self.runner.philox_2)
         self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0,
                           ahead=0)

@@ -91,7 +91,7 @@ def main():
     config = model.ModelConfig.from_json(args.config)
     net = model.Transformer(config).to(torch.bfloat16).eval()
     runner = model_runner.ModelRunner(net, block_size=16, cuda_graphs=False)
-    runner.prepare(args.batch + 1, fixed=True, seed=0)
+    runner.prepare(args.batch + 1, fixed=True)
     S = args.batch   # sequence s: one cached block (block s + 1), its new token at position 4
     generator, params = torch.Generator().manual_seed(0), rollout.SamplingParams(temperature=1.0)
     st = runner.new_state(S, 1, 2)

@@ -165,7 +165,7 @@ def decode_profile(model, B, context, device, steps=10, top=12):
     instead of kernels."""
     runner = ModelRunner(model, block_size=16, cuda_graphs=False)
     blocks = -(-context // runner.block_size)
-    runner.prepare(B * blocks + 1, fixed=True, seed=0)
+    runner.prepare(B * blocks + 1, fixed=True)
     generator, params = torch.Generator(device).manual_seed(0), SamplingParams()
     st = runner.new_state(B, blocks, steps + 1)
     # sequence s: blocks s*blocks+1..., fed at its last position

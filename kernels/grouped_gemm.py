@@ -25,8 +25,8 @@ p + P, p + 2P, ... ("persistent" kernel, as in the Triton grouped-GEMM tutorial)
 never materialized: each program walks the group offsets and skips the tiles of other programs.
 This needs no host sync on the group sizes (they live on the GPU) and leaves no program idle
 because a group happened to be small. Tile shapes come from a small autotune list per (N, K) and
-power of two of M, so a decode step's few rows per expert and a training step's thousands each get
-their own.
+size class of M (small decode steps, large ones, prefill and training), so a decode step's few rows
+per expert and a training step's thousands each get their own.
 Inputs are bf16 (or fp32), accumulation is always fp32.
 """
 import os
@@ -49,7 +49,7 @@ def grouped_mm_reference(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs. On the GPU autotune picks one per (N, K, M's power of two) the first time it sees one. Under the
+# Configs. On the GPU autotune picks one per (N, K, M's size class) the first time it sees one. Under the
 # interpreter (TRITON_INTERPRET=1, tests on a CPU) one small config: every program costs ~1 ms.
 
 def _interpreting() -> bool:
@@ -76,10 +76,10 @@ def _num_sms(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # Forward (and dX): Y[rows of group g] = A[rows] @ B[g], tile by tile.
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "M_LOG"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "M_CLASS"])
 @triton.jit
 def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
-                       M_LOG,  # M's bit length (at most 17): only autotune's key reads it
+                       M_CLASS,  # M <= 512: 0, <= 4096: 1, else 2; only autotune's key reads it
                        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_ym,
                        N: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                        PRECISION: tl.constexpr, FP32_MATH: tl.constexpr,
@@ -150,7 +150,8 @@ def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tens
                              * triton.cdiv(N, meta["BLOCK_N"])),)
     _grouped_mm_kernel[grid](
         a, b_E_K_N, y, offsets_E1, gather_idx if gather_idx is not None else offsets_E1, E,
-        min(M.bit_length(), 17), a.stride(0), a.stride(1), *b_E_K_N.stride(), y.stride(0), N=N, K=K,
+        (M > 512) + (M > 4096),   # M's class (three: each costs one autotuning run)
+        a.stride(0), a.stride(1), *b_E_K_N.stride(), y.stride(0), N=N, K=K,
         GATHER=gather_idx is not None, SWIGLU=swiglu, PRECISION=_precision(a), FP32_MATH=_interpreting())
     return y
 

@@ -57,6 +57,15 @@ def test_killed_writes_leave_no_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "other.tmp-x"]
 
 
+def test_read_metrics_after_a_crash_in_mid_write(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n\n{"step": 1}\n{"step": 2, "lo')   # killed while writing step 2
+    assert read_metrics(path) == [{"step": 0}, {"step": 1}]
+    path.write_text('{"step": 0}\n{"step": 1, "lo\n{"step": 2}\n')   # damage elsewhere is an error
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON line"):
+        read_metrics(path)
+
+
 def test_lr_schedule():
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)

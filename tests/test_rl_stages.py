@@ -2,7 +2,7 @@
 - GRPO's update (grpo.grpo_update on rollout.Engine samples) raises the reward of a toy task;
 - MOPD's update lowers the exact reverse KL to a teacher;
 - the Bradley-Terry reward model fits a handful of pairs;
-- grpo.rollout's tool hook runs each turn's calls through verifiers.tool.ToolEnv;
+- grpo.sample_groups' tool hook runs each turn's calls through verifiers.tool.ToolEnv;
 - each main() runs a couple of steps on the built-in data and writes OUT/final + metrics.jsonl, a
   second call with OUT/final present returns at once, and GRPO resumes from OUT/last."""
 
@@ -153,7 +153,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
-    """grpo.rollout's environment hook, driven by a stand-in engine that 'generates' two turns of
+    """grpo.sample_groups' environment hook, driven by a stand-in engine that 'generates' two turns of
     tool calls: each turn gets the results of its own calls, in a user turn of tool responses."""
     import data
     from data import chat
