@@ -221,7 +221,10 @@ def test_grpo_main(tiny_setup, monkeypatch):
     assert common.checkpoint_exists(os.path.join(out, "last"))
     with pytest.raises(ValueError, match="--group_size 2, this run has 4"):
         grpo.main(argv + ["--group_size", "4"])   # a different batch: refused, nothing lost
-    assert grpo.main(argv) == summary
+    finish, summarized = grpo.finish, []
+    monkeypatch.setattr(grpo, "finish", lambda run, args: summarized.append(
+        [r["step"] for r in run.history]) or finish(run, args))
+    assert grpo.main(argv) == summary and summarized == [[0, 1]]   # step 0 from the log, 1 re-run
     assert [r["step"] for r in common.read_metrics(os.path.join(out, "metrics.jsonl"))] == [0, 1]  # logged once
 
 
