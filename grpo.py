@@ -252,7 +252,8 @@ def setup(args, freeze_router=False):
         raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
     step = state.get("step", 0) if start == last else 0   # steps done (rows are numbered from 0)
     metrics = os.path.join(args.out, "metrics.jsonl")
-    # the rows of the steps before `step`, for the summary over the last steps (a resumed run's too)
+    # the rows of the steps before `step`, for the summary over the last steps (a resumed run's too);
+    # the same rows the logger below keeps when it drops the steps after the checkpoint
     history = ([r for r in common.read_metrics(metrics) if r.get("step", step) < step]
                if step and os.path.exists(metrics) else [])
     return SimpleNamespace(

@@ -41,7 +41,7 @@ def draw_reference(logits_R_V: Tensor, temperature: float, generator: torch.Gene
     if temperature == 0:
         tokens_R = logits.argmax(-1)
         return tokens_R, logits.log_softmax(-1).gather(1, tokens_R[:, None])[:, 0]
-    logprobs_R_V = (logits / temperature).log_softmax(-1)
+    logprobs_R_V = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
     tokens_R = torch.multinomial(logprobs_R_V.exp(), 1, generator=generator)[:, 0]
     return tokens_R, logprobs_R_V.gather(1, tokens_R[:, None])[:, 0]
 

@@ -407,9 +407,11 @@ def test_gpu_paged_attention_bf16():
     got = paged_decode_attention_triton(q.cuda(), k_new.cuda(), v_new.cuda(), k_dev, v_dev,
                                         block_tables.cuda(), positions.cuda())
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.cpu().double(), expected, atol=2e-2, rtol=2e-2)
+    # (a CPU emulation of the kernel's roundings at these shapes and seed is off by at most 4.7e-3)
+    torch.testing.assert_close(got.cpu().double(), expected, atol=1e-2, rtol=0)
     slots = block_tables.long()[torch.arange(S), positions // bs] * bs + positions % bs
     assert torch.equal(k_dev.flatten(0, 1)[slots.cuda()].cpu(), k_new)
+    assert torch.equal(v_dev.flatten(0, 1)[slots.cuda()].cpu(), v_new)
 
 
 def test_engine_with_triton_decode_kernel_equals_torch_path(model64, monkeypatch):

@@ -30,9 +30,6 @@ from verifiers.sandbox import SandboxError
 
 VERIFIERS = {"math": math_answer, "code": coding, "if": ifeval, "mcqa": mcqa, "structured": structured,
              "tool": tool, "longctx": longctx, "chat": chat, "swe": swe}
-META_KEYS = {"math": ["answer"], "code": ["entry_point", "tests"], "if": ["constraints"],
-             "mcqa": ["answer", "choices"], "structured": ["schema"], "tool": ["expected_calls", "answer"],
-             "longctx": ["answer"], "chat": ["topic", "keywords", "length"], "swe": ["files", "tests"]}
 SANDBOXED = ("code", "swe")
 
 
@@ -42,7 +39,7 @@ def check_meta(domain, meta):
         raise ValueError(f"unknown domain {domain!r} (no verifier); the built-in domains are {sorted(VERIFIERS)}")
     if not isinstance(meta, dict):
         raise ValueError(f"{domain} meta must be a dict, got {type(meta).__name__}")
-    missing = [k for k in META_KEYS[domain] if k not in meta]
+    missing = [k for k in VERIFIERS[domain].META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{domain} meta lacks {missing} (see data/DOMAINS.md)")
     VERIFIERS[domain].check_meta(meta)

@@ -26,6 +26,9 @@ def _words(text):
     return _WORD.findall(text.lower())
 
 
+META_KEYS = ("topic", "keywords", "length")   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta has a topic, two or more keywords and a [low, high] word range."""
     if not isinstance(meta["topic"], str):

@@ -21,6 +21,9 @@ def extract_code(answer):
     return fences[-1] if fences else answer
 
 
+META_KEYS = ("entry_point", "tests")   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta names a function and holds a non-empty list of [args, expected] tests."""
     if not (isinstance(meta["entry_point"], str) and meta["entry_point"].isidentifier()):

@@ -94,6 +94,13 @@ def _kwarg_ok(name, value):
     return isinstance(value, str) and bool(value.strip())  # keyword, start_phrase, ...
 
 
+META_KEYS = ("constraints",)   # what score reads from meta; verifiers.check_meta checks they are there
+
+
+# each checker's kwarg names, read from its signature once
+KWARGS = {name: list(inspect.signature(f).parameters)[1:] for name, f in CHECKERS.items()}
+
+
 def check_meta(meta):
     """Raise ValueError unless meta['constraints'] is a non-empty list of known instruction ids, each
     with exactly the kwargs its checker takes, each kwarg of the right kind."""
@@ -104,7 +111,7 @@ def check_meta(meta):
         checker = CHECKERS.get(c["type"]) if isinstance(c, dict) and isinstance(c.get("type"), str) else None
         if checker is None:
             raise ValueError(f"if meta: constraints[{i}]: unknown constraint type in {c!r}")
-        wanted = list(inspect.signature(checker).parameters)[1:]  # the checker's own kwarg names
+        wanted = KWARGS[c["type"]]
         given = [k for k in c if k != "type"]
         if sorted(given) != sorted(wanted):
             raise ValueError(f"if meta: constraints[{i}] ({c['type']}) takes {wanted}, got {given}")

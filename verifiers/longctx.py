@@ -20,6 +20,9 @@ def normalize(text):
     return text.removesuffix(".").strip().lower()
 
 
+META_KEYS = ("answer",)   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta['answer'] is a string that is not empty once normalized."""
     if not (isinstance(meta["answer"], str) and normalize(meta["answer"])):  # "" would reward silence

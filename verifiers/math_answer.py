@@ -66,6 +66,9 @@ def equal(a, b, rel_tol=Fraction(1, 10**6)):
     return abs(a - b) <= rel_tol * max(abs(a), abs(b))
 
 
+META_KEYS = ("answer",)   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta['answer'] is a number (as a string or a JSON number)."""
     if isinstance(meta["answer"], bool) or to_number(str(meta["answer"])) is None:

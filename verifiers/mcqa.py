@@ -24,6 +24,9 @@ def chosen_letter(answer):
     return m.group(1) if m else None
 
 
+META_KEYS = ("answer", "choices")   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta has 1 to 26 choices and an answer that is exactly one of their letters."""
     choices = meta["choices"]

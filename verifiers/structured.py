@@ -26,6 +26,11 @@ _KEYWORDS = {"type", "properties", "required", "enum", "minimum", "maximum", "mi
 _FENCE = re.compile(r"```(?:json)?\s*\n?(.*?)```", re.S)
 
 
+def _types(schema):
+    """`type` as a list: one name or several."""
+    return schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+
+
 def _is_type(value, name):
     if name == "null":
         return value is None
@@ -61,7 +66,7 @@ def check_schema(schema, path="$"):
     if unknown:
         fail(f"keywords outside the supported subset: {sorted(unknown)}")
     if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        types = _types(schema)
         if not types or not all(t in _TYPES for t in types):
             fail(f"type must be one of {list(_TYPES)} or a non-empty list of them, got {schema['type']!r}")
     for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems"):
@@ -84,6 +89,9 @@ def check_schema(schema, path="$"):
         check_schema(extra, f"{path}.additionalProperties")
 
 
+META_KEYS = ("schema",)   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta['schema'] is a schema in the supported subset."""
     check_schema(meta["schema"])
@@ -93,7 +101,7 @@ def errors(value, schema, path="$"):
     """All the ways `value` violates `schema` (one that passed check_schema), as 'path: reason'
     strings (empty = valid)."""
     if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        types = _types(schema)
         if not any(_is_type(value, t) for t in types):
             return [f"{path}: expected {' or '.join(types)}, found {type(value).__name__}"]
     found = []

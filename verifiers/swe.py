@@ -70,6 +70,9 @@ def apply_patch(files, patch_text):
     return patched
 
 
+META_KEYS = ("files", "tests")   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta['files'] maps relative, normalized paths to sources and
     meta['tests'] is test source that compiles and defines a test_ function."""

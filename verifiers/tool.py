@@ -129,6 +129,9 @@ def calls_match(calls, expected_calls):
     return True
 
 
+META_KEYS = ("expected_calls", "answer")   # what score reads from meta; verifiers.check_meta checks they are there
+
+
 def check_meta(meta):
     """Raise ValueError unless meta holds a list of valid expected calls and a non-empty answer."""
     calls = meta["expected_calls"]
