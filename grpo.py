@@ -245,7 +245,8 @@ def setup(args, freeze_router=False):
                                                    "thinking", "prompts"))
         common.load_optimizer(last, model, opt, state)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
     domains = args.domains.split(",")
     mix = [float(w) for w in args.mix.split(",")] if args.mix else [1.0] * len(domains)
     if len(mix) != len(domains) or min(mix) < 0 or sum(mix) <= 0:

@@ -210,10 +210,13 @@ def decoding(attention) -> bool:
 
 
 def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
-    """Default attention core for training: causal, or the given block-diagonal causal mask."""
+    """Default attention core for training: causal, or the given mask [B, 1, T, S] (True = may
+    attend; training's block-diagonal causal one, or the rollout engine's over a cached context of
+    S tokens, k/v [B, Hkv, S, D])."""
     groups = q_B_Hq_T_D.shape[1] // k_B_Hkv_T_D.shape[1]
     # GQA: each kv head serves `groups` query heads. Repeating k/v (cheap next to the MoE) keeps
-    # every SDPA backend available, including the memory-efficient one that takes a mask.
+    # every SDPA backend available, including the memory-efficient one that takes a mask (with
+    # enable_gqa=True a masked call gets only the math backend, which writes the scores out in fp32).
     k = k_B_Hkv_T_D.repeat_interleave(groups, dim=1)
     v = v_B_Hkv_T_D.repeat_interleave(groups, dim=1)
     if mask_B_1_T_T is None:

@@ -16,8 +16,8 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
    callable (`_attention`, called by every layer with q/k already normed and RoPE'd) that stores
    the step's k/v in the pool and attends each token over its own sequence's cached prefix:
    single-token sequences through kernels/paged_attention.py (Triton on the GPU, which also does
-   their writes), multi-token chunks written through their slots, then padded into one SDPA call
-   over their context, gathered through the block tables.
+   their writes), multi-token chunks written through their slots, then padded into one masked SDPA
+   call over their context, gathered through the block tables (model.causal_attention).
 
 3. Decode steps on the device (`decode_step`). A burst of decode steps (rollout.py's docstring, 7) keeps its
    inputs in device buffers, a `DecodeState`: each row's token, position, last position and block
@@ -34,18 +34,19 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
    graph because on the GPU it is one Triton kernel whose random key, `philox_2` = [seed, step],
    is read from device memory and moved on inside the graph (kernels/sampling.py). Graphs stay
    valid while the parameters keep their storage (optimizers update in place); if parameters are
-   reallocated, or a model's forward cannot be captured, we re-capture or fall back to eager steps.
+   reallocated, we capture again. A forward that cannot be captured (one that syncs with the host,
+   say) is an error that says to pass cuda_graphs=False: a capture that failed midway can leave
+   CUDA's state broken for the rest of the process, so it is not something to carry on from.
 """
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.paged_attention import paged_decode_attention
+from model import causal_attention
 
 
 @dataclass
@@ -76,7 +77,7 @@ class DecodeState:
 
 class ModelRunner:
     """Runs the model for rollout.Engine, over a paged KV pool. cuda_graphs: capture decode steps
-    (docstring, 4), of up to max_graph rows (larger bursts run eagerly)."""
+    (docstring, 4), for bursts of up to max_graph sequences (larger ones run eagerly)."""
 
     def __init__(self, model, block_size: int, cuda_graphs: bool, max_graph: int = 512):
         cfg = model.config
@@ -192,10 +193,9 @@ class ModelRunner:
             out_N_Hq_D = torch.empty_like(q_N_Hq_D)
             if S:
                 out_N_Hq_D[:S] = decoded_S_Hq_D
-            out = F.scaled_dot_product_attention(
-                q_N_Hq_D[meta.rows_P_T].transpose(1, 2), k_slots[meta.slots_P_C].transpose(1, 2),
-                v_slots[meta.slots_P_C].transpose(1, 2), attn_mask=meta.mask_P_T_C[:, None],
-                enable_gqa=True)                                       # [P, Hq, T, D]
+            q_P_Hq_T_D = q_N_Hq_D[meta.rows_P_T].transpose(1, 2)
+            k_P_Hkv_C_D, v_P_Hkv_C_D = (t[meta.slots_P_C].transpose(1, 2) for t in (k_slots, v_slots))
+            out = causal_attention(q_P_Hq_T_D, k_P_Hkv_C_D, v_P_Hkv_C_D, meta.mask_P_T_C[:, None])
             # (.to: under autocast q may be fp32 while SDPA's output is bf16)
             out_N_Hq_D[meta.rows_P_T[meta.valid_P_T]] = out.transpose(1, 2)[meta.valid_P_T].to(out_N_Hq_D.dtype)
             return out_N_Hq_D.transpose(0, 1)[None]
@@ -238,7 +238,11 @@ class ModelRunner:
         S = inputs_3_S.shape[1]
         size = 1 << (S - 1).bit_length()
         key = (size, steps, *setting)
-        if self.use_graphs and size <= self.max_graph and (key in self.graphs or self._capture(key, sampler)):
+        # (not under autocast: a graph would replay the casts it captured, into weight copies that
+        # autocast frees when its context exits)
+        if self.use_graphs and S <= self.max_graph and not torch.is_autocast_enabled(self.device.type):
+            if key not in self.graphs:
+                self._capture(key, sampler)
             st = self.graphs[key]
         else:
             st = self.new_state(S, capacity, steps)
@@ -284,7 +288,7 @@ class ModelRunner:
 
     # ---- CUDA graphs (docstring, 4)
 
-    def _capture(self, key: tuple, sampler: Callable) -> bool:
+    def _capture(self, key: tuple, sampler: Callable):
         """A graph of a decode step for key = (rows, steps, *sampling setting), on zeroed buffers as
         wide as the longest sequence's table (every row writes slot 0 until a burst fills them in).
         The graph keeps no Python reference: `sampler` is called only while capturing."""
@@ -293,14 +297,13 @@ class ModelRunner:
         rng = self.philox_2.clone()   # the warm-up draws; they must not move this call's random numbers
         try:
             st.graph = self._graph_of(lambda: self.decode_step(st, sampler))
-        except Exception as e:   # e.g. a forward that syncs with the host: run eagerly instead
-            warnings.warn(f"model_runner.py: CUDA graph capture failed, decoding eagerly: {e!r}")
-            self.use_graphs = False
-            return False
-        finally:
-            self.philox_2.copy_(rng)
+        except Exception as e:
+            # e.g. a forward that syncs with the host. Not recovered from: a capture that failed
+            # midway can leave the stream and the allocator in capture mode for the rest of the process
+            raise RuntimeError("model_runner.py: the decode step cannot be captured in a CUDA graph; "
+                               "Engine(model, cuda_graphs=False) decodes eagerly") from e
+        self.philox_2.copy_(rng)
         self.graphs[key] = st
-        return True
 
     def _graph_of(self, step) -> torch.cuda.CUDAGraph:
         """Run `step` once to warm up (Triton compiles, the allocator settles; off the main stream),

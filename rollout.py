@@ -89,6 +89,7 @@ from torch import Tensor
 
 from common import full_parameters, is_sharded
 from kernels import draw
+from kernels.paged_attention import kernel_fits
 from model_runner import DecodeState, ModelRunner
 
 
@@ -200,8 +201,9 @@ class Burst:
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
-    running sequences (and the largest CUDA graph). cuda_graphs: capture decode steps (default: on
-    a GPU, unless the model is FSDP-sharded (docstring, 6); model_runner.py). decode_burst: decode
+    running sequences (so all bursts run in CUDA graphs). cuda_graphs: capture decode steps (default: on
+    a GPU, unless the model is FSDP-sharded (docstring, 6) or the block size does not suit the Triton
+    attention kernel (a power of two >= 16); model_runner.py). decode_burst: decode
     steps per host sync (docstring, 7; 1: one). overlap: launch each burst before the host reads
     the last (docstring, 7; default: on a GPU).
     After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
@@ -217,8 +219,9 @@ class Engine:
         self.max_batch_tokens, self.max_seqs, self.decode_burst = max_batch_tokens, max_seqs, decode_burst
         self.max_len = model.config.max_position_embeddings
         device = next(model.parameters()).device
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda" and not is_sharded(model)
+        if cuda_graphs is None:   # (with the torch attention a graph's step would gather tables as
+            # wide as the longest sequence may need, at every step)
+            cuda_graphs = device.type == "cuda" and not is_sharded(model) and kernel_fits(block_size)
         self.runner = ModelRunner(model, block_size, cuda_graphs, max_graph=max_seqs)
         # a CPU runs the steps itself: there is nothing to overlap, and the junk rows would only cost
         self.overlap = device.type == "cuda" if overlap is None else overlap
@@ -493,6 +496,8 @@ class Engine:
                 seq.children = []
             rows.append(r)
             seqs.append(seq)
+        if not rows:   # a step of prompt chunks only, none of them finished: nothing to sample
+            return
         tokens_R, logprobs_R = sampler(logits_R_V[rows])
         for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
             accept(seq, token, logprob)

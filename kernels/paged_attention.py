@@ -125,13 +125,17 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
              mask=g_ok[:, None] & d_ok[None, :])
 
 
+def kernel_fits(block_size: int) -> bool:
+    """tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
 def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor,
                                   k_cache: Tensor, v_cache: Tensor, block_tables_S_M: Tensor,
                                   positions_S: Tensor, scale: float | None = None) -> Tensor:
     S, Hq, D = q_S_Hq_D.shape
     _, block_size, Hkv, _ = k_cache.shape
-    # tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two.
-    assert block_size >= 16 and block_size & (block_size - 1) == 0, \
+    assert kernel_fits(block_size), \
         f"paged_attention.py: the Triton kernel needs a power-of-two block_size >= 16, got {block_size}"
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and Hq % Hkv == 0
     q = q_S_Hq_D.contiguous()
@@ -152,7 +156,6 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
 def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
                            v_cache: Tensor, block_tables_S_M: Tensor, positions_S: Tensor,
                            scale: float | None = None) -> Tensor:
-    block_size = k_cache.shape[1]
-    triton_ok = block_size >= 16 and block_size & (block_size - 1) == 0
-    fn = paged_decode_attention_triton if use_triton(q_S_Hq_D) and triton_ok else paged_decode_attention_torch
+    triton_ok = use_triton(q_S_Hq_D) and kernel_fits(k_cache.shape[1])
+    fn = paged_decode_attention_triton if triton_ok else paged_decode_attention_torch
     return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S, scale)

@@ -34,3 +34,12 @@ def _triton_for_kernel_tests(request):
     yield
     if on:
         del os.environ["NANOCASCADE_TRITON"]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_leak():
+    # the stages switch TF32 on for their CUDA matmuls (sft.py, grpo.py) and run in-process in some
+    # tests; the fp32 kernel tests after them on a GPU compare at fp32 tolerances, not TF32's
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -67,7 +67,7 @@ def greedy_reference(model, ids, num_new):
 @torch.no_grad()
 def training_logits(model, prompt, tokens):
     """Logits that predicted each of `tokens`, from one uncached forward over prompt + tokens."""
-    logits, _ = model(torch.tensor([prompt + tokens]))
+    logits, _ = model(torch.tensor([prompt + tokens], device=next(model.parameters()).device))
     return logits[0, len(prompt) - 1:-1].double()
 
 
@@ -202,6 +202,44 @@ def test_decode_bursts_change_nothing_but_the_schedule(varied64):
     assert runs[5, 40, True][1]["preemptions"] > 0
 
 
+@pytest.mark.parametrize("burst,blocks,overlap", [(1, None, False), (5, None, True), (16, 12, True)])
+def test_every_path_is_greedy_and_on_policy_on_this_device(varied64, burst, blocks, overlap):
+    """The engine as it runs on this machine's device (on a GPU: the Triton kernels, CUDA graphs,
+    bursts launched before the last is read), with stop and tool tokens inside bursts and, with
+    12 blocks of 16 tokens, a pool that preempts: each sample is checked against one training
+    forward over it. Every generated token is that forward's argmax (up to fp32 rounding: the
+    kernels sum in another order), with its log-softmax as logprob, and every appended token is
+    the tool's reply, with logprob 0."""
+    model = copy.deepcopy(varied64).float().to(DEVICE)
+    prompts = make_prompts([3, 7, 12, 20, 9], seed=8)
+    free = Engine(model).generate(prompts, SamplingParams(temperature=0, max_new_tokens=24))
+    stop = free[1][0].token_ids[6]   # these two end some responses mid-burst
+    hook = next(t for t in free[3][0].token_ids[4:] if t != stop)
+    calls = []
+
+    def env_hook(i, j, ids):   # the first hook of each sample gets a 3-token reply
+        calls.append((i, j))
+        return [5, 6, 7] if calls.count((i, j)) == 1 else None
+    params = SamplingParams(temperature=0, max_new_tokens=23, stop_token_ids=(stop,), hook_token_ids=(hook,))
+    engine = Engine(model, num_blocks=blocks, decode_burst=burst, overlap=overlap)
+    out = engine.generate(prompts, params, n=2, env_hook=env_hook)
+    assert engine.stats["graph_steps"] > 0 if DEVICE == "cuda" else engine.stats["graph_steps"] == 0
+    assert (engine.stats["ahead"] > 0) == overlap and (engine.stats["preemptions"] > 0) == (blocks is not None)
+    assert {s.finish_reason for g in out for s in g} == {"stop", "length"}
+    assert any(0 in s.gen_mask for g in out for s in g)   # a tool reply was appended somewhere
+    for prompt, group in zip(prompts, out):
+        for s in group:
+            logits = training_logits(model, prompt, s.token_ids).cpu()
+            taken = torch.tensor(s.token_ids)[:, None]
+            gen = torch.tensor(s.gen_mask, dtype=torch.bool)
+            assert (logits.gather(1, taken)[:, 0] >= logits.max(-1).values - 1e-4)[gen].all()
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[gen],
+                                       logits.log_softmax(-1).gather(1, taken)[:, 0][gen], atol=1e-4, rtol=0)
+            assert [t for t, m in zip(s.token_ids, s.gen_mask) if not m] in ([], [5, 6, 7])
+            assert all(lp == 0.0 for lp, m in zip(s.logprobs, s.gen_mask) if not m)
+            assert len(s.token_ids) == 23 if s.finish_reason == "length" else s.token_ids[-1] in (stop, hook)
+
+
 def keep_mask_reference(logits_T_V, temperature, top_k, top_p):
     """Which tokens the truncated distribution keeps, written independently of rollout.sample."""
     z = logits_T_V / temperature
@@ -219,10 +257,17 @@ def keep_mask_reference(logits_T_V, temperature, top_k, top_p):
 
 
 def use_sampler(name, monkeypatch):
-    """The engine draws with torch (the CPU's path), or with the Triton kernel it uses on a GPU
-    (here under the interpreter, with the engine's Philox key)."""
+    """The engine draws with torch (the CPU's path), or with the Triton kernel it uses on a GPU, with
+    the engine's Philox key: on a CPU under the interpreter; on a GPU machine compiled, on the GPU
+    (the tests' models are on the CPU: the logits go there, and the key there and back, so that it
+    moves on as the engine's own does)."""
+    def draw_on_device(logits, t, generator, philox_2):
+        key = philox_2.to(DEVICE)
+        tokens, logprobs = draw_triton(logits.to(DEVICE), t, key)
+        philox_2.copy_(key)
+        return tokens.to(logits.device), logprobs.to(logits.device)
     if name == "triton":
-        monkeypatch.setattr(rollout, "draw", lambda logits, t, generator, philox_2: draw_triton(logits, t, philox_2))
+        monkeypatch.setattr(rollout, "draw", draw_on_device)
 
 
 @pytest.mark.parametrize("sampler", ["torch", "triton"])
@@ -245,6 +290,24 @@ def test_logprobs_equal_training_forward(model32_v256, temperature, top_k, top_p
             if (temperature, top_k, top_p) == (1.0, 0, 1.0):   # untruncated: the training log-softmax
                 torch.testing.assert_close(got, logits.log_softmax(-1).gather(1, taken)[:, 0],
                                            atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["torch", "triton"])
+def test_a_step_that_finishes_no_prompt_samples_nothing(model32_v256, sampler, monkeypatch):
+    """A prompt longer than max_batch_tokens is prefilled over several steps, and a step that holds
+    only the start of it has no logits to sample from (the Triton sampler, handed no rows, divided
+    by zero). The samples that follow are the training forward's, as everywhere."""
+    use_sampler(sampler, monkeypatch)
+    prompts = make_prompts([40, 5], seed=12, vocab_size=256)
+    engine = Engine(model32_v256, block_size=4, max_batch_tokens=16)
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6), n=2, seed=0)
+    for prompt, group in zip(prompts, out):
+        for s in group:
+            assert len(s.token_ids) == 6
+            expected = training_logits(model32_v256, prompt, s.token_ids).log_softmax(-1)
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64),
+                                       expected.gather(1, torch.tensor(s.token_ids)[:, None])[:, 0],
+                                       atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 5, 1.0), (1.4, 0, 0.8)])
@@ -283,13 +346,16 @@ def test_same_seed_same_samples(model32_v256, sampler, monkeypatch):
     assert first[0][0] != first[0][1], "the samples of one prompt should differ"
 
 
-def test_generate_under_bf16_autocast(model32):
+def test_generate_under_bf16_autocast(model32, monkeypatch):
     # a stage may call the engine inside its bf16 autocast: prefill (SDPA, bf16 out) and decode must
-    # write into the same attention output whatever dtype each path returns
-    engine = Engine(model32, block_size=16)
+    # write into the same attention output whatever dtype each path returns; and decode steps run
+    # eagerly then, since a graph would replay casts into weight copies that autocast frees
+    monkeypatch.setattr(ModelRunner, "_graph_of", lambda self, step: EagerGraph(step))
+    engine = Engine(model32, block_size=16, cuda_graphs=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = engine.generate(make_prompts([5, 17], seed=3), SamplingParams(temperature=1.0, max_new_tokens=6),
                               n=2, seed=0)
+    assert engine.stats["graph_steps"] == 0 and not engine.runner.graphs
     lengths = [len(s.token_ids) for group in out for s in group]
     assert len(lengths) == 4 and all(n == 6 for n in lengths)
     assert all(math.isfinite(lp) and lp <= 0 for group in out for s in group for lp in s.logprobs)
