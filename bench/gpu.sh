@@ -26,10 +26,11 @@ header() {
 
 case "$1" in
 tests)
-    # -v: one line per test as it finishes, so a log cut short still says how far it got
+    # -v: one line per test as it finishes, so a log cut short still says how far it got;
+    # --durations: where the time went (compiling and autotuning, mostly)
     par=$(python -c "import xdist" 2>/dev/null && echo "-n 8")              # where installed
     par="$par $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")"
-    { header; python -m pytest -v -rfE $par tests; } 2>&1 | tee "$out/tests.txt" ;;
+    { header; python -m pytest -v -rfE --durations=20 $par tests; } 2>&1 | tee "$out/tests.txt" ;;
 kernels)
     { header
       python bench/kernels.py

@@ -23,6 +23,8 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs the Triton kernels (under the interpreter on a CPU)")
+    # (pytest-timeout's, where installed: bench/gpu.sh gives each test 150 s unless it says more)
+    config.addinivalue_line("markers", "timeout(seconds): this test's limit under pytest-timeout")
 
 
 @pytest.fixture(autouse=True)

@@ -173,6 +173,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.timeout(540)   # on a GPU: Triton compiles and autotunes each kernel shape the stages meet
 def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkeypatch, one_thread):
     recipe = write_recipe(tmp_path / "tiny.toml", shrunk_tiny(data_dir))
     run = tmp_path / "run"

@@ -570,13 +570,15 @@ def test_cuda_graph_decode_equals_eager(temperature, top_p):
     capturing do not shift the call's (the second call, which captures nothing, agrees)."""
     torch.manual_seed(0)
     model = Transformer(CONFIG).cuda()
-    prompts = make_prompts([3, 20, 33, 7, 12], seed=9)
+    # 16 sequences, a graph's size, so that both paths run the same shapes (cuBLAS may sum another
+    # way for 15 rows than for 16 padded ones, and this compares to the last bit)
+    prompts = make_prompts([3, 20, 33, 7], seed=9)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=24)
-    eager = Engine(model, cuda_graphs=False).generate(prompts, params, n=3, seed=4)
+    eager = Engine(model, cuda_graphs=False).generate(prompts, params, n=4, seed=4)
     engine = Engine(model, cuda_graphs=True)
-    graphed = engine.generate(prompts, params, n=3, seed=4)
+    graphed = engine.generate(prompts, params, n=4, seed=4)
     assert engine.stats["graph_steps"] > 0 and engine.runner.graphs
-    again = engine.generate(prompts, params, n=3, seed=4)
+    again = engine.generate(prompts, params, n=4, seed=4)
     for a, b, c in zip(eager, graphed, again):
         assert [s.token_ids for s in a] == [s.token_ids for s in b] == [s.token_ids for s in c]
         for sa, sb in zip(a, b):
