@@ -257,6 +257,9 @@ def setup(args, freeze_router=False):
     # the same rows the logger below keeps when it drops the steps after the checkpoint
     history = ([r for r in common.read_metrics(metrics) if r.get("step", step) < step]
                if step and os.path.exists(metrics) else [])
+    # One engine for the whole run: its KV pool (sized to a step's rollout) and CUDA graphs stay
+    # through the training steps in between. engine.release() before each update would give that
+    # memory to training, at the price of a new pool and new graph captures every step.
     return SimpleNamespace(
         dist=d, model=model, tok=tok, tok_path=os.path.join(start, "tokenizer.json"), optimizer=opt,
         params=params, step=step, domains=domains, mix=mix,
