@@ -224,7 +224,9 @@ def setup(args, freeze_router=False):
     """An RL stage's state, as a plain namespace: the policy (OUT/last when resuming, else --init),
     tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights. The
     engine keeps its KV pool and CUDA graphs from step to step (so nothing is captured twice): the
-    pool is sized for a step's rollout, not for the GPU, unless a rollout needs more than half."""
+    pool is sized for a step's rollout, not for the GPU, unless a rollout needs more than half
+    (engine.release() before each update would hand it to training, at the price of a new pool and
+    new captures every step)."""
     d = common.init_distributed(args.device)
     last = os.path.join(args.out, "last")
     start = last if common.checkpoint_exists(last) else args.init
@@ -257,9 +259,6 @@ def setup(args, freeze_router=False):
     # the same rows the logger below keeps when it drops the steps after the checkpoint
     history = ([r for r in common.read_metrics(metrics) if r.get("step", step) < step]
                if step and os.path.exists(metrics) else [])
-    # One engine for the whole run: its KV pool (sized to a step's rollout) and CUDA graphs stay
-    # through the training steps in between. engine.release() before each update would give that
-    # memory to training, at the price of a new pool and new graph captures every step.
     return SimpleNamespace(
         dist=d, model=model, tok=tok, tok_path=os.path.join(start, "tokenizer.json"), optimizer=opt,
         params=params, step=step, domains=domains, mix=mix,

@@ -201,11 +201,11 @@ class Burst:
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
     most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
-    running sequences (so all bursts run in CUDA graphs). cuda_graphs: capture decode steps (default: on
-    a GPU, unless the model is FSDP-sharded (docstring, 6) or the block size does not suit the Triton
-    attention kernel (a power of two >= 16); model_runner.py). decode_burst: decode
-    steps per host sync (docstring, 7; 1: one). overlap: launch each burst before the host reads
-    the last (docstring, 7; default: on a GPU).
+    running sequences. cuda_graphs: capture decode steps (default: on a GPU, unless the model is
+    FSDP-sharded (docstring, 6) or the block size does not suit the Triton attention kernel, a
+    power of two >= 16; model_runner.py). decode_burst: decode steps per host sync (docstring, 7;
+    1: one). overlap: launch each burst before the host reads the last (docstring, 7; default: on
+    a GPU).
     After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
     peak_blocks, bursts, and ahead (bursts launched before the host had read the one before them).
     Pass the bare module, not a DDP wrapper."""
@@ -496,8 +496,6 @@ class Engine:
                 seq.children = []
             rows.append(r)
             seqs.append(seq)
-        if not rows:   # a step of prompt chunks only, none of them finished: nothing to sample
-            return
         tokens_R, logprobs_R = sampler(logits_R_V[rows])
         for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
             accept(seq, token, logprob)

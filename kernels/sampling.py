@@ -89,7 +89,7 @@ def draw_triton(logits_R_V: Tensor, temperature: float, philox_2: Tensor):
     logits = logits_R_V if logits_R_V.stride(1) == 1 else logits_R_V.contiguous()
     tokens_R = torch.empty(R, dtype=torch.long, device=logits.device)
     logprobs_R = torch.empty(R, dtype=torch.float32, device=logits.device)
-    if R == 0:   # (no rows: no program to launch, and no draw to count)
+    if R == 0:   # (e.g. an engine step of unfinished prompt chunks: no program to launch, no draw to count)
         return tokens_R, logprobs_R
     # a row in tiles of up to 2048 columns (a 152K vocabulary in 75), and a small vocabulary's
     # 2048 // BLOCK_V rows to a program; under the interpreter, where each op costs per call, tiles
