@@ -49,8 +49,9 @@ def grouped_mm_reference(x_M_K: Tensor, w_E_K_N: Tensor, offsets_E1: Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs. On the GPU autotune picks one per (N, K, M's size class) the first time it sees one. Under the
-# interpreter (TRITON_INTERPRET=1, tests on a CPU) one small config: every program costs ~1 ms.
+# Configs. On the GPU autotune picks one per (N, K, M's size class) the first time it sees one, of
+# those whose accumulators fit in registers (with SwiGLU's two, two of these tiles would spill). Under
+# the interpreter (TRITON_INTERPRET=1, tests on a CPU) one small config: every program costs ~1 ms.
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,6 +68,13 @@ else:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM)
                                             (64, 256, 32, 8, 4, 1)]]
 
 
+def _fits_registers(configs, named_args, **kwargs):
+    """The tiles whose fp32 accumulators fit a thread's registers: at most 128 of the 255 a thread
+    may hold, or ptxas spills them to local memory (two accumulators with SwiGLU: gate and up)."""
+    tiles = 2 if kwargs.get("SWIGLU") else 1
+    return [c for c in configs if tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -76,7 +84,8 @@ def _num_sms(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # Forward (and dX): Y[rows of group g] = A[rows] @ B[g], tile by tile.
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "M_CLASS"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "M_CLASS"],
+                 prune_configs_by=dict(early_config_prune=_fits_registers))
 @triton.jit
 def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
                        M_CLASS,  # M <= 512: 0, <= 4096: 1, else 2; only autotune's key reads it

@@ -9,8 +9,10 @@ the end check the bf16 path at a realistic size.
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -464,8 +466,9 @@ def test_dispatch(monkeypatch):
 # The interpreter runs kernels as numpy and type-checks nothing; the GPU compiler is stricter (e.g.
 # a loop-carried variable may not change dtype). Compile each kernel for an H100 (sm_90) without a
 # GPU, as a real launch would specialize it, and check the GEMMs get tensor-core wgmma instructions
-# and a software-pipelined (cp.async) main loop, which is where their speed comes from. This runs in
-# a subprocess: triton must be imported with the interpreter off to compile.
+# and a software-pipelined (cp.async) main loop, which is where their speed comes from; and that no
+# kernel spills registers to local memory (ptxas -v: the assembler Triton itself runs, on the PTX it
+# wrote). This runs in a subprocess: triton must be imported with the interpreter off to compile.
 
 def _compile_for_h100(kernel, pointers, constexprs, num_warps=4, num_stages=3):
     from triton.backends.compiler import GPUTarget
@@ -480,24 +483,33 @@ def _compile_for_h100(kernel, pointers, constexprs, num_warps=4, num_stages=3):
             signature[param.name] = pointers.get(param.name, "i32")
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    assert spills and not any(map(int, spills)), f"{fn.__name__} {constexprs}: spills registers\n{log}"
+    return compiled
 
 
 def compile_all_for_h100():
     import kernels.grouped_gemm as gg
     import kernels.routing as rt
-    tiles = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, PER_SM=1, PRECISION="tf32", FP32_MATH=False)
     bf16 = {name: "*bf16" for name in ["a_ptr", "b_ptr", "y_ptr", "x_ptr", "dy_ptr", "dw_ptr"]}
     bf16.update(offsets_ptr="*i64", gather_ptr="*i64")
-    fwd = _compile_for_h100(gg._grouped_mm_kernel, bf16,
-                            dict(stride_ak=1, stride_bn=1, N=768, K=2048, GATHER=True, SWIGLU=False, **tiles))
-    swiglu = _compile_for_h100(gg._grouped_mm_kernel, bf16,
-                               dict(stride_ak=1, stride_bn=1, N=768, K=2048, GATHER=True, SWIGLU=True, **tiles))
-    dw = _compile_for_h100(gg._grouped_dw_kernel, bf16,
-                           dict(stride_xk=1, N=768, K=2048, GATHER=True, **tiles))
-    for k in [fwd, swiglu, dw]:
-        assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"], "GEMM main loop not pipelined"
+    fixed = dict(N=768, K=2048, GATHER=True, PRECISION="tf32", FP32_MATH=False)
+    for kernel, args in [(gg._grouped_mm_kernel, dict(stride_ak=1, stride_bn=1, SWIGLU=False)),
+                         (gg._grouped_mm_kernel, dict(stride_ak=1, stride_bn=1, SWIGLU=True)),
+                         (gg._grouped_dw_kernel, dict(stride_xk=1))]:
+        prune = kernel.early_config_prune or (lambda configs, named_args, **kw: configs)
+        for config in prune(kernel.configs, {}, **args):   # every tile autotune may pick
+            k = _compile_for_h100(kernel, bf16, dict(**fixed, **args, **config.kwargs),
+                                  num_warps=config.num_warps, num_stages=config.num_stages)
+            assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"], "GEMM main loop not pipelined"
     _compile_for_h100(rt._topk_kernel, dict(logits_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32",
                                             experts_ptr="*i64", block_counts_ptr="*i32"),
                       dict(E=128, TOP_K=8, NORM=True, BLOCK_N=16, BLOCK_E=128, BLOCK_K=8))
