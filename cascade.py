@@ -62,7 +62,7 @@ EVAL_KEYS = {"limit": int, "max_new_tokens": int, "thinking": bool, "domains": l
 BUILD_KEYS = {"preset": str, "sizes": dict, "vocab_size": int, "doc_lines": int}  # data.build's arguments
 STAGE_KEYS = {"name": str, "script": str, "args": dict}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
-SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "device", "fsdp"}  # the cascade wires these itself
+SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "device", "fsdp", "seed"}  # the cascade sets these
 
 # ----------------------------------------------------------------------------------------------
 # The recipe: read it, check all of it, turn each stage into its command line
@@ -138,19 +138,24 @@ def load_recipe(path, steps_scale=1.0):
         parser = SCRIPTS[st["script"]].build_parser()
         parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
         parser.allow_abbrev = False  # no prefixes: "fsd" must not pass for --fsdp, nor "step" for --steps
+        wired = ["--out", "-", "--data", "-", "--init", "-"] + (["--teachers", "-"] if st["script"] == "mopd" else [])
+        defaults = vars(parser.parse_known_args(wired)[0])   # every argument of the script
+        for key, value in args.items():
+            if key not in defaults:   # (also 'help', whose switch would print and exit)
+                bad(f"{where}unknown argument '{key}' for {st['script']}.py (see python {st['script']}.py --help)")
+            if isinstance(value, bool) and defaults[key] is not False:   # false would be dropped unseen
+                bad(f"{where}{key} = {str(value).lower()}: true/false is for switches; '{key}' takes a value")
         for key in ("steps", "rm_steps"):  # --steps_scale (quick tests): floor 1; 0 means "derive"
             value = args.get(key, parser.get_default(key))
             if steps_scale != 1 and isinstance(value, int) and value > 0:
                 args[key] = max(1, int(value * steps_scale))
         st["argv"] = to_argv(args)
         try:
-            wired = ["--out", "-", "--data", "-", "--init", "-"] + (["--teachers", "-"] if st["script"] == "mopd" else [])
             st["ns"], unknown = parser.parse_known_args(wired + st["argv"])
         except argparse.ArgumentError as e:
             bad(f"{where}{e}")
-        if unknown:
-            key = next((k for k in args if f"--{k}" in unknown), unknown[0])
-            bad(f"{where}unknown argument '{key}' for {st['script']}.py (see python {st['script']}.py --help)")
+        if unknown:   # (every key is known: a value that argparse took for an option)
+            bad(f"{where}cannot read {' '.join(unknown)!r} as arguments of {st['script']}.py")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -400,7 +405,8 @@ def main(argv=None):
     ap.add_argument("--recipe", default="recipes/tiny.toml", help="the TOML recipe to run")
     ap.add_argument("--run_dir", help="output directory (default: runs/<recipe name>)")
     ap.add_argument("--steps_scale", type=float, default=1.0,
-                    help="multiply every stage's --steps and --rm_steps by this (floor 1): quick tests")
+                    help="multiply every stage's --steps and --rm_steps by this (floor 1): quick tests. "
+                    "An SFT stage that derives its steps from --epochs (--steps 0) is not scaled")
     ap.add_argument("--eval_limit", type=int, help="eval prompts per domain (overrides the recipe's)")
     ap.add_argument("--only_eval", metavar="CKPT", help="evaluate one checkpoint, print its row, exit")
     a = ap.parse_args(argv)

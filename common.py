@@ -11,6 +11,7 @@ sharded with FSDP2 (--fsdp) is gathered first, so its checkpoint is the same ful
 checkpoint resumes with or without --fsdp, on any number of ranks.
 """
 
+import argparse
 import contextlib
 import glob
 import json
@@ -149,9 +150,13 @@ def full_parameters(model):
 
 def clip_grad_norm(params, max_norm):
     """Clip the global gradient norm to max_norm; -> the norm before clipping, a plain tensor (under
-    FSDP the gradients are shards and torch returns a DTensor)."""
+    FSDP the gradients are shards and torch returns a DTensor). A norm that is not finite raises,
+    before the optimizer step that would write NaNs into the weights (and then a checkpoint)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm is {norm.item()}: stopping before the optimizer step")
+    return norm
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +293,19 @@ def load_optimizer(path, model, optimizer, state):
 
 
 # -----------------------------------------------------------------------------
-# learning rate and metrics
+# arguments, learning rate and metrics
+
+
+def positive(cast):
+    """An argparse type for sizes and counts that must be > 0: `--group_size 0` is an error naming
+    the flag at once, not a division by zero after the first rollout."""
+    def parse(text):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+        return value
+    parse.__name__ = cast.__name__   # (argparse names the type in its messages)
+    return parse
 
 
 def lr_at(step, total, warmup, peak, final_frac=0.1, schedule="cosine"):
@@ -307,14 +324,16 @@ class MetricsLogger:
     the RL stages' from 0 (the step's index, as `range(steps)` gives it).
 
     drop_from_step: a run resumed from a checkpoint first drops the rows with "step" >= this, the
-    steps it logged after that checkpoint and is about to log again."""
+    steps it logged after that checkpoint and is about to log again. An existing log is rewritten
+    either way, without a last line that a kill cut short (new rows would be appended to it)."""
 
     def __init__(self, path, drop_from_step=None):
         self.path = path
         if is_main():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if drop_from_step is not None and os.path.exists(path):
-                rows = [r for r in read_metrics(path) if r.get("step", -1) < drop_from_step]
+            if os.path.exists(path):
+                rows = [r for r in read_metrics(path)
+                        if drop_from_step is None or r.get("step", -1) < drop_from_step]
                 with open(path + ".tmp", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 os.replace(path + ".tmp", path)

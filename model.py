@@ -209,19 +209,19 @@ def decoding(attention) -> bool:
     return attention is not None and not torch.is_grad_enabled()
 
 
-def causal_attention(q_B_Hq_T_D, k_B_Hkv_T_D, v_B_Hkv_T_D, mask_B_1_T_T=None):
+def causal_attention(q_B_Hq_T_D, k_B_Hkv_S_D, v_B_Hkv_S_D, mask_B_1_T_S=None):
     """Default attention core for training: causal, or the given mask [B, 1, T, S] (True = may
     attend; training's block-diagonal causal one, or the rollout engine's over a cached context of
     S tokens, k/v [B, Hkv, S, D])."""
-    groups = q_B_Hq_T_D.shape[1] // k_B_Hkv_T_D.shape[1]
+    groups = q_B_Hq_T_D.shape[1] // k_B_Hkv_S_D.shape[1]
     # GQA: each kv head serves `groups` query heads. Repeating k/v (cheap next to the MoE) keeps
     # every SDPA backend available, including the memory-efficient one that takes a mask (with
     # enable_gqa=True a masked call gets only the math backend, which writes the scores out in fp32).
-    k = k_B_Hkv_T_D.repeat_interleave(groups, dim=1)
-    v = v_B_Hkv_T_D.repeat_interleave(groups, dim=1)
-    if mask_B_1_T_T is None:
+    k = k_B_Hkv_S_D.repeat_interleave(groups, dim=1)
+    v = v_B_Hkv_S_D.repeat_interleave(groups, dim=1)
+    if mask_B_1_T_S is None:
         return F.scaled_dot_product_attention(q_B_Hq_T_D, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q_B_Hq_T_D, k, v, attn_mask=mask_B_1_T_T)
+    return F.scaled_dot_product_attention(q_B_Hq_T_D, k, v, attn_mask=mask_B_1_T_S)
 
 
 class Attention(nn.Module):

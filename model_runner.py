@@ -8,15 +8,16 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
 
 1. The pool: k_cache and v_cache, each [layers, num_blocks, block_size, Hkv, D], zeros (a masked-out
    position still multiplies its 0 weight with V, and NaN * 0 = NaN). Its size is the engine's
-   num_blocks if given; else what the request needs, capped on a GPU at half the free memory. Block 0
+   num_blocks if given; else what the largest request so far needed, capped on a GPU at half the
+   free memory (it grows, never shrinks; `release` hands it back). Block 0
    is never handed out: the padding rows of a CUDA graph write their junk there.
 
 2. A scheduled step (`forward`): the N new tokens of S sequences, flattened into one [1, N] row with
    per-token positions, single-token sequences first. The model runs with an explicit `attention`
    callable (`_attention`, called by every layer with q/k already normed and RoPE'd) that stores
    the step's k/v in the pool and attends each token over its own sequence's cached prefix:
-   single-token sequences through kernels/paged_attention.py (Triton on the GPU, which also does
-   their writes), multi-token chunks written through their slots, then padded into one masked SDPA
+   single-token sequences through kernels/paged_attention.py, which also writes their k/v (Triton
+   on the GPU), multi-token chunks written through their slots, then padded into one masked SDPA
    call over their context, gathered through the block tables (model.causal_attention).
 
 3. Decode steps on the device (`decode_step`). A burst of decode steps (rollout.py's docstring, 7) keeps its
@@ -31,8 +32,9 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
 4. CUDA graphs (GPU only). A decode step does the same work for any batch of the same size, so the
    whole of it is captured once per padded batch size (1, 2, 4, 8, ...) and sampling setting, and
    replayed: one launch instead of a hundred and more small kernels. The sampler can live in a
-   graph because on the GPU it is one Triton kernel whose random key, `philox_2` = [seed, step],
-   is read from device memory and moved on inside the graph (kernels/sampling.py). Graphs stay
+   graph because on the GPU its draw is one Triton kernel whose random key, `philox_2` = [seed,
+   step], is read from device memory and moved on inside the graph (kernels/sampling.py); top-k and
+   top-p, when set, are plain torch ops before it, captured with it. Graphs stay
    valid while the parameters keep their storage (optimizers update in place); if parameters are
    reallocated, we capture again. A forward that cannot be captured (one that syncs with the host,
    say) is an error that says to pass cuda_graphs=False: a capture that failed midway can leave

@@ -201,7 +201,7 @@ def build_parser():
     p.add_argument("--mismatch_high", type=float, default=2.0, help="drop tokens with pi_train/pi_inf above")
     p.add_argument("--eval_every", type=int, default=0,
                    help="greedy eval on DATA/eval (teachers first) every N steps and at the end (0: off)")
-    p.add_argument("--eval_prompts", type=int, default=64, help="eval prompts per domain")
+    p.add_argument("--eval_prompts", type=common.positive(int), default=64, help="eval prompts per domain")
     return p
 
 

@@ -15,7 +15,8 @@ What we change, and why: a generative pairwise judge is far beyond a tiny model.
 classic Bradley-Terry reward model: the same transformer (initialized from --init) with a scalar
 head on the hidden state of the last token, trained with -log sigma(r_chosen - r_rejected). The RL
 phase is grpo.py's loop with the reward model's score in place of a verifier; group normalization
-makes the score's offset and scale irrelevant, only its ranking inside a group matters. The KL
+makes the score's offset and scale irrelevant (r and 5r + 3 give the same advantages), so only the
+spacing of the scores inside a group matters. The KL
 penalty is off by default, as in every other RL stage here; `--kl_coef 0.03` turns on the paper's.
 
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
@@ -95,7 +96,8 @@ def pair_accuracy(rm, pairs, pad_id, device):
 
 
 def train_reward_model(args, tok, d, logger):
-    """Bradley-Terry on DATA/prefs/train.jsonl; held-out pair accuracy on prefs/eval.jsonl."""
+    """Bradley-Terry on DATA/prefs/train.jsonl; held-out pair accuracy on prefs/eval.jsonl. AdamW at a
+    constant --rm_lr, gradient norm clipped at 1 (--lr, --warmup and --grad_clip are the RL phase's)."""
     fsdp = args.fsdp and d.world_size > 1
     body, _ = common.load_checkpoint(args.init, "cpu" if fsdp else d.device)
     rm = RewardModel(body).to("cpu" if fsdp else d.device)
@@ -192,8 +194,8 @@ def build_parser():
     p.set_defaults(domains="chat", mix="", lr=1e-6)
     p.add_argument("--rm_steps", type=int, default=100, help="reward-model training steps")
     p.add_argument("--rm_lr", type=float, default=1e-4, help="reward-model learning rate")
-    p.add_argument("--rm_batch", type=int, default=32, help="preference pairs per reward-model step")
-    p.add_argument("--eval_prompts", type=int, default=64, help="eval chat prompts for the judge's win rate")
+    p.add_argument("--rm_batch", type=common.positive(int), default=32, help="preference pairs per reward-model step")
+    p.add_argument("--eval_prompts", type=common.positive(int), default=64, help="eval chat prompts for the judge's win rate")
     return p
 
 
@@ -206,8 +208,10 @@ def main(argv=None):
     common.set_seed(args.seed)
     tok_path = os.path.join(args.init, "tokenizer.json")
     tok = data.load_tokenizer(tok_path)
-    logger = common.MetricsLogger(os.path.join(args.out, "metrics.jsonl"))
-    rm_path = os.path.join(args.out, "reward_model")
+    metrics, rm_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "reward_model")
+    if common.is_main() and not common.checkpoint_exists(rm_path) and os.path.exists(metrics):
+        os.remove(metrics)   # a run killed before its reward model was saved: it starts again, log too
+    logger = common.MetricsLogger(metrics)
     if not common.checkpoint_exists(rm_path):
         rm, rm_stats = train_reward_model(args, tok, d, logger)
         save_reward_model(rm_path, rm, tok_path, rm_stats)

@@ -9,12 +9,13 @@ This file is the host side, which decides what runs; model_runner.py runs it on 
 this one first and `self.runner`'s methods on trust.
 
 1. Paged KV cache. Attention needs the keys and values of every earlier token. Instead of one
-   [batch, max_len] buffer per sequence (which wastes memory on sequences that stop early and cannot
+   [max_len, Hkv, D] buffer per sequence (which wastes memory on sequences that stop early and cannot
    share), the runner preallocates ONE pool per layer of fixed-size blocks, [num_blocks, block_size,
    Hkv, D] (ModelRunner.k_cache/v_cache[layer]). A sequence owns a *block table*, the list of its block
    ids: its token at position p lives in block table[p // block_size], row p % block_size, i.e. at
    the flat *slot* table[p // block_size] * block_size + p % block_size. A free list hands out
-   blocks and takes them back when a sequence finishes. Block 0 is never handed out: it is the
+   blocks and takes one back when its last holder lets go of it (the sequence finished, was
+   preempted, or copied the block on write, 2). Block 0 is never handed out: it is the
    "null block" that padded rows of a CUDA graph write their junk into.
 
 2. Prefix sharing with reference counts. The G samples of one prompt share its prompt: the prompt is
@@ -26,7 +27,8 @@ this one first and `self.runner`'s methods on trust.
    that block's k/v and lets go of the shared one. We chose this over "start each sample's own
    block at the first generated token" because it keeps one rule, slot = f(position), for every
    token of every sequence, so attention and the kernel never need to know about holes; the price
-   is one block copy per sample, which is nothing next to a prefill. (nano-vllm's Block also
+   is at most G - 1 block copies per prompt (the last writer finds the block its own; none when the
+   prompt fills its last block), nothing next to a prefill. (nano-vllm's Block also
    carries a hash of its tokens to reuse prefixes *across* requests; we only share inside a group,
    where the fork tells us exactly what is shared, so no hash is needed.)
 
@@ -58,10 +60,12 @@ this one first and `self.runner`'s methods on trust.
    to append: they get gen_mask 0 and logprob 0.0, so no loss trains on them, and they are simply
    uncached tokens, prefilled next step like a prompt chunk. None or [] ends the sequence ("stop").
    Responses never exceed max_new_tokens tokens in total (appended tokens count, and are cut to fit).
+   A hook token that is also a stop token, or the response's last allowed token, ends the sequence
+   without asking env_hook.
 
 6. A policy sharded with FSDP2 (--fsdp) holds 1/W of each weight per rank; generate gathers the
    full weights once, for the whole call (common.full_parameters; so every rank must call it), and
-   decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
+   by default decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
 
 7. Decode bursts (`decode_burst`, default 16). A step as in 3 costs the host a few microseconds
    per sequence (schedule, tables, reading the sampled tokens back, appending them): at batch
@@ -101,7 +105,7 @@ class SamplingParams:
     max_new_tokens: int = 256      # cap on len(token_ids), generated + appended
     stop_token_ids: tuple = ()     # e.g. <|im_end|>, EOS (data.chat.stop_ids)
     stop_strings: tuple = ()       # stop once the response's text contains one (generate's `decode`)
-    hook_token_ids: tuple = ()     # e.g. </tool_call>: stop and ask env_hook for tokens to append
+    hook_token_ids: tuple = ()     # e.g. </tool_call>: pause, ask env_hook for tokens to append (none: stop)
 
 
 @dataclass
@@ -199,11 +203,12 @@ class Burst:
 
 
 class Engine:
-    """block_size: tokens per KV block. num_blocks: pool size (None: sized per request, on a GPU at
-    most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
+    """block_size: tokens per KV block. num_blocks: pool size (None: what the largest request so far
+    needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
     running sequences. cuda_graphs: capture decode steps (default: on a GPU, unless the model is
     FSDP-sharded (docstring, 6) or the block size does not suit the Triton attention kernel, a
-    power of two >= 16; model_runner.py). decode_burst: decode steps per host sync (docstring, 7;
+    power of two >= 16 (kernels/paged_attention.kernel_fits); never under autocast, where bursts
+    run eagerly: ModelRunner.start). decode_burst: decode steps per host sync (docstring, 7;
     1: one). overlap: launch each burst before the host reads the last (docstring, 7; default: on
     a GPU).
     After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
@@ -308,7 +313,8 @@ class Engine:
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
-        now (no seat under max_seqs, or no room in the pool): nothing for the host to decide."""
+        now (no seat under max_seqs, no token left in a step's budget after the decodes, or no room
+        in the pool; as _schedule decides): nothing for the host to decide."""
         if not running or len(running) > self.max_batch_tokens:
             return False
         if any(len(seq.tokens) - seq.num_cached != 1 for seq in running):
@@ -316,7 +322,8 @@ class Engine:
         if not waiting:
             return True
         seats = len(running) + 1 + len(waiting[0].children) <= self.max_seqs
-        return not (seats and self._blocks_for(len(waiting[0].tokens)) <= len(alloc.free))
+        budget = len(running) < self.max_batch_tokens
+        return not (seats and budget and self._blocks_for(len(waiting[0].tokens)) <= len(alloc.free))
 
     def _burst(self, waiting: deque, running: list, alloc: BlockAllocator, params: SamplingParams,
                sampler) -> "Burst | None":

@@ -2,7 +2,7 @@
 decode step against its memory-bandwidth floor.
 
     python bench/rollout.py               # GPU: configs/bench.json in bf16, the RL-shaped workload
-    python bench/rollout.py --cpu-smoke   # a tiny version on the CPU, to check that the script runs
+    python bench/rollout.py --cpu-smoke   # a tiny version on the CPU (the default without CUDA)
 
 Workload (GPU defaults): 256 prompts of 128 random tokens, 8 samples each, exactly 256 new tokens per
 sample (no stop tokens, so every path does the same work), temperature 1. Rows of the first table:
@@ -223,7 +223,8 @@ def decode_floor_s(model, B, context, cache_itemsize):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny config, tiny workload, on the CPU")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny config, tiny workload, on the CPU (automatic without CUDA)")
     parser.add_argument("--config", default=None,
                         help="model config (default configs/bench.json; configs/tiny.json for --cpu-smoke)")
     parser.add_argument("--prompts", type=int, default=256)
@@ -236,14 +237,13 @@ def main():
     parser.add_argument("--no-graphs", action="store_true", help="disable the engine's CUDA graphs")
     args = parser.parse_args()
     cpu = args.cpu_smoke or not torch.cuda.is_available()
-    if args.cpu_smoke:
+    if cpu:
         args.prompts, args.prompt_len, args.n, args.new_tokens = 4, 16, 2, 8
         args.decode_batches = [4]
-    if cpu:   # tiny ops: a second intra-op thread only spin-waits on a small, busy machine
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)   # tiny ops: a second intra-op thread only spin-waits
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
-    config = args.config or os.path.join(ROOT, "configs", "tiny.json" if args.cpu_smoke else "bench.json")
+    config = args.config or os.path.join(ROOT, "configs", "tiny.json" if cpu else "bench.json")
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(ModelConfig.from_json(config)).to(dtype).eval()

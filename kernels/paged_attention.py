@@ -7,7 +7,8 @@ a shared pool (see rollout.py for the block tables, model_runner.py for the pool
 
     q, k, v:          the new tokens' query, key and value heads
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], one layer's slice of the pool
-    block_tables_S_M: int32/int64, row s lists the blocks of sequence s in order (padding: any id)
+    block_tables_S_M: int32/int64, row s lists the blocks of sequence s in order (padding: any valid
+                      block id: the torch path gathers every entry)
     positions_S:      int64, the new token's position p: it sees tokens 0..p, itself included
 
 Token t of sequence s sits in block block_tables[s, t // block_size] at row t % block_size, so the
@@ -126,7 +127,10 @@ def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, tables_ptr, 
 
 
 def kernel_fits(block_size: int) -> bool:
-    """tl.dot wants every tile dimension >= 16 and tl.arange wants powers of two."""
+    """The block sizes the kernel takes: powers of two >= 16. It walks BLOCK_T = max(64, block_size)
+    tokens a step (a power of two: tl.arange) and finds each token's block by division, so others
+    would work too (under the interpreter it matches the torch path for block sizes 4 to 48). The
+    rule is conservative: the sizes the kernel was written for (the GPU tests run 16)."""
     return block_size >= 16 and block_size & (block_size - 1) == 0
 
 

@@ -101,6 +101,13 @@ def minimal(**stage):
     (minimal(name="rl", script="grpo", args={"fsd": True}), "[[stage]] #2 ('rl'): unknown argument 'fsd' for grpo.py"),
     (minimal(name="rl", script="grpo", args={"step": 300}), "[[stage]] #2 ('rl'): unknown argument 'step'"),
     (minimal(name="rl", script="grpo", args={"clip": 0.3}), "[[stage]] #2 ('rl'): unknown argument 'clip'"),
+    # true/false only for switches (false would drop the flag unseen); help is no stage argument
+    (minimal(name="rl", script="grpo", args={"thinking": False}), "thinking = false: true/false is for switches"),
+    (minimal(name="rl", script="grpo", args={"fsdpp": False}), "unknown argument 'fsdpp' for grpo.py"),
+    (minimal(name="rl", script="grpo", args={"help": True}), "unknown argument 'help' for grpo.py"),
+    (minimal(name="rl", script="grpo", args={"seed": 7}), "argument 'seed' is set by the cascade"),
+    (minimal(name="rl", script="grpo", args={"group_size": 0}), "argument --group_size: 0: must be > 0"),
+    (minimal(name="rl", script="grpo", args={"temperature": 0.0}), "argument --temperature: 0.0: must be > 0"),
     # value types, checked up front
     ({**minimal(name="rl", script="grpo"), "eval": {"thinking": "off"}}, "[eval]: thinking = 'off': must be true"),
     ({**minimal(name="rl", script="grpo"), "eval": 5}, "eval = 5: must be a table"),

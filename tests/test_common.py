@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import common
 from common import MetricsLogger, atomic_dir, checkpoint_exists, lr_at, read_metrics
@@ -129,6 +130,36 @@ def test_metrics_logger_drops_steps_a_resumed_run_will_log_again(tmp_path):
     log.log({"rm_loss": 0.5})                     # rows without a step are kept
     MetricsLogger(path, drop_from_step=3).log({"step": 3})
     assert [r.get("step") for r in read_metrics(path)] == [0, 1, 2, None, 3]
+
+
+def test_a_line_cut_short_is_dropped_before_new_rows_are_appended(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"rm_step": 0}\n{"rm_step": 1, "rm_lo')   # killed in mid-write
+    MetricsLogger(path).log({"rm_step": 1})                  # a rerun, not resuming from a step
+    assert [r["rm_step"] for r in read_metrics(path)] == [0, 1]
+    MetricsLogger(path, drop_from_step=0)                    # and the log still reads afterwards
+
+
+def test_a_gradient_that_is_not_finite_stops_before_the_optimizer_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    (w * float("nan")).sum().backward()
+    with pytest.raises(FloatingPointError, match="gradient norm is nan"):
+        common.clip_grad_norm([w], 1.0)
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert common.clip_grad_norm([w], 1.0).item() == 5.0 and torch.allclose(w.grad.norm(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("text, ok", [("3", True), ("0.5", True), ("0", False), ("-2", False)])
+def test_positive_arguments(text, ok):
+    import argparse
+    p = argparse.ArgumentParser(exit_on_error=False)
+    p.add_argument("--temperature", type=common.positive(float))
+    if ok:
+        assert p.parse_args(["--temperature", text]).temperature == float(text)
+    else:
+        with pytest.raises(argparse.ArgumentError, match=f"--temperature: {text}: must be > 0"):
+            p.parse_args(["--temperature", text])
 
 
 def test_finished_summary_is_the_stage_contract(tmp_path):

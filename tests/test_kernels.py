@@ -521,6 +521,7 @@ def compile_all_for_h100():
                               dict(G=4, HKV=2, D=64, BS=16, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
                                    PRECISION="tf32", FP32_MATH=False))
     assert "mma" in paged.asm["ptx"], "paged attention's dots not on the tensor cores"
+    assert "cp.async" in paged.asm["ptx"], "paged attention's K/V loads not pipelined"
     _compile_for_h100(rt._combine_kernel, dict(y_ptr="*bf16", unsort_ptr="*i64", weights_ptr="*fp32",
                                                out_ptr="*bf16"), dict(TOP_K=8, BLOCK_H=512))
     import kernels.qk_norm_rope as qr

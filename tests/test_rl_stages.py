@@ -246,9 +246,14 @@ def test_rlhf_main(tiny_setup):
     out = str(root / "rlhf")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--rm_steps", "3", "--rm_batch", "4",
             "--group_size", "2", "--eval_prompts", "2", "--overlong", "none", "--thinking", "off"] + COMMON
+    os.makedirs(out)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # killed before its reward model was saved
+        f.write('{"rm_step": 0, "rm_loss": 99.0}\n{"rm_step": 1, "rm_lo')
     summary = rlhf.main(argv)
     assert os.path.isfile(os.path.join(out, "reward_model", "score_head.safetensors"))
     rows = check_outputs(out, summary, rlhf.main, argv)
+    assert [r["rm_step"] for r in rows if "rm_step" in r] == [0, 1, 2]   # trained again, logged once
+    assert all(r["rm_loss"] != 99.0 for r in rows if "rm_step" in r)
     assert all(r["trained_tokens"] > 0 for r in rows if "step" in r)
     assert 0 <= summary["rm_eval_acc"] <= 1 and 0 <= summary["judge_win_rate"] <= 1
 

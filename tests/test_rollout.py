@@ -99,6 +99,24 @@ def test_a_step_may_hold_more_tokens_than_one_sequence_may():
         assert group[0].token_ids == greedy_reference(model, prompt, 6)
 
 
+def test_a_full_token_budget_does_not_stop_bursts(model64):
+    """With max_batch_tokens running sequences, a waiting one cannot join (the decodes take the whole
+    budget), so the running ones decode in bursts rather than one step per host sync."""
+    prompts = make_prompts([3] * 8, seed=9)
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    engine = Engine(model64, block_size=4, max_batch_tokens=4, decode_burst=4)
+    single_steps = []
+    step = engine._step
+    def counting_step(waiting, running, *args):
+        if waiting and len(running) >= 4 and all(len(s.tokens) - s.num_cached == 1 for s in running):
+            single_steps.append(len(running))   # a pure decode step that a burst could have run
+        step(waiting, running, *args)
+    engine._step = counting_step
+    out = engine.generate(prompts, params)
+    assert single_steps == [] and engine.stats["bursts"] > 0
+    assert out == Engine(model64, block_size=4).generate(prompts, params)
+
+
 def test_stop_token_ends_a_sequence(model64):
     prompt = make_prompts([7], seed=1)[0]
     free_run = greedy_reference(model64, prompt, 8)
