@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -270,15 +271,29 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         raise FileNotFoundError(f"{path}: no checkpoint here (config.json missing)")
     model = Transformer.from_pretrained(path, device=device, dtype=dtype)
     state_file = os.path.join(path, "trainer_state.json")
-    state = json.load(open(state_file)) if os.path.exists(state_file) else {}
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        state = {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_file}: not JSON ({e})") from None
     return model, state
+
+
+def read_tensors(file, device="cpu"):
+    """A safetensors file's tensors; a file cut short or of another format is an error naming it."""
+    try:
+        return load_file(file, device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def load_optimizer(path, model, optimizer, state):
     """Restore the optimizer saved by save_checkpoint into a freshly built optimizer of `model`
     (plain or sharded: under FSDP every rank keeps its shard of the whole saved state)."""
     opt_state = {}
-    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+    for key, v in read_tensors(os.path.join(path, "optimizer.safetensors")).items():
         name, k = key.rsplit(".", 1)
         opt_state.setdefault(name, {})[k] = v
     groups = state["optimizer_param_groups"]

@@ -32,7 +32,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from common import atomic_dir
@@ -489,9 +489,12 @@ class Transformer(nn.Module):
         else:
             files = ["model.safetensors"]
         where = {}   # key -> its file, from the files' headers
-        for name in files:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), os.path.join(path, name)))
+        for file in [os.path.join(path, name) for name in files]:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    where.update(dict.fromkeys(f.keys(), file))
+            except SafetensorError as e:   # cut short, or not safetensors
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
         with torch.device("meta"):   # shapes only
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)

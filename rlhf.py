@@ -29,7 +29,7 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import common
 import data
@@ -157,7 +157,7 @@ def save_reward_model(path, rm, tok_path, stats):
 def load_reward_model(path, device):
     body, _ = common.load_checkpoint(path, device)
     rm = RewardModel(body).to(device)
-    rm.head.load_state_dict(load_file(os.path.join(path, "score_head.safetensors"), device=str(device)))
+    rm.head.load_state_dict(common.read_tensors(os.path.join(path, "score_head.safetensors"), device))
     with open(os.path.join(path, "rm_stats.json")) as f:
         return rm, json.load(f)
 

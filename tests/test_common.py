@@ -120,6 +120,15 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
     wrong = torch.optim.AdamW(list(model2.parameters())[:3], lr=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         load_optimizer(str(tmp_path / "ck"), model2, wrong, state)
+    # files cut short (a copy interrupted, a full disk): errors that name them
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        file = tmp_path / "ck" / name
+        whole = file.read_bytes()
+        file.write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(ValueError, match=f"{file}: not "):
+            model3, state3 = load_checkpoint(str(tmp_path / "ck"))
+            load_optimizer(str(tmp_path / "ck"), model3, torch.optim.AdamW(model3.parameters()), state3)
+        file.write_bytes(whole)
 
 
 def test_metrics_logger_drops_steps_a_resumed_run_will_log_again(tmp_path):
