@@ -223,10 +223,10 @@ def optimizer_step(run, args):
 def setup(args, freeze_router=False):
     """An RL stage's state, as a plain namespace: the policy (OUT/last when resuming, else --init),
     tokenizer, optimizer, prompts by domain and rollout.Engine on the policy's own weights. The
-    engine keeps its KV pool and CUDA graphs from step to step (so nothing is captured twice): the
-    pool is sized for a step's rollout, not for the GPU, unless a rollout needs more than half its
-    free memory, where the pool stops (engine.release() before each update would hand it to training, at the price of a new pool and
-    new captures every step)."""
+    engine keeps its KV pool and CUDA graphs from step to step (so nothing is captured twice). The
+    pool is sized for a step's rollout, capped at half the GPU's free memory; engine.release()
+    before each update would hand it to training, at the price of a new pool and new captures
+    every step."""
     d = common.init_distributed(args.device)
     last = os.path.join(args.out, "last")
     start = last if common.checkpoint_exists(last) else args.init
@@ -255,9 +255,9 @@ def setup(args, freeze_router=False):
         raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
     step = state.get("step", 0) if start == last else 0   # steps done (rows are numbered from 0)
     metrics = os.path.join(args.out, "metrics.jsonl")
-    # the step rows before `step`, for the summary over the last steps (a resumed run's too): those
-    # the logger below keeps when it drops the steps after the checkpoint (it also keeps rows with no
-    # "step", as rlhf.py's reward-model rows, which are no steps)
+    # the rows of the steps before `step`, for the summary over the last steps (a resumed run's too):
+    # the step rows the logger below keeps when it drops the steps after the checkpoint (it keeps rows
+    # without a "step" too, such as rlhf.py's reward-model rows, but those are no steps)
     history = ([r for r in common.read_metrics(metrics) if r.get("step", step) < step]
                if step and os.path.exists(metrics) else [])
     return SimpleNamespace(
@@ -420,15 +420,16 @@ def add_rl_args(p, lr, group_size):
     a("--domains", default="math", help="comma-separated domains to draw prompts from")
     a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
     a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
-    a("--group_size", type=common.positive(int), default=group_size, help="G: responses sampled per prompt")
-    a("--prompts_per_step", type=common.positive(int), default=16, help="prompts per step, global over all ranks")
+    count = common.positive(int)   # sizes and counts: > 0
+    a("--group_size", type=count, default=group_size, help="G: responses sampled per prompt")
+    a("--prompts_per_step", type=count, default=16, help="prompts per step, global over all ranks")
     a("--max_new_tokens", type=int, default=256, help="cap on each response (tool output included)")
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
-    a("--micro_batch", type=common.positive(int), default=16, help="sequences per training forward (a memory knob)")
+    a("--micro_batch", type=count, default=16, help="sequences per training forward (a memory knob)")
     a("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
     a("--fsdp", action="store_true", help="shard the policy's weights, gradients and optimizer state "
       "over the ranks (FSDP2); rollouts gather the full weights; no effect on one process")
-    a("--log_every", type=common.positive(int), default=1, help="print a progress line every N steps")
+    a("--log_every", type=count, default=1, help="print a progress line every N steps")
     return p
 
 
@@ -439,11 +440,12 @@ def build_parser():
       help="sampling temperature (> 0: the training forward divides the logits by it)")
     a("--top_p", type=float, default=1.0, help="nucleus sampling; < 1 makes pi_old the truncated "
       "distribution, so the ratio pi/pi_old is the kept mass (< 1) even strictly on-policy")
-    a("--epochs", type=common.positive(int), default=1, help="optimizer steps per rollout batch (>1: the PPO clip binds)")
+    a("--epochs", type=common.positive(int), default=1,
+      help="optimizer steps per rollout batch (>1: the PPO clip binds)")
     a("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
     a("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (clip-higher)")
-    a("--kl_coef", type=float, default=0.0,
-      help="k3 KL penalty to --init (0: none, as in the paper's verifiable-reward RL; its RLHF reportedly 0.03)")
+    a("--kl_coef", type=float, default=0.0, help="k3 KL penalty to --init (0: none, as in the "
+      "paper's verifiable-reward RL; its RLHF reportedly uses 0.03)")
     a("--overlong", default="mask", choices=["mask", "penalize", "none"],
       help="truncated: no loss / reward 0 (a verifier's worst; a reward model's scores can be below 0)")
     a("--filter_groups", default="on", choices=["on", "off"], help="drop groups with equal rewards")

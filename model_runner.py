@@ -9,8 +9,8 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
 1. The pool: k_cache and v_cache, each [layers, num_blocks, block_size, Hkv, D], zeros (a masked-out
    position still multiplies its 0 weight with V, and NaN * 0 = NaN). Its size is the engine's
    num_blocks if given; else what the largest request so far needed, capped on a GPU at half the
-   free memory (it grows, never shrinks; `release` hands it back). Block 0
-   is never handed out: the padding rows of a CUDA graph write their junk there.
+   free memory (it grows, never shrinks; `release` hands it back). Block 0 is never handed out: the
+   padding rows of a CUDA graph write their junk there.
 
 2. A scheduled step (`forward`): the N new tokens of S sequences, flattened into one [1, N] row with
    per-token positions, single-token sequences first. The model runs with an explicit `attention`

@@ -194,8 +194,9 @@ def build_parser():
     p.set_defaults(domains="chat", mix="", lr=1e-6)
     p.add_argument("--rm_steps", type=int, default=100, help="reward-model training steps")
     p.add_argument("--rm_lr", type=float, default=1e-4, help="reward-model learning rate")
-    p.add_argument("--rm_batch", type=common.positive(int), default=32, help="preference pairs per reward-model step")
-    p.add_argument("--eval_prompts", type=common.positive(int), default=64, help="eval chat prompts for the judge's win rate")
+    count = common.positive(int)
+    p.add_argument("--rm_batch", type=count, default=32, help="preference pairs per reward-model step")
+    p.add_argument("--eval_prompts", type=count, default=64, help="eval chat prompts for the judge's win rate")
     return p
 
 

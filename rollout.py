@@ -105,7 +105,7 @@ class SamplingParams:
     max_new_tokens: int = 256      # cap on len(token_ids), generated + appended
     stop_token_ids: tuple = ()     # e.g. <|im_end|>, EOS (data.chat.stop_ids)
     stop_strings: tuple = ()       # stop once the response's text contains one (generate's `decode`)
-    hook_token_ids: tuple = ()     # e.g. </tool_call>: pause, ask env_hook for tokens to append (none: stop)
+    hook_token_ids: tuple = ()     # e.g. </tool_call>: pause; env_hook's tokens are appended (none: stop)
 
 
 @dataclass
@@ -204,13 +204,13 @@ class Burst:
 
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: what the largest request so far
-    needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one step. max_seqs: cap on
-    running sequences. cuda_graphs: capture decode steps (default: on a GPU, unless the model is
-    FSDP-sharded (docstring, 6) or the block size does not suit the Triton attention kernel, a
-    power of two >= 16 (kernels/paged_attention.kernel_fits); never under autocast, where bursts
-    run eagerly: ModelRunner.start). decode_burst: decode steps per host sync (docstring, 7;
-    1: one). overlap: launch each burst before the host reads the last (docstring, 7; default: on
-    a GPU).
+    needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one
+    step. max_seqs: cap on running sequences. cuda_graphs: capture decode steps (default: on a
+    GPU, unless the model is FSDP-sharded (docstring, 6) or the block size does not suit the Triton
+    attention kernel, a power of two >= 16 (kernels/paged_attention.kernel_fits); never under
+    autocast, where bursts run eagerly: ModelRunner.start). decode_burst: decode steps per host
+    sync (docstring, 7; 1: one). overlap: launch each burst before the host reads the last
+    (docstring, 7; default: on a GPU).
     After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
     peak_blocks, bursts, and ahead (bursts launched before the host had read the one before them).
     Pass the bare module, not a DDP wrapper."""

@@ -94,7 +94,8 @@ def build_parser():
     p.add_argument("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state "
                    "over the ranks (FSDP2) instead of replicating them (DDP); no effect on one process")
-    p.add_argument("--log_every", type=common.positive(int), default=10, help="progress line and metrics row every N steps")
+    p.add_argument("--log_every", type=common.positive(int), default=10,
+                   help="progress line and metrics row every N steps")
     return p
 
 # -----------------------------------------------------------------------------
