@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh kernels   # bench/kernels.py, bench/train_step.py
 #   bash bench/gpu.sh rollout   # bench/rollout.py: engine vs static-KV loop vs transformers, decode floor
 #   bash bench/gpu.sh recipe    # the small recipe end to end: report.md, wall time
+#   bash bench/gpu.sh rollout kernels   # several parts in one call, in that order
 #
 # Seen on a fresh H100 machine (2026-11-22), Triton compiling and autotuning included: tests over
 # 190 s with 8 xdist workers, kernels about 2 min, rollout about 2 min, recipe about 7 min.
@@ -24,7 +25,16 @@ header() {
     echo "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')} | $(date -u '+%Y-%m-%d %H:%M UTC')"
 }
 
-case "$1" in
+[ $# -gt 0 ] || set -- none
+for part in "$@"; do   # check every part before running any
+    case "$part" in
+    tests|kernels|rollout|recipe) ;;
+    *) echo "usage: bash bench/gpu.sh tests|kernels|rollout|recipe ..." >&2; exit 2 ;;
+    esac
+done
+status=0
+for part in "$@"; do
+case "$part" in
 tests)
     # -v: one line per test as it finishes, so a log cut short still says how far it got;
     # --durations: where the time went (compiling and autotuning, mostly)
@@ -44,9 +54,7 @@ recipe)
       torchrun --standalone --nproc_per_node=1 cascade.py --recipe recipes/small.toml --run_dir /tmp/small
       echo "wall time: $(( $(date +%s) - start )) s"
     } 2>&1 | tee "$out/recipe.txt"
-    cp /tmp/small/report.md "$out/report.md" 2>/dev/null
-    cp /tmp/small/curves.png "$out/curves.png" 2>/dev/null ;;
-*)
-    echo "usage: bash bench/gpu.sh tests|kernels|rollout|recipe" >&2
-    exit 2 ;;
-esac
+    cp /tmp/small/report.md /tmp/small/curves.png "$out/" 2>/dev/null || true ;;   # (curves: matplotlib)
+esac || status=$?   # (a part that fails does not stop the next)
+done
+exit $status
