@@ -37,6 +37,7 @@ holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared
 import argparse
 import json
 import os
+import re
 import time
 import tomllib
 
@@ -50,7 +51,7 @@ import rlhf
 import sft
 import verifiers
 from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main,
-                    load_checkpoint, print0, save_checkpoint, set_seed)
+                    load_checkpoint, pos_float, pos_int, print0, read_json, save_checkpoint, set_seed)
 from model import ModelConfig, Transformer
 from rollout import Engine
 
@@ -106,6 +107,11 @@ def load_recipe(path, steps_scale=1.0):
     known(build.get("sizes", {}), dict.fromkeys(data.PRESETS["tiny"]["sizes"], int), "[build] sizes: ")
     if build.get("preset", "tiny") not in data.PRESETS:
         bad(f"[build]: unknown preset '{build['preset']}' (expected one of {sorted(data.PRESETS)})")
+    preset, given = data.PRESETS[build.get("preset", "tiny")], {k: v for k, v in build.items() if k != "preset"}
+    try:
+        data.check_build_args(**{**preset, **given, "sizes": {**preset["sizes"], **build.get("sizes", {})}})
+    except ValueError as e:
+        bad(f"[build]: {e}")
     for key in ("limit", "max_new_tokens"):
         if ev.get(key, 1) < 1:
             bad(f"[eval]: {key} = {ev[key]}: must be a positive integer")
@@ -127,6 +133,8 @@ def load_recipe(path, steps_scale=1.0):
         known(st, STAGE_KEYS, where)
         if "name" not in st or "script" not in st:
             bad(f"{where}needs both 'name' and 'script'")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", st["name"]):
+            bad(f"{where}name {st['name']!r}: letters, digits, _ and - only (it names RUN/stages/<name>)")
         if st["name"] in names:
             bad(f"{where}duplicate stage name '{st['name']}' (names must be unique, and not 'start')")
         names.add(st["name"])
@@ -156,6 +164,11 @@ def load_recipe(path, steps_scale=1.0):
             bad(f"{where}{e}")
         if unknown:   # (every key is known: a value that argparse took for an option)
             bad(f"{where}cannot read {' '.join(unknown)!r} as arguments of {st['script']}.py")
+        if st["script"] != "sft":
+            try:
+                grpo.domains_and_mix(st["ns"])
+            except ValueError as e:
+                bad(f"{where}{e}")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -179,8 +192,10 @@ def evaluate(ckpt, data_dir, settings, dd):
     t0 = time.time()
     model, _ = load_checkpoint(ckpt, device=dd.device)
     tok, engine = data.load_tokenizer(ckpt), Engine(model)
+    rows = {d: data.load_jsonl(os.path.join(data_dir, "eval", f"{d}.jsonl"), "rl", d)[:settings["limit"]]
+            for d in settings["domains"]}
     jobs = [(column, domain, dict(r, thinking=thinking)) for column, domain, thinking in eval_columns(settings)
-            for r in data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl")[:settings["limit"]]]
+            for r in rows[domain]]
     columns, mine = list(dict.fromkeys(job[0] for job in jobs)), list(range(dd.rank, len(jobs), dd.world_size))
     params, texts = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"]), []
     for column in columns:  # a batch per column: similar lengths, less padding
@@ -279,7 +294,7 @@ def eval_settings(recipe, data_dir, eval_limit):
 def cached_rows(run, settings):
     """RUN/eval.json's rows, if they were evaluated with these settings (else they do not compare)."""
     path = os.path.join(run, "eval.json")
-    cache = json.load(open(path)) if os.path.exists(path) else {}
+    cache = read_json(path) if os.path.exists(path) else {}
     return cache["rows"] if cache.get("settings") == settings else {}
 
 
@@ -404,14 +419,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Run a cascade recipe end to end (see the module docstring).")
     ap.add_argument("--recipe", default="recipes/tiny.toml", help="the TOML recipe to run")
     ap.add_argument("--run_dir", help="output directory (default: runs/<recipe name>)")
-    ap.add_argument("--steps_scale", type=float, default=1.0,
+    ap.add_argument("--steps_scale", type=pos_float, default=1.0,
                     help="multiply every stage's --steps and --rm_steps by this (floor 1): quick tests. "
                     "An SFT stage that derives its steps from --epochs (--steps 0) is not scaled")
-    ap.add_argument("--eval_limit", type=int, help="eval prompts per domain (overrides the recipe's)")
+    ap.add_argument("--eval_limit", type=pos_int, help="eval prompts per domain (overrides the recipe's)")
     ap.add_argument("--only_eval", metavar="CKPT", help="evaluate one checkpoint, print its row, exit")
     a = ap.parse_args(argv)
     recipe = load_recipe(a.recipe, a.steps_scale)  # all of it checked before anything runs
-    run = a.run_dir or os.path.join("runs", recipe["name"])
+    run = os.path.abspath(a.run_dir or os.path.join("runs", recipe["name"]))   # (eval.json keeps paths)
     dd = init_distributed(recipe["device"])
     data_dir = prepare_data(recipe, run)
     settings = eval_settings(recipe, data_dir, a.eval_limit)

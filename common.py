@@ -259,8 +259,20 @@ def finished_summary(out):
     final = os.path.join(out, "final")
     if not checkpoint_exists(final):
         return None
-    with open(os.path.join(final, "trainer_state.json")) as f:
-        return json.load(f).get("summary", {})
+    return read_json(os.path.join(final, "trainer_state.json")).get("summary", {})
+
+
+def read_json(path):
+    """A JSON object this project wrote (trainer_state.json, eval.json, ...). A file cut short, or
+    edited into something else, is an error that names it."""
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
@@ -271,14 +283,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         raise FileNotFoundError(f"{path}: no checkpoint here (config.json missing)")
     model = Transformer.from_pretrained(path, device=device, dtype=dtype)
     state_file = os.path.join(path, "trainer_state.json")
-    try:
-        with open(state_file) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        state = {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{state_file}: not JSON ({e})") from None
-    return model, state
+    return model, read_json(state_file) if os.path.exists(state_file) else {}
 
 
 def read_tensors(file, device="cpu"):
@@ -296,6 +301,8 @@ def load_optimizer(path, model, optimizer, state):
     for key, v in read_tensors(os.path.join(path, "optimizer.safetensors")).items():
         name, k = key.rsplit(".", 1)
         opt_state.setdefault(name, {})[k] = v
+    if "optimizer_param_groups" not in state:
+        raise ValueError(f"{path}/trainer_state.json: no optimizer state to resume from")
     groups = state["optimizer_param_groups"]
     name_of = {id(p): n for n, p in unwrap(model).named_parameters()}
     ours = [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
@@ -311,16 +318,21 @@ def load_optimizer(path, model, optimizer, state):
 # arguments, learning rate and metrics
 
 
-def positive(cast):
-    """An argparse type for sizes and counts that must be > 0: `--group_size 0` is an error naming
-    the flag at once, not a division by zero after the first rollout."""
+def positive(cast, zero_ok=False):
+    """An argparse type for numbers that must be > 0 (>= 0 with zero_ok): `--group_size 0` is an
+    error naming the flag at once, not a division by zero after the first rollout, and a negative
+    --grad_clip is not a clip factor that turns every gradient around."""
     def parse(text):
         value = cast(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+        if not (value >= 0 if zero_ok else value > 0):   # (NaN fails both)
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>= 0' if zero_ok else '> 0'}")
         return value
     parse.__name__ = cast.__name__   # (argparse names the type in its messages)
     return parse
+
+
+pos_int, nonneg_int, pos_float, nonneg_float = (positive(int), positive(int, zero_ok=True),
+                                                positive(float), positive(float, zero_ok=True))
 
 
 def lr_at(step, total, warmup, peak, final_frac=0.1, schedule="cosine"):

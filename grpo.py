@@ -87,10 +87,25 @@ def load_prompts(data_dir, domains, prompts_file=None, split="rl"):
         rows = data.load_jsonl(prompts_file, "rl")
         pools = {d: [r for r in rows if r["domain"] == d] for d in domains}
     else:
-        pools = {d: data.load_jsonl(os.path.join(data_dir, split, f"{d}.jsonl"), "rl") for d in domains}
+        pools = {d: data.load_jsonl(os.path.join(data_dir, split, f"{d}.jsonl"), "rl", d) for d in domains}
     for d in [d for d in domains if not pools[d]]:
         raise ValueError(f"{prompts_file or os.path.join(data_dir, split)}: no prompts of domain '{d}'")
     return pools
+
+
+def domains_and_mix(args):
+    """--domains and --mix -> (domains, weights): known domains, each once; one finite weight >= 0
+    per domain, not all 0. (cascade.py checks a recipe's stages with it before anything runs.)"""
+    domains = args.domains.split(",")
+    if any(d not in data.DOMAINS for d in domains) or len(set(domains)) < len(domains):
+        raise ValueError(f"--domains {args.domains!r}: a comma list of {', '.join(data.DOMAINS)}, each once")
+    try:
+        mix = [float(w) for w in args.mix.split(",")] if args.mix else [1.0] * len(domains)
+    except ValueError:
+        mix = []
+    if len(mix) != len(domains) or not all(0 <= w < float("inf") for w in mix) or sum(mix) <= 0:
+        raise ValueError(f"--mix {args.mix!r}: one finite weight >= 0 per domain of {domains}, not all 0")
+    return domains, mix
 
 
 def sample_groups(engine, tok, rows, group_size, params, seed):
@@ -249,10 +264,7 @@ def setup(args, freeze_router=False):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda")
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # the rollout engine runs the fp32 weights
-    domains = args.domains.split(",")
-    mix = [float(w) for w in args.mix.split(",")] if args.mix else [1.0] * len(domains)
-    if len(mix) != len(domains) or min(mix) < 0 or sum(mix) <= 0:
-        raise ValueError(f"--mix {args.mix!r} must give one non-negative weight per domain of {domains}")
+    domains, mix = domains_and_mix(args)
     step = state.get("step", 0) if start == last else 0   # steps done (rows are numbered from 0)
     metrics = os.path.join(args.out, "metrics.jsonl")
     # the rows of the steps before `step`, for the summary over the last steps (a resumed run's too):
@@ -413,38 +425,38 @@ def add_rl_args(p, lr, group_size):
     a("--seed", type=int, default=0, help="seed of the prompt order and of the rollouts")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
-    a("--steps", type=int, default=20, help="RL steps (one rollout batch each)")
-    a("--lr", type=float, default=lr, help="learning rate (AdamW), constant after the warmup")
-    a("--warmup", type=int, default=2, help="linear warmup steps")
-    a("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--steps", type=common.pos_int, default=20, help="RL steps (one rollout batch each)")
+    a("--lr", type=common.pos_float, default=lr, help="learning rate (AdamW), constant after the warmup")
+    a("--warmup", type=common.nonneg_int, default=2, help="linear warmup steps")
+    a("--grad_clip", type=common.nonneg_float, default=1.0, help="max global gradient norm (0: off)")
     a("--domains", default="math", help="comma-separated domains to draw prompts from")
     a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
     a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
-    count = common.positive(int)   # sizes and counts: > 0
-    a("--group_size", type=count, default=group_size, help="G: responses sampled per prompt")
-    a("--prompts_per_step", type=count, default=16, help="prompts per step, global over all ranks")
-    a("--max_new_tokens", type=int, default=256, help="cap on each response (tool output included)")
+    a("--group_size", type=common.pos_int, default=group_size, help="G: responses sampled per prompt")
+    a("--prompts_per_step", type=common.pos_int, default=16, help="prompts per step, global over all ranks")
+    a("--max_new_tokens", type=common.pos_int, default=256, help="cap on each response (tool output included)")
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
-    a("--micro_batch", type=count, default=16, help="sequences per training forward (a memory knob)")
-    a("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
+    a("--micro_batch", type=common.pos_int, default=16, help="sequences per training forward (a memory knob)")
+    a("--save_every", type=common.nonneg_int, default=0, help="write OUT/last every N steps (0: never)")
     a("--fsdp", action="store_true", help="shard the policy's weights, gradients and optimizer state "
       "over the ranks (FSDP2); rollouts gather the full weights; no effect on one process")
-    a("--log_every", type=count, default=1, help="print a progress line every N steps")
+    a("--log_every", type=common.pos_int, default=1, help="print a progress line every N steps")
     return p
 
 
 def build_parser():
     p = add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8)
     a = p.add_argument
-    a("--temperature", type=common.positive(float), default=1.0,
+    a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")
-    a("--top_p", type=float, default=1.0, help="nucleus sampling; < 1 makes pi_old the truncated "
+    a("--top_p", type=common.pos_float, default=1.0, help="nucleus sampling; < 1 makes pi_old the truncated "
       "distribution, so the ratio pi/pi_old is the kept mass (< 1) even strictly on-policy")
-    a("--epochs", type=common.positive(int), default=1,
+    a("--epochs", type=common.pos_int, default=1,
       help="optimizer steps per rollout batch (>1: the PPO clip binds)")
-    a("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
-    a("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (clip-higher)")
-    a("--kl_coef", type=float, default=0.0, help="k3 KL penalty to --init (0: none, as in the "
+    a("--clip_low", type=common.nonneg_float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
+    a("--clip_high", type=common.nonneg_float, default=0.28,
+      help="PPO clip: ratio <= 1 + clip_high (clip-higher)")
+    a("--kl_coef", type=common.nonneg_float, default=0.0, help="k3 KL penalty to --init (0: none, as in the "
       "paper's verifiable-reward RL; its RLHF reportedly uses 0.03)")
     a("--overlong", default="mask", choices=["mask", "penalize", "none"],
       help="truncated: no loss / reward 0 (a verifier's worst; a reward model's scores can be below 0)")

@@ -42,6 +42,7 @@ import time
 import torch
 
 import common
+import data
 import grpo
 import verifiers
 from common import print0
@@ -86,14 +87,21 @@ def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, h
 
 
 def load_teachers(spec, domains, tok_path, device):
-    """'math=DIR,if=DIR' -> {domain: frozen model}. A directory named for several domains is loaded
-    once. Teachers must share the student's tokenizer: a token id has to mean the same thing."""
+    """'math=DIR,if=DIR' -> {domain: frozen model}, for the domains of --domains. A directory named for
+    several domains is loaded once. Teachers must share the student's tokenizer: a token id has to
+    mean the same thing (and be inside the teacher's vocabulary)."""
     models, teachers = {}, {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         domain, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--teachers: '{item}' is not DOMAIN=DIR")
+        if domain in teachers:
+            raise ValueError(f"--teachers: two teachers for domain '{domain}'")
         path = os.path.abspath(path)
+        if domain not in domains:   # (not loaded: a teacher for a domain not drawn from)
+            continue
+        if not common.checkpoint_exists(path):
+            raise ValueError(f"--teachers {domain}={path}: no checkpoint there")
         if path not in models:
             with open(os.path.join(path, "tokenizer.json")) as f, open(tok_path) as g:
                 if f.read() != g.read():
@@ -102,6 +110,9 @@ def load_teachers(spec, domains, tok_path, device):
             # bf16 weights on the GPU halve a teacher's memory; it only ever runs forward
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             models[path] = common.load_checkpoint(path, device, dtype)[0].eval().requires_grad_(False)
+            if models[path].config.vocab_size < data.load_tokenizer(tok_path).get_vocab_size():
+                raise ValueError(f"--teachers {domain}={path}: vocab_size {models[path].config.vocab_size} "
+                                 f"is smaller than the tokenizer's")
         teachers[domain] = models[path]
     missing = [d for d in domains if d not in teachers]
     if missing:
@@ -197,11 +208,13 @@ def train(args):
 def build_parser():
     p = grpo.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=2e-6, group_size=4)
     p.add_argument("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
-    p.add_argument("--mismatch_low", type=float, default=0.5, help="drop tokens with pi_train/pi_inf below")
-    p.add_argument("--mismatch_high", type=float, default=2.0, help="drop tokens with pi_train/pi_inf above")
-    p.add_argument("--eval_every", type=int, default=0,
+    p.add_argument("--mismatch_low", type=common.nonneg_float, default=0.5,
+                   help="drop tokens with pi_train/pi_inf below")
+    p.add_argument("--mismatch_high", type=common.pos_float, default=2.0,
+                   help="drop tokens with pi_train/pi_inf above")
+    p.add_argument("--eval_every", type=common.nonneg_int, default=0,
                    help="greedy eval on DATA/eval (teachers first) every N steps and at the end (0: off)")
-    p.add_argument("--eval_prompts", type=common.positive(int), default=64, help="eval prompts per domain")
+    p.add_argument("--eval_prompts", type=common.pos_int, default=64, help="eval prompts per domain")
     return p
 
 

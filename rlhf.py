@@ -158,8 +158,7 @@ def load_reward_model(path, device):
     body, _ = common.load_checkpoint(path, device)
     rm = RewardModel(body).to(device)
     rm.head.load_state_dict(common.read_tensors(os.path.join(path, "score_head.safetensors"), device))
-    with open(os.path.join(path, "rm_stats.json")) as f:
-        return rm, json.load(f)
+    return rm, common.read_json(os.path.join(path, "rm_stats.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,11 +191,11 @@ def build_parser():
     p = grpo.build_parser()
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(domains="chat", mix="", lr=1e-6)
-    p.add_argument("--rm_steps", type=int, default=100, help="reward-model training steps")
-    p.add_argument("--rm_lr", type=float, default=1e-4, help="reward-model learning rate")
-    count = common.positive(int)
-    p.add_argument("--rm_batch", type=count, default=32, help="preference pairs per reward-model step")
-    p.add_argument("--eval_prompts", type=count, default=64, help="eval chat prompts for the judge's win rate")
+    p.add_argument("--rm_steps", type=common.pos_int, default=100, help="reward-model training steps")
+    p.add_argument("--rm_lr", type=common.pos_float, default=1e-4, help="reward-model learning rate")
+    p.add_argument("--rm_batch", type=common.pos_int, default=32, help="preference pairs per reward-model step")
+    p.add_argument("--eval_prompts", type=common.pos_int, default=64,
+                   help="eval chat prompts for the judge's win rate")
     return p
 
 
@@ -235,8 +234,7 @@ def main(argv=None):
     summary.update(verdict)
     if common.is_main():   # the summary of OUT/final gains the reward model's and the judge's numbers
         state_file = os.path.join(args.out, "final", "trainer_state.json")
-        with open(state_file) as f:
-            state = json.load(f)
+        state = common.read_json(state_file)
         state["summary"] = summary
         with open(state_file + ".tmp", "w") as f:
             json.dump(state, f, indent=1)

@@ -74,28 +74,27 @@ def build_parser():
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--init", help="start checkpoint directory (HF layout + tokenizer.json)")
     start.add_argument("--config", help="model config.json to train from scratch (tokenizer from --data)")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
-    p.add_argument("--data", required=True, help="data directory with tokenizer.json and sft.jsonl")
-    p.add_argument("--sft_file", help="SFT conversations JSONL (default: DATA/sft.jsonl)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda if available")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: bf16 autocast on CUDA, fp32 on CPU); weights stay fp32")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: derive from --epochs)")
-    p.add_argument("--epochs", type=float, default=1.5, help="passes over the packed rows if --steps is 0")
-    p.add_argument("--batch_size", type=common.positive(int), default=64, help="global batch, in packed rows")
-    p.add_argument("--seq_len", type=common.positive(int), default=2048, help="tokens per packed row")
-    p.add_argument("--grad_accum", type=common.positive(int), default=1, help="microbatches per rank per step")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (cosine to 10%% of it)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--save_every", type=int, default=0, help="write OUT/last every N steps (0: never)")
-    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state "
-                   "over the ranks (FSDP2) instead of replicating them (DDP); no effect on one process")
-    p.add_argument("--log_every", type=common.positive(int), default=10,
-                   help="progress line and metrics row every N steps")
+    a = p.add_argument
+    a("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
+    a("--data", required=True, help="data directory with tokenizer.json and sft.jsonl")
+    a("--sft_file", help="SFT conversations JSONL (default: DATA/sft.jsonl)")
+    a("--seed", type=int, default=0, help="seed of the init and of the data order")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="compute dtype (auto: bf16 autocast on CUDA, fp32 on CPU); weights stay fp32")
+    a("--steps", type=common.nonneg_int, default=0, help="optimizer steps (0: derive from --epochs)")
+    a("--epochs", type=common.pos_float, default=1.5, help="passes over the packed rows if --steps is 0")
+    a("--batch_size", type=common.pos_int, default=64, help="global batch, in packed rows")
+    a("--seq_len", type=common.pos_int, default=2048, help="tokens per packed row")
+    a("--grad_accum", type=common.pos_int, default=1, help="microbatches per rank per step")
+    a("--lr", type=common.pos_float, default=5e-5, help="peak learning rate (cosine to 10%% of it)")
+    a("--warmup", type=common.nonneg_int, default=200, help="linear warmup steps")
+    a("--weight_decay", type=common.nonneg_float, default=0.1, help="AdamW weight decay (matrices only)")
+    a("--grad_clip", type=common.nonneg_float, default=1.0, help="max global gradient norm (0: off)")
+    a("--save_every", type=common.nonneg_int, default=0, help="write OUT/last every N steps (0: never)")
+    a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state "
+      "over the ranks (FSDP2) instead of replicating them (DDP); no effect on one process")
+    a("--log_every", type=common.pos_int, default=10, help="progress line and metrics row every N steps")
     return p
 
 # -----------------------------------------------------------------------------
@@ -186,6 +185,9 @@ def main(argv=None):
     input_ids, doc_ids, labels, n_docs, truncated = load_rows(
         tok, args.sft_file or os.path.join(args.data, "sft.jsonl"), args.seq_len, args.seed)
     n_rows = len(input_ids)
+    if (labels != IGNORE).sum() == 0:
+        raise ValueError(f"{args.sft_file or os.path.join(args.data, 'sft.jsonl')}: no assistant token "
+                         f"to train on in {n_rows} rows of --seq_len {args.seq_len}")
     total = args.steps or math.ceil(args.epochs * n_rows / args.batch_size)
     fill = (doc_ids >= 0).float().mean().item()
     common.print0(f"{n_docs} conversations -> {n_rows} rows of {args.seq_len} tokens "
@@ -216,8 +218,11 @@ def main(argv=None):
     step, epoch, pos = 0, 0, 0
     if resume:
         common.check_same_args(last, state, args, ("seed", "batch_size", "seq_len"))
-        common.load_optimizer(last, model, opt, state)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        if state.get("rows", n_rows) != n_rows or pos > n_rows:   # the data position means nothing
+            raise ValueError(f"{last} was written for SFT data of {state.get('rows', f'> {pos}')} packed "
+                             f"rows, this run's packs into {n_rows}: the same data, or a fresh --out")
+        common.load_optimizer(last, model, opt, state)
         common.print0(f"resuming from {last} at step {step}")
     ddp = world > 1 and not fsdp
     train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if ddp else model
@@ -275,7 +280,7 @@ def main(argv=None):
                             tokens_per_s=tokens_per_s, epoch=step * args.batch_size / n_rows))
         if args.save_every and step % args.save_every == 0 and step < total:
             common.save_checkpoint(last, model, tok_path, opt, dict(
-                step=step, epoch=epoch, pos=pos, args=vars(args)))
+                step=step, epoch=epoch, pos=pos, rows=n_rows, args=vars(args)))
 
     summary = dict(loss=loss, steps=total, rows=n_rows, conversations=n_docs, truncated=truncated,
                    epochs=total * args.batch_size / n_rows,

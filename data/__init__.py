@@ -8,9 +8,10 @@ import warnings
 # import-time side effects.
 warnings.filterwarnings("ignore", message="'data.build' found in sys.modules", category=RuntimeWarning)
 
-from data.build import PRESETS, build  # noqa: E402
+from data.build import PRESETS, build, check_build_args  # noqa: E402
 from data.domains import DOMAINS  # noqa: E402
 from data.jsonl import load_jsonl, write_jsonl  # noqa: E402
 from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
-__all__ = ["DOMAINS", "PRESETS", "build", "load_jsonl", "load_tokenizer", "train_tokenizer", "write_jsonl"]
+__all__ = ["DOMAINS", "PRESETS", "build", "check_build_args", "load_jsonl", "load_tokenizer", "train_tokenizer",
+           "write_jsonl"]

@@ -23,7 +23,7 @@ import os
 import random
 import time
 
-from data.chat import render
+from data.chat import SPECIAL_TOKENS, render
 from data.domains import DOMAINS, generate, preference_pair, prompt_record, sft_record
 from data.jsonl import write_jsonl
 from data.tokenizer import save_tokenizer, train_tokenizer
@@ -37,11 +37,24 @@ PRESETS = {  # sizes: sft = conversations in total, rl / eval = prompts per doma
 RL_DIFFICULTY = EVAL_DIFFICULTY = 0.5  # fraction of hard tasks: RL needs some it cannot solve yet
 
 
-def build(out_dir, seed=0, sizes=None, vocab_size=2048, doc_lines=24):
-    """Write the dataset (module docstring) to out_dir; returns out_dir. Idempotent."""
-    unknown = set(sizes or {}) - set(PRESETS["tiny"]["sizes"])
+def check_build_args(sizes, vocab_size, doc_lines):
+    """build's arguments, checked (cascade.py checks a recipe's [build] with it before anything runs)."""
+    unknown = set(sizes) - set(PRESETS["tiny"]["sizes"])
     if unknown:
         raise ValueError(f"build: unknown sizes {sorted(unknown)}; expected {sorted(PRESETS['tiny']['sizes'])}")
+    for key, n in sizes.items():
+        if n < 1:
+            raise ValueError(f"build: sizes.{key} = {n}: must be >= 1")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"build: vocab_size = {vocab_size}: must be >= {256 + len(SPECIAL_TOKENS)} "
+                         "(the 256 bytes and the chat template's special tokens)")
+    if not 1 <= doc_lines <= 990:   # a hard document has 2 * doc_lines keys, of 1980 distinct ones
+        raise ValueError(f"build: doc_lines = {doc_lines}: must be in 1..990")
+
+
+def build(out_dir, seed=0, sizes=None, vocab_size=2048, doc_lines=24):
+    """Write the dataset (module docstring) to out_dir; returns out_dir. Idempotent."""
+    check_build_args(sizes or {}, vocab_size, doc_lines)
     sizes = {**PRESETS["tiny"]["sizes"], **(sizes or {})}
     args = {"seed": seed, "sizes": sizes, "vocab_size": vocab_size, "doc_lines": doc_lines}
     files = ["tokenizer.json", "sft.jsonl", "prefs/train.jsonl", "prefs/eval.jsonl"] + \
@@ -49,7 +62,10 @@ def build(out_dir, seed=0, sizes=None, vocab_size=2048, doc_lines=24):
     manifest = os.path.join(out_dir, "build.json")
     if os.path.exists(manifest):
         with open(manifest) as f:
-            found = json.load(f)
+            try:
+                found = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}: not JSON ({e}); delete the directory to build it afresh") from None
         if found != args:
             raise ValueError(f"{manifest}: {out_dir} was built with {found}, not {args}; "
                              f"use another directory")
@@ -113,7 +129,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
     t0 = time.time()
-    build(a.out, a.seed, preset["sizes"], a.vocab_size or preset["vocab_size"], preset["doc_lines"])
+    build(a.out, a.seed, preset["sizes"], preset["vocab_size"] if a.vocab_size is None else a.vocab_size,
+          preset["doc_lines"])
     print(f"built {a.out} ({a.preset}, seed {a.seed}) in {time.time() - t0:.1f}s")
 
 

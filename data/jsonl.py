@@ -86,8 +86,9 @@ def check_record(rec, kind):
                 raise ValueError(f"{key!r} must be a string, got {type(rec[key]).__name__}")
 
 
-def load_jsonl(path, kind):
-    """Read and validate a JSONL file of `kind` ("sft", "rl" or "prefs") -> list of dicts.
+def load_jsonl(path, kind, domain=None):
+    """Read and validate a JSONL file of `kind` ("sft", "rl" or "prefs") -> list of dicts; with
+    `domain`, a file of that domain's rows only (DATA/rl/<domain>.jsonl, DATA/eval/<domain>.jsonl).
     Blank lines are skipped; any other problem raises ValueError("path:line: reason")."""
     if kind not in REQUIRED_KEYS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(REQUIRED_KEYS)}")
@@ -108,6 +109,8 @@ def load_jsonl(path, kind):
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from None
             try:
                 check_record(rec, kind)
+                if domain is not None and rec["domain"] != domain:
+                    raise ValueError(f"a row of domain {rec['domain']!r} in a file of domain {domain!r}")
             except (ValueError, RecursionError) as e:  # RecursionError: a deep structure in a checked field
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             records.append(rec)

@@ -108,6 +108,17 @@ def minimal(**stage):
     (minimal(name="rl", script="grpo", args={"seed": 7}), "argument 'seed' is set by the cascade"),
     (minimal(name="rl", script="grpo", args={"group_size": 0}), "argument --group_size: 0: must be > 0"),
     (minimal(name="rl", script="grpo", args={"temperature": 0.0}), "argument --temperature: 0.0: must be > 0"),
+    # stage names name directories; domains and mix are checked before the first stage runs
+    (minimal(name="rl/", script="grpo"), "name 'rl/': letters, digits, _ and - only"),
+    (minimal(name="..", script="grpo"), "name '..': letters, digits"),
+    (minimal(name="rl", script="grpo", args={"domains": ["maths"]}), "--domains 'maths': a comma list of"),
+    (minimal(name="rl", script="grpo", args={"domains": ["math", "math"]}), "each once"),
+    (minimal(name="rl", script="grpo", args={"domains": ["math", "if"], "mix": [1.0]}), "--mix '1.0': one finite"),
+    (minimal(name="rl", script="mopd", args={"mix": ["x"]}), "--mix 'x': one finite weight"),
+    (minimal(name="rl", script="grpo", args={"mix": ["nan"]}), "--mix 'nan'"),
+    ({**minimal(name="rl", script="grpo"), "build": {"doc_lines": 0}}, "[build]: build: doc_lines = 0"),
+    ({**minimal(name="rl", script="grpo"), "build": {"vocab_size": 100}}, "[build]: build: vocab_size = 100"),
+    ({**minimal(name="rl", script="grpo"), "build": {"sizes": {"rl": 0}}}, "[build]: build: sizes.rl = 0"),
     # value types, checked up front
     ({**minimal(name="rl", script="grpo"), "eval": {"thinking": "off"}}, "[eval]: thinking = 'off': must be true"),
     ({**minimal(name="rl", script="grpo"), "eval": 5}, "eval = 5: must be a table"),

@@ -163,12 +163,25 @@ def test_a_gradient_that_is_not_finite_stops_before_the_optimizer_step():
 def test_positive_arguments(text, ok):
     import argparse
     p = argparse.ArgumentParser(exit_on_error=False)
-    p.add_argument("--temperature", type=common.positive(float))
+    p.add_argument("--temperature", type=common.pos_float)
     if ok:
         assert p.parse_args(["--temperature", text]).temperature == float(text)
     else:
         with pytest.raises(argparse.ArgumentError, match=f"--temperature: {text}: must be > 0"):
             p.parse_args(["--temperature", text])
+
+
+def test_state_files_that_are_not_json_objects_are_named(tmp_path):
+    from common import finished_summary, read_json
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    state = tmp_path / "final" / "trainer_state.json"
+    for text, message in [('{"summary": {"lo', "not JSON"), ("[1, 2]", "expected a JSON object, found list")]:
+        state.write_text(text)
+        with pytest.raises(ValueError, match=f"{state}: {message}"):
+            finished_summary(str(tmp_path))
+    state.write_text('{"summary": {"loss": 1.5}}')
+    assert read_json(str(state)) == {"summary": {"loss": 1.5}} and finished_summary(str(tmp_path)) == {"loss": 1.5}
 
 
 def test_finished_summary_is_the_stage_contract(tmp_path):

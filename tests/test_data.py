@@ -331,3 +331,11 @@ def test_load_jsonl_accepts_good_files_and_rejects_empty_ones(tmp_path):
     with pytest.raises(ValueError, match="unknown kind"):
         load_jsonl(str(path), "dpo")
 
+
+def test_a_domain_file_holds_that_domain_only(tmp_path):
+    path = tmp_path / "math.jsonl"   # as DATA/rl/math.jsonl or DATA/eval/math.jsonl
+    path.write_text(json.dumps(GOOD_RL) + "\n" + json.dumps(dict(GOOD_RL, domain="longctx")) + "\n")
+    assert load_jsonl(str(path), "rl")[0] == GOOD_RL
+    with pytest.raises(ValueError, match=r"math\.jsonl:2: a row of domain 'longctx' in a file of domain 'math'"):
+        load_jsonl(str(path), "rl", "math")
+

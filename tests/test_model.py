@@ -328,6 +328,11 @@ def write_config(tmp_path, d):
     return str(path)
 
 
+def test_head_dim_must_be_even(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json: config key 'head_dim' = 33 must be even"):
+        ModelConfig.from_json(write_config(tmp_path, {**BASE, "head_dim": 33}))
+
+
 def test_config_errors_name_the_key_and_file(tmp_path):
     missing = {k: v for k, v in BASE.items() if k != "hidden_size"}
     with pytest.raises(ValueError, match=r"config\.json: config key 'hidden_size' is missing"):

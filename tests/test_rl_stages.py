@@ -241,6 +241,21 @@ def test_mopd_main(tiny_setup):
     assert "eval/math" in rows[-1] and "eval/math" in summary
 
 
+def test_mopd_teachers_are_checked_by_name(tiny_setup):
+    root, data_dir, init = tiny_setup
+    tok = os.path.join(data_dir, "tokenizer.json")
+    small = str(root / "small_vocab")   # the same tokenizer, a vocabulary too small for it
+    cfg = dict(TOY, vocab_size=64, max_position_embeddings=1024)
+    common.save_checkpoint(small, Transformer(ModelConfig.from_dict(cfg)), tok)
+    for spec, message in [(f"math={data_dir}", r"--teachers math=.*: no checkpoint there"),
+                          (f"math={init},math={init}", "two teachers for domain 'math'"),
+                          (f"math={small}", r"--teachers math=.*small_vocab: vocab_size 64 is smaller"),
+                          (f"if={init}", r"no teacher for domain\(s\) \['math'\]")]:
+        with pytest.raises(ValueError, match=message):
+            mopd.load_teachers(spec, ["math"], tok, torch.device("cpu"))
+    assert list(mopd.load_teachers(f"math={init},if={small}", ["math"], tok, torch.device("cpu"))) == ["math"]
+
+
 def test_rlhf_main(tiny_setup):
     root, data_dir, init = tiny_setup
     out = str(root / "rlhf")

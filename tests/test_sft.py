@@ -269,6 +269,9 @@ def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
     assert len(losses(tmp_path / "resumed")) == 3
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    write_jsonl(tmp_path / "fewer.jsonl", conversations(6))   # other data: the position means nothing
+    with pytest.raises(ValueError, match=r"resumed/last was written for SFT data of \d+ packed rows"):
+        sft.main(args(data_dir, tmp_path / "resumed", *run, "--save_every", 3, "--sft_file", tmp_path / "fewer.jsonl"))
     assert sft.main(args(data_dir, tmp_path / "resumed", *run, "--save_every", 3))["loss"] == summary["loss"]
 
     rows = common.read_metrics(tmp_path / "resumed" / "metrics.jsonl")
@@ -277,6 +280,11 @@ def test_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rows_too_short_for_any_answer_are_an_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"sft\.jsonl: no assistant token to train on .* --seq_len 8"):
+        sft.main(args(data_dir, tmp_path / "out", "--seq_len", 8))
 
 
 def test_malformed_jsonl_names_file_and_line(data_dir, tmp_path):
