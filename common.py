@@ -318,14 +318,16 @@ def load_optimizer(path, model, optimizer, state):
 # arguments, learning rate and metrics
 
 
-def positive(cast, zero_ok=False):
-    """An argparse type for numbers that must be > 0 (>= 0 with zero_ok): `--group_size 0` is an
-    error naming the flag at once, not a division by zero after the first rollout, and a negative
-    --grad_clip is not a clip factor that turns every gradient around."""
+def positive(cast, zero_ok=False, at_most=math.inf):
+    """An argparse type for finite numbers that must be > 0 (>= 0 with zero_ok; <= at_most):
+    `--group_size 0` is an error naming the flag at once, not a division by zero after the first
+    rollout, and a negative --grad_clip is not a clip factor that turns every gradient around."""
     def parse(text):
         value = cast(text)
-        if not (value >= 0 if zero_ok else value > 0):   # (NaN fails both)
-            raise argparse.ArgumentTypeError(f"{text}: must be {'>= 0' if zero_ok else '> 0'}")
+        low_ok = value >= 0 if zero_ok else value > 0   # (NaN fails both)
+        if not (low_ok and value <= at_most and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>= 0' if zero_ok else '> 0'}"
+                                             + (f" and <= {at_most}" if at_most < math.inf else ""))
         return value
     parse.__name__ = cast.__name__   # (argparse names the type in its messages)
     return parse

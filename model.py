@@ -126,7 +126,7 @@ class ModelConfig:
         if c.head_dim == 0:
             c.head_dim = c.hidden_size // c.num_attention_heads
         if c.head_dim < 2 or c.head_dim % 2:   # RoPE rotates pairs of dimensions
-            bad("head_dim", f"= {c.head_dim} must be even (RoPE rotates pairs of dimensions)")
+            bad("head_dim", f"= {c.head_dim} must be even and >= 2 (RoPE rotates pairs of dimensions)")
         if c.num_attention_heads % c.num_key_value_heads:
             bad("num_key_value_heads", f"= {c.num_key_value_heads} must divide "
                 f"num_attention_heads = {c.num_attention_heads}")

@@ -90,13 +90,14 @@ def load_teachers(spec, domains, tok_path, device):
     """'math=DIR,if=DIR' -> {domain: frozen model}, for the domains of --domains. A directory named for
     several domains is loaded once. Teachers must share the student's tokenizer: a token id has to
     mean the same thing (and be inside the teacher's vocabulary)."""
-    models, teachers = {}, {}
+    models, teachers, named = {}, {}, set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         domain, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--teachers: '{item}' is not DOMAIN=DIR")
-        if domain in teachers:
+        if domain in named:
             raise ValueError(f"--teachers: two teachers for domain '{domain}'")
+        named.add(domain)
         path = os.path.abspath(path)
         if domain not in domains:   # (not loaded: a teacher for a domain not drawn from)
             continue

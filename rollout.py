@@ -314,7 +314,7 @@ class Engine:
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
         now (no seat under max_seqs, no token left in a step's budget after the decodes, or no room
-        in the pool; as _schedule decides): nothing for the host to decide."""
+        in the pool for its whole prompt): nothing for the host to decide."""
         if not running or len(running) > self.max_batch_tokens:
             return False
         if any(len(seq.tokens) - seq.num_cached != 1 for seq in running):

@@ -32,7 +32,7 @@ for part in "$@"; do   # check every part before running any
     *) echo "usage: bash bench/gpu.sh tests|kernels|rollout|recipe ..." >&2; exit 2 ;;
     esac
 done
-status=0
+status=0   # the first failing part's exit status; a failing part does not stop the next
 for part in "$@"; do
 case "$part" in
 tests)
@@ -43,8 +43,9 @@ tests)
     { header; python -m pytest -v -rfE --durations=20 $par tests; } 2>&1 | tee "$out/tests.txt" ;;
 kernels)
     { header
-      python bench/kernels.py
-      python bench/train_step.py
+      python bench/kernels.py; rc=$?
+      python bench/train_step.py || rc=$?
+      exit $rc
     } 2>&1 | tee "$out/kernels.txt" ;;
 rollout)
     { header; python bench/rollout.py; } 2>&1 | tee "$out/rollout.txt" ;;
@@ -52,9 +53,12 @@ recipe)
     { header
       start=$(date +%s)
       torchrun --standalone --nproc_per_node=1 cascade.py --recipe recipes/small.toml --run_dir /tmp/small
+      rc=$?
       echo "wall time: $(( $(date +%s) - start )) s"
-    } 2>&1 | tee "$out/recipe.txt"
-    cp /tmp/small/report.md /tmp/small/curves.png "$out/" 2>/dev/null || true ;;   # (curves: matplotlib)
-esac || status=$?   # (a part that fails does not stop the next)
+      cp /tmp/small/report.md /tmp/small/curves.png "$out/" 2>/dev/null   # (curves: with matplotlib)
+      exit $rc
+    } 2>&1 | tee "$out/recipe.txt" ;;
+esac
+rc=$?; [ $status -ne 0 ] || status=$rc
 done
 exit $status

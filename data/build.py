@@ -42,9 +42,9 @@ def check_build_args(sizes, vocab_size, doc_lines):
     unknown = set(sizes) - set(PRESETS["tiny"]["sizes"])
     if unknown:
         raise ValueError(f"build: unknown sizes {sorted(unknown)}; expected {sorted(PRESETS['tiny']['sizes'])}")
-    for key, n in sizes.items():
-        if n < 1:
-            raise ValueError(f"build: sizes.{key} = {n}: must be >= 1")
+    for key, n in sizes.items():   # (no SFT conversations or preference pairs: a recipe without them)
+        if n < (1 if key in ("rl", "eval") else 0):
+            raise ValueError(f"build: sizes.{key} = {n}: must be >= {1 if key in ('rl', 'eval') else 0}")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"build: vocab_size = {vocab_size}: must be >= {256 + len(SPECIAL_TOKENS)} "
                          "(the 256 bytes and the chat template's special tokens)")

@@ -119,6 +119,8 @@ def minimal(**stage):
     ({**minimal(name="rl", script="grpo"), "build": {"doc_lines": 0}}, "[build]: build: doc_lines = 0"),
     ({**minimal(name="rl", script="grpo"), "build": {"vocab_size": 100}}, "[build]: build: vocab_size = 100"),
     ({**minimal(name="rl", script="grpo"), "build": {"sizes": {"rl": 0}}}, "[build]: build: sizes.rl = 0"),
+    ({**minimal(name="rl", script="grpo"), "build": {"sizes": {"prefs": -1}}}, "sizes.prefs = -1: must be >= 0"),
+    (minimal(name="rl", script="grpo", args={"top_p": 1.5}), "argument --top_p: 1.5: must be > 0 and <= 1.0"),
     # value types, checked up front
     ({**minimal(name="rl", script="grpo"), "eval": {"thinking": "off"}}, "[eval]: thinking = 'off': must be true"),
     ({**minimal(name="rl", script="grpo"), "eval": 5}, "eval = 5: must be a table"),

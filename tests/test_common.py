@@ -159,16 +159,21 @@ def test_a_gradient_that_is_not_finite_stops_before_the_optimizer_step():
     assert common.clip_grad_norm([w], 1.0).item() == 5.0 and torch.allclose(w.grad.norm(), torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("text, ok", [("3", True), ("0.5", True), ("0", False), ("-2", False)])
+@pytest.mark.parametrize("text, ok", [("3", True), ("0.5", True), ("0", False), ("-2", False),
+                                      ("inf", False), ("nan", False), ("1e999", False)])
 def test_positive_arguments(text, ok):
     import argparse
     p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("--temperature", type=common.pos_float)
+    p.add_argument("--top_p", type=common.positive(float, at_most=1.0))
     if ok:
         assert p.parse_args(["--temperature", text]).temperature == float(text)
     else:
         with pytest.raises(argparse.ArgumentError, match=f"--temperature: {text}: must be > 0"):
             p.parse_args(["--temperature", text])
+    assert p.parse_args(["--top_p", "1"]).top_p == 1.0
+    with pytest.raises(argparse.ArgumentError, match="--top_p: 1.5: must be > 0 and <= 1.0"):
+        p.parse_args(["--top_p", "1.5"])
 
 
 def test_state_files_that_are_not_json_objects_are_named(tmp_path):

@@ -249,6 +249,7 @@ def test_mopd_teachers_are_checked_by_name(tiny_setup):
     common.save_checkpoint(small, Transformer(ModelConfig.from_dict(cfg)), tok)
     for spec, message in [(f"math={data_dir}", r"--teachers math=.*: no checkpoint there"),
                           (f"math={init},math={init}", "two teachers for domain 'math'"),
+                          (f"math={init},if={init},if={small}", "two teachers for domain 'if'"),
                           (f"math={small}", r"--teachers math=.*small_vocab: vocab_size 64 is smaller"),
                           (f"if={init}", r"no teacher for domain\(s\) \['math'\]")]:
         with pytest.raises(ValueError, match=message):
