@@ -449,7 +449,8 @@ def build_parser():
     a = p.add_argument
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")
-    a("--top_p", type=common.positive(float, at_most=1.0), default=1.0, help="nucleus sampling; < 1 makes pi_old the truncated "
+    a("--top_p", type=common.positive(float, at_most=1.0), default=1.0,
+      help="nucleus sampling; < 1 makes pi_old the truncated "
       "distribution, so the ratio pi/pi_old is the kept mass (< 1) even strictly on-policy")
     a("--epochs", type=common.pos_int, default=1,
       help="optimizer steps per rollout batch (>1: the PPO clip binds)")

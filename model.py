@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import atomic_dir
+from common import atomic_dir, read_json
 from kernels import combine, grouped_mm, grouped_swiglu, route, use_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 
@@ -136,12 +136,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self):
         # Written in transformers 4.x style (num_experts, rope_theta); 5.x reads it too.

@@ -182,16 +182,16 @@ def main(argv=None):
     # data: every rank reads and packs the same rows, and holds all of them
     tok_path = os.path.join(args.init or args.data, "tokenizer.json")
     tok = data.load_tokenizer(tok_path)
-    input_ids, doc_ids, labels, n_docs, truncated = load_rows(
-        tok, args.sft_file or os.path.join(args.data, "sft.jsonl"), args.seq_len, args.seed)
-    n_rows = len(input_ids)
-    if (labels != IGNORE).sum() == 0:
-        raise ValueError(f"{args.sft_file or os.path.join(args.data, 'sft.jsonl')}: no assistant token "
-                         f"to train on in {n_rows} rows of --seq_len {args.seq_len}")
+    sft_file = args.sft_file or os.path.join(args.data, "sft.jsonl")
+    input_ids, doc_ids, labels, n_docs, truncated = load_rows(tok, sft_file, args.seq_len, args.seed)
+    n_rows, trained_tokens = len(input_ids), (labels != IGNORE).sum().item()
+    if trained_tokens == 0:
+        raise ValueError(f"{sft_file}: no assistant token to train on in {n_rows} rows of --seq_len "
+                         f"{args.seq_len}")
     total = args.steps or math.ceil(args.epochs * n_rows / args.batch_size)
     fill = (doc_ids >= 0).float().mean().item()
     common.print0(f"{n_docs} conversations -> {n_rows} rows of {args.seq_len} tokens "
-                  f"({fill:.1%} filled, {(labels != IGNORE).sum().item():,} trained tokens); "
+                  f"({fill:.1%} filled, {trained_tokens:,} trained tokens); "
                   f"{truncated} conversations longer than a row were truncated; {total} steps")
 
     # model: resume from OUT/last, else start from --init or from scratch (--config)

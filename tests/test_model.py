@@ -353,7 +353,7 @@ def test_config_errors_name_the_key_and_file(tmp_path):
     with pytest.raises(ValueError, match=r"'rope_theta' = 10000.0 disagrees with rope_parameters"):
         ModelConfig.from_dict({**BASE, "rope_parameters": {"rope_theta": 1e6}})
     (tmp_path / "broken.json").write_text('{"vocab_size": 97,')
-    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.json: not JSON"):
         ModelConfig.from_json(tmp_path / "broken.json")
     with pytest.raises(ValueError, match=r"'rope_parameters' asks for rope_type 'yarn'"):
         ModelConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
