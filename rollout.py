@@ -46,8 +46,8 @@ this one first and `self.runner`'s methods on trust.
    draw (kernels.draw: torch.multinomial with a torch.Generator seeded by `seed`; on the GPU one
    Triton kernel, Gumbel-max with Philox numbers keyed by the same seed). The logprob returned for
    a token is its log-probability under exactly that truncated, renormalized distribution. At
-   temperature 1 with no truncation it equals log_softmax of the training forward's logits, which
-   is what GRPO's ratio and MOPD's mismatch weights compare against. temperature == 0 is greedy
+   temperature 1 with no truncation it equals log_softmax of the training forward's logits, up to
+   the train/inference mismatch that GRPO logs and MOPD's weights act on. temperature == 0 is greedy
    (argmax); since the point mass it samples from has logprob 0, we return log_softmax of the raw
    logits instead, the useful number. Same seed, prompts, parameters and engine settings -> same
    samples on the same device (the order of random draws depends on the schedule, which is
@@ -314,10 +314,12 @@ class Engine:
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
         now (no seat under max_seqs, no token left in a step's budget after the decodes, or no room
-        in the pool for its whole prompt): nothing for the host to decide."""
+        in the pool for its whole prompt): nothing for the host to decide. A prompt with one token
+        left to prefill is no decode while it has samples to fork: _step forks them when it is
+        cached, from its logits."""
         if not running or len(running) > self.max_batch_tokens:
             return False
-        if any(len(seq.tokens) - seq.num_cached != 1 for seq in running):
+        if any(len(seq.tokens) - seq.num_cached != 1 or seq.children for seq in running):
             return False
         if not waiting:
             return True
