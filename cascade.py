@@ -51,7 +51,8 @@ import rlhf
 import sft
 import verifiers
 from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main,
-                    load_checkpoint, pos_float, pos_int, print0, read_json, save_checkpoint, set_seed)
+                    load_checkpoint, pos_float, pos_int, print0, read_json, save_checkpoint, set_seed,
+                    write_json)
 from model import ModelConfig, Transformer
 from rollout import Engine
 
@@ -167,6 +168,8 @@ def load_recipe(path, steps_scale=1.0):
         if st["script"] != "sft":
             try:
                 grpo.domains_and_mix(st["ns"])
+                if st["script"] == "mopd":
+                    mopd.check_window(st["ns"])
             except ValueError as e:
                 bad(f"{where}{e}")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
@@ -238,16 +241,11 @@ def teacher_registry(rows, candidates, reference):
     best = {}
     for name, scores in table(rows, candidates, reference).items():
         for domain, score in scores.items():
+            # (columns that are no domain are no teacher's: math's is chosen by its thinking-mode
+            # score, not math_nothink's; chat is a domain, judged by its win rate)
             if domain in data.DOMAINS and (domain not in best or score > best[domain]["score"]):
                 best[domain] = {"stage": name, "checkpoint": rows[name]["checkpoint"], "score": score}
     return best
-
-
-def write_json(path, obj):
-    """Atomic: write a temp file, then rename it over the old one; a kill never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,9 +92,8 @@ def set_seed(seed):
 
 
 def unwrap(model):
-    """The plain module under a DDP/compile wrapper."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The plain module under a DDP wrapper."""
+    return getattr(model, "module", model)
 
 
 # -----------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def unwrap(model):
 # each parameter, of its gradient and of its AdamW moments (16 bytes per parameter in fp32 become
 # 16/W); a transformer block's full weights exist only while it runs (all-gathered just before its
 # forward and its backward; its gradient reduce-scattered right after). The gradients are summed
-# over ranks, not averaged, as grpo.sync_grads does without FSDP: the stages divide each rank's
+# over ranks, not averaged, as sync_grads does without FSDP: the stages divide each rank's
 # loss by the *global* token count. Only trained models are sharded; frozen ones (MOPD teachers,
 # the KL reference, the reward model during RL, evaluation) stay plain modules, and rollouts
 # gather the policy's full weights (full_parameters), so the weights themselves must fit.
@@ -121,6 +120,17 @@ def shard(model, device):
             unit.set_gradient_divide_factor(1.0)          # sum over ranks, not mean
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-scaled one)
     return model
+
+
+def sync_grads(params):
+    """Sum (not average, as DDP would) gradients over ranks: each rank's loss is already divided by the
+    *global* token count, so the sum is the gradient of the global token-mean loss. Under FSDP
+    (sharded parameters) the backward has already summed them (shard)."""
+    if dist.is_initialized() and not any(isinstance(p, DTensor) for p in params):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
 
 
 def is_sharded(model):
@@ -273,6 +283,13 @@ def read_json(path):
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def write_json(path, obj):
+    """Atomic: write a temp file, then rename it over the old one; a kill never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):

@@ -9,9 +9,16 @@ mean: long responses are not down-weighted). Strictly on-policy, one optimizer s
 batch: the ratio is 1, the update is REINFORCE with group-normalized rewards. No KL. Groups with
 all-equal rewards carry no signal and are dropped (DAPO's dynamic filtering).
 
-What we keep: all of it. pi_old is the rollout engine's sampling logprob, so the train/inference
-mismatch is logged every step and bounded by the PPO clip (DAPO's clip-higher), which otherwise
-binds only with --epochs > 1. Tool calling is multi-turn through the engine's environment hook.
+What we keep: all of it. pi_old is the trainer's own logprob before the batch's first optimizer
+step, so with one step per batch the ratio is exactly 1 and the update is REINFORCE; the PPO clip
+(DAPO's clip-higher) binds only with --epochs > 1. The engine's sampling logprobs are not trained
+on here: the train/inference mismatch (on a GPU: a bf16 training forward against the engine's fp32
+weights and its own kernels) is only logged; mopd.py is where the paper corrects for it. A filtered
+group's advantages are 0 already, so dropping it changes only the loss's denominator (and saves its
+forward): a batch of mostly solved prompts still takes a full-sized step. The MoE router keeps
+training with SFT's load-balancing loss (--freeze_router turns both off, as MOPD does). Tool calling
+is multi-turn through the engine's environment hook.
+
 What we drop: DAPO refills the batch after filtering (we train on the groups that survive); its soft
 overlong penalty (we mask truncated responses, or give them reward 0); the separate inference
 server (rollout.Engine runs the training weights). A k3 KL to the start exists but is off.
@@ -27,7 +34,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-from torch.distributed.tensor import DTensor
 
 import common
 import data
@@ -195,7 +201,8 @@ def token_stats(sums, batch, logprobs_B_T, entropy_B_T, pad_id):
     mask_B_T, diff_B_T = batch["mask_B_T"], logprobs_B_T.detach() - batch["inf_logprobs_B_T"]
     for key, v in [("fwd_tokens", batch["inputs_B_T"] != pad_id), ("entropy", entropy_B_T * mask_B_T),
                    ("mismatch_abs", diff_B_T.abs() * mask_B_T),
-                   ("mismatch_k3", k3(0, diff_B_T) * mask_B_T)]:   # estimates KL(inference || train)
+                   # k3 with the engine as the sampling policy: estimates KL(inference || train)
+                   ("mismatch_k3", k3(batch["inf_logprobs_B_T"], logprobs_B_T.detach()) * mask_B_T)]:
         sums[key] = sums.get(key, 0.0) + v.sum().item()
 
 
@@ -214,21 +221,10 @@ def per_domain(run, values_N, domains_N, name):
     return out
 
 
-def sync_grads(params):
-    """Sum (not average, as DDP would) gradients over ranks: each rank's loss is already divided by the
-    *global* token count, so the sum is the gradient of the global token-mean loss. Under FSDP
-    (sharded parameters) the backward has already summed them (common.shard)."""
-    if torch.distributed.is_initialized() and not any(isinstance(p, DTensor) for p in params):
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = common.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
-
-
 def optimizer_step(run, args):
     """Sum the gradients over ranks, clip their global norm to --grad_clip, step. -> the norm before
     clipping (the same on every rank)."""
-    sync_grads(run.params)
+    common.sync_grads(run.params)
     norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     run.optimizer.step()
     return norm.item()
@@ -280,13 +276,16 @@ def setup(args, freeze_router=False):
         pools=load_prompts(args.data, domains, args.prompts), engine=Engine(model))
 
 
-def rollout_step(run, args, step, sampling, reward_fn=None):
-    """Set the LR; draw the step's prompts (deterministic from (seed, step): a domain from the mix,
-    then a prompt); roll out this rank's share, G responses each; score them with the verifiers (or
-    reward_fn(rows_N, texts_N)). -> (rows_N, samples_N, rewards_N, stats to log)"""
-    lr = common.lr_at(step, args.steps, args.warmup, args.lr, schedule="constant")
+def set_lr(run, args, step):
+    """Every RL stage's schedule: linear warmup over --warmup steps, then constant --lr."""
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = common.lr_at(step, args.steps, args.warmup, args.lr, schedule="constant")
+
+
+def rollout_step(run, args, step, sampling, reward_fn=None):
+    """Draw the step's prompts (deterministic from (seed, step): a domain from the mix, then a
+    prompt); roll out this rank's share, G responses each; score them with the verifiers (or
+    reward_fn(rows_N, texts_N)). -> (rows_N, samples_N, rewards_N, stats to log)"""
     rng, rows = random.Random(f"prompts-{args.seed}-{step}"), []
     for _ in range(args.prompts_per_step):
         row = rng.choice(run.pools[rng.choices(run.domains, weights=run.mix)[0]])
@@ -296,7 +295,7 @@ def rollout_step(run, args, step, sampling, reward_fn=None):
     t0 = time.time()
     samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling,
                                    seed=(args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank)
-    stats = dict(lr=lr, rollout_s=time.time() - t0, samples=len(samples),
+    stats = dict(rollout_s=time.time() - t0, samples=len(samples),
                  gen_tokens=sum(sum(s.gen_mask) for s in samples),
                  resp_tokens=sum(len(s.token_ids) for s in samples))
     rows_N = [r for r in rows for _ in range(args.group_size)]
@@ -310,8 +309,8 @@ def step_row(run, step, stats):
     """The step's local stats -> global sums -> the metrics every RL stage logs (and g, the sums)."""
     g = global_sums({k: v for k, v in stats.items() if k != "grad_norm"}, run.dist.device)
     n, world = max(g["tokens"], 1), run.dist.world_size
-    row = dict(step=step, lr=stats["lr"], **{f"reward/{x}": g[f"{x}/reward"] / g[f"{x}/n"]
-                                            for x in run.domains if g[f"{x}/n"]})
+    row = dict(step=step, lr=run.optimizer.param_groups[0]["lr"],
+               **{f"reward/{x}": g[f"{x}/reward"] / g[f"{x}/n"] for x in run.domains if g[f"{x}/n"]})
     row.update(response_len=g["resp_tokens"] / g["samples"], trained_tokens=g["tokens"],
                entropy=g["entropy"] / n, mismatch_abs=g["mismatch_abs"] / n, mismatch_k3=g["mismatch_k3"] / n,
                # seconds summed over ranks / world = each rank's mean time
@@ -356,14 +355,16 @@ def grpo_update(run, args, samples, advantages_N, ref=None):
         return sums
     with torch.no_grad(), run.autocast():   # the KL reference's logprobs, once per rollout batch
         ref_lps = [None if ref is None else token_logprobs(ref, b, args.temperature)[0] for _, b in mbs]
+    old_lps = [None] * len(mbs)   # log pi_old: the trainer's own logprobs in the first epoch
     for epoch in range(args.epochs):
         run.optimizer.zero_grad(set_to_none=True)
-        for (ix, b), ref_lp_B_T in zip(mbs, ref_lps):
+        for i, ((ix, b), ref_lp_B_T) in enumerate(zip(mbs, ref_lps)):
             mask_B_T = b["mask_B_T"]
             with run.autocast():
                 lp_B_T, ent_B_T, aux = token_logprobs(run.model, b, args.temperature)
-            # pi_old = the engine's sampling logprobs: the ratio is 1 up to the train/inference mismatch
-            loss, clip_frac = policy_loss(lp_B_T, b["inf_logprobs_B_T"], advantages_N[ix], mask_B_T,
+            if epoch == 0:   # the weights have not moved yet: pi_old = pi_theta, the ratio is exactly 1
+                old_lps[i] = lp_B_T.detach()
+            loss, clip_frac = policy_loss(lp_B_T, old_lps[i], advantages_N[ix], mask_B_T,
                                           args.clip_low, args.clip_high, num_tokens)
             if ref_lp_B_T is not None:
                 kl = (k3(lp_B_T, ref_lp_B_T) * mask_B_T).sum() / num_tokens
@@ -391,6 +392,7 @@ def train(args, reward_fn=None):
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     G = args.group_size
     for step in range(run.step, args.steps):
+        set_lr(run, args, step)
         _, samples, rewards, stats = rollout_step(run, args, step, sampling, reward_fn)
         truncated_N = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool)
         rewards_N = torch.tensor(rewards, dtype=torch.float64)
@@ -450,8 +452,8 @@ def build_parser():
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")
     a("--top_p", type=common.positive(float, at_most=1.0), default=1.0,
-      help="nucleus sampling; < 1 makes pi_old the truncated "
-      "distribution, so the ratio pi/pi_old is the kept mass (< 1) even strictly on-policy")
+      help="nucleus sampling (< 1: samples come from the truncated distribution, while the loss "
+      "differentiates the whole policy's logprobs)")
     a("--epochs", type=common.pos_int, default=1,
       help="optimizer steps per rollout batch (>1: the PPO clip binds)")
     a("--clip_low", type=common.nonneg_float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")

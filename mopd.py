@@ -70,9 +70,11 @@ def mismatch_weights(train_logprobs, inference_logprobs, low=0.5, high=2.0):
 def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_tokens=None):
     """L = -(1/|V|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (RECIPE.md MOPD: L).
 
-    |V| counts the valid tokens of the global batch (num_tokens, all-reduced by the caller; default
-    the mask's own count): the response's tokens, those the mismatch window drops (w_t = 0)
-    included, as RECIPE.md reads "valid". Returns (loss, advantages_B_T, weights_B_T)."""
+    RECIPE.md writes 1/|V(y)| for one response y; like GRPO we take the token-level mean over the
+    whole global batch instead (num_tokens, all-reduced by the caller; default the mask's own
+    count), so long responses are not down-weighted. It counts every response token, those the
+    mismatch window drops (w_t = 0) too: a batch with more mismatch takes a smaller step.
+    Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)
     if num_tokens is None:
         num_tokens = mask.sum()
@@ -173,7 +175,15 @@ def evaluate(run, args, engine, pools):
 # The loop
 
 
+def check_window(args):
+    """The mismatch window must hold r = 1 (cascade.py checks a recipe's MOPD stages with it too)."""
+    if not args.mismatch_low <= 1.0 <= args.mismatch_high:
+        raise ValueError(f"--mismatch_low {args.mismatch_low} and --mismatch_high {args.mismatch_high}: "
+                         f"the window must hold 1 (pi_train = pi_inf)")
+
+
 def train(args):
+    check_window(args)
     if (summary := common.finished_summary(args.out)) is not None:
         return summary
     run = grpo.setup(args, freeze_router=True)   # router frozen, aux loss off
@@ -185,6 +195,7 @@ def train(args):
             teacher_eval.update(evaluate(run, args, Engine(teachers[dom]), {dom: eval_pools[dom]}))
         print0("teacher eval scores:", teacher_eval)
     for step in range(run.step, args.steps):
+        grpo.set_lr(run, args, step)
         # the verifiers' rewards are never trained on: a side metric, to rise toward the teachers'
         rows_N, samples, _, stats = grpo.rollout_step(run, args, step, dict(
             temperature=1.0, max_new_tokens=args.max_new_tokens))

@@ -121,7 +121,7 @@ def train_reward_model(args, tok, d, logger):
         opt.zero_grad(set_to_none=True)
         # the mean over the global batch: each rank's share of it, summed over ranks by sync_grads
         (local_loss * len(mine) / len(batch)).backward()
-        grpo.sync_grads(list(rm.parameters()))
+        common.sync_grads(list(rm.parameters()))
         grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:   # (every rank: a collective)
@@ -234,11 +234,7 @@ def main(argv=None):
     summary.update(verdict)
     if common.is_main():   # the summary of OUT/final gains the reward model's and the judge's numbers
         state_file = os.path.join(args.out, "final", "trainer_state.json")
-        state = common.read_json(state_file)
-        state["summary"] = summary
-        with open(state_file + ".tmp", "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(state_file + ".tmp", state_file)
+        common.write_json(state_file, dict(common.read_json(state_file), summary=summary))
     return summary
 
 

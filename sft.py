@@ -25,7 +25,8 @@ warmup (recipes/ set them).
 - AdamW (0.9, 0.98), weight decay on every matrix (projections, experts, router and the embedding)
   and none on the 1-D norm gains. This is Megatron-LM's rule (NVIDIA's trainer): decaying a norm
   gain pulls it towards 0, i.e. it shrinks the activation scale, which is not what regularizing
-  means. Linear warmup, then cosine to 10% of the peak (5e-5 -> 5e-6), gradient clipping at 1.0.
+  means. Linear warmup, then cosine to 10% of the peak (5e-5 -> 5e-6). Gradient clipping at 1.0
+  is ours (RECIPE.md gives none for SFT).
 
 What we drop, and why:
 - 256K-token rows: our models have short contexts; --seq_len sets the row length.

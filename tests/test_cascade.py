@@ -116,6 +116,7 @@ def minimal(**stage):
     (minimal(name="rl", script="grpo", args={"domains": ["math", "if"], "mix": [1.0]}), "--mix '1.0': one finite"),
     (minimal(name="rl", script="mopd", args={"mix": ["x"]}), "--mix 'x': one finite weight"),
     (minimal(name="rl", script="grpo", args={"mix": ["nan"]}), "--mix 'nan'"),
+    (minimal(name="m", script="mopd", args={"mismatch_low": 1.5}), "--mismatch_low 1.5 and --mismatch_high 2.0"),
     ({**minimal(name="rl", script="grpo"), "build": {"doc_lines": 0}}, "[build]: build: doc_lines = 0"),
     ({**minimal(name="rl", script="grpo"), "build": {"vocab_size": 100}}, "[build]: build: vocab_size = 100"),
     ({**minimal(name="rl", script="grpo"), "build": {"sizes": {"rl": 0}}}, "[build]: build: sizes.rl = 0"),

@@ -7,6 +7,7 @@
   second call with OUT/final present returns at once, and GRPO resumes from OUT/last."""
 
 import argparse
+import copy
 import os
 import shutil
 from types import SimpleNamespace
@@ -65,11 +66,35 @@ def test_grpo_raises_toy_reward():
                                dtype=torch.float64)
         rewards_per_step.append(rewards.mean().item())
         sums = grpo.grpo_update(run, args, samples, grpo.group_advantages(rewards, G).float())
-        # strict on-policy: the engine's logprobs are the trainer's, so the clip never binds
+        # one step per batch: ratio 1, the clip never binds; fp32 on both sides: no mismatch
         assert sums["clip"] == 0 and sums["mismatch_abs"] / sums["tokens"] < 1e-4
     p_after = first_token_logprobs(model)[:, TARGET].exp().mean().item()
     assert p_after > 3 * p_before, (p_before, p_after)
     assert sum(rewards_per_step[-3:]) > 2 * sum(rewards_per_step[:3]), rewards_per_step
+
+
+def test_grpo_update_is_reinforce_whatever_the_engine_logprobs():
+    """pi_old is the trainer's own logprob, so strict on-policy the ratio is exactly 1: engine
+    logprobs far from the trainer's (as a bf16 trainer's can be from an fp32 engine's) change the
+    logged mismatch and nothing that is trained."""
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig.from_dict(TOY))
+    groups = Engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=4), n=4, seed=0)
+    samples = [s for g in groups for s in g]
+    advantages = grpo.group_advantages(torch.tensor([float(TARGET in s.token_ids) for s in samples],
+                                                    dtype=torch.float64), 4).float()
+    assert advantages.abs().sum() > 0
+    skewed = [Sample(s.prompt_ids, s.token_ids, [lp + (0.9 if i % 2 else -0.9) for i, lp in enumerate(s.logprobs)],
+                     s.gen_mask, s.finish_reason) for s in samples]
+    weights = []
+    for batch in (samples, skewed):
+        trained = copy.deepcopy(model)
+        sums = grpo.grpo_update(toy_run(trained, lr=1e-2), toy_args(), batch, advantages)
+        assert sums["clip"] == 0
+        weights.append((torch.cat([p.flatten() for p in trained.parameters()]), sums["mismatch_abs"] / sums["tokens"]))
+    (w_exact, mismatch_exact), (w_skewed, mismatch_skewed) = weights
+    assert mismatch_exact < 1e-4 and abs(mismatch_skewed - 0.9) < 1e-4
+    assert torch.equal(w_exact, w_skewed)
 
 
 def test_grpo_epochs_make_the_clip_bind():
