@@ -465,6 +465,7 @@ class Engine:
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
             running[:] = [seq for seq in running if seq.finish_reason is None]
         assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
+        assert all(s.finish_reason for group in groups for s in group), "rollout.py: a sample never ran"
         return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
                         s.finish_reason) for s in group] for group in groups]
 

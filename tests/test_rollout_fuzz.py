@@ -14,8 +14,9 @@ import random
 import pytest
 import torch
 
+from model_runner import ModelRunner
 from rollout import Engine, SamplingParams
-from test_rollout import make_prompts, training_logits, varied64  # noqa: F401 (varied64: a fixture)
+from test_rollout import EagerGraph, make_prompts, training_logits, varied64  # noqa: F401 (a fixture)
 
 GREEDY_SEEDS = range(16)
 SAMPLED_SEEDS = range(100, 104)
@@ -45,13 +46,15 @@ def draw_workload(rng, model, temperature):
 
 def draw_engine_config(rng, longest, n):
     """Engine settings from tight to roomy. The pool must hold one sequence of the longest length
-    (else generate refuses, by design); a pool just that big preempts all the time."""
+    (else generate refuses, by design); a pool just that big preempts all the time. cuda_graphs runs
+    the GPU's decode path (padded rows, reused buffers) with a stand-in graph (EagerGraph)."""
     block_size = rng.choice([1, 2, 4, 16])
     one_sequence = -(-longest // block_size)
     return dict(block_size=block_size,
                 num_blocks=1 + one_sequence + rng.choice([0, 1, 3, one_sequence, 10 * one_sequence]),
                 max_batch_tokens=rng.choice([1, 2, 5, 16, 8192]), max_seqs=rng.choice([n, n + 1, 4, 512]),
-                decode_burst=rng.choice([1, 2, 4, 16]), overlap=rng.random() < 0.5)
+                decode_burst=rng.choice([1, 2, 4, 16]), overlap=rng.random() < 0.5,
+                cuda_graphs=rng.random() < 0.3)
 
 
 def make_env_hook(seed, free_tokens):
@@ -101,7 +104,8 @@ def check_structure(out, prompts, n, params, engine, replies, where):
                     params.stop_strings and completes_stop_string(ids, params))), where
 
 
-def run_fuzz_case(model, seed, temperature):
+def run_fuzz_case(model, seed, temperature, monkeypatch):
+    monkeypatch.setattr(ModelRunner, "_graph_of", lambda self, step: EagerGraph(step))
     rng = random.Random(seed)
     prompts, n, params, free_tokens = draw_workload(rng, model, temperature)
     config = draw_engine_config(rng, max(map(len, prompts)) + params.max_new_tokens, n)
@@ -116,8 +120,8 @@ def run_fuzz_case(model, seed, temperature):
 
 
 @pytest.mark.parametrize("seed", GREEDY_SEEDS)
-def test_any_schedule_gives_the_roomy_engines_greedy_samples(varied64, seed):
-    _, _, (expected, got), where = run_fuzz_case(varied64, seed, temperature=0)
+def test_any_schedule_gives_the_roomy_engines_greedy_samples(varied64, seed, monkeypatch):
+    _, _, (expected, got), where = run_fuzz_case(varied64, seed, 0.0, monkeypatch)
     for g_exp, g_got in zip(expected, got):
         for a, b in zip(g_exp, g_got):
             assert (b.token_ids, b.gen_mask, b.finish_reason) == (a.token_ids, a.gen_mask, a.finish_reason), where
@@ -135,9 +139,9 @@ def test_a_prompt_finished_by_a_burst_still_forks_its_samples(varied64):
 
 
 @pytest.mark.parametrize("seed", SAMPLED_SEEDS)
-def test_any_schedule_samples_on_policy(varied64, seed):
+def test_any_schedule_samples_on_policy(varied64, seed, monkeypatch):
     """Temperature 1: every generated token's logprob is the training forward's log-softmax of it."""
-    prompts, _, runs, where = run_fuzz_case(varied64, seed, temperature=1.0)
+    prompts, _, runs, where = run_fuzz_case(varied64, seed, 1.0, monkeypatch)
     for out in runs:
         for prompt, group in zip(prompts, out):
             for s in group:
