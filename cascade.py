@@ -222,7 +222,7 @@ def evaluate(ckpt, data_dir, settings, dd):
 
 def win_rate(mine, reference):
     """Fraction of prompts where the judge prefers `mine` to the reference answer; ties count 1/2."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, reference)) / max(1, len(mine))
+    return sum(verifiers.chat.wins(mine, reference)) / max(1, len(mine))
 
 
 def table(rows, order, reference):

@@ -37,7 +37,7 @@ import grpo
 from common import print0
 from data import chat
 from rollout import Engine
-from verifiers.chat import judge
+from verifiers.chat import judge, wins as chat_wins
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
@@ -177,7 +177,7 @@ def judge_win_rate(args, tok, d, final_path):
         model, _ = common.load_checkpoint(path, d.device)
         texts = grpo.sample_groups(Engine(model), tok, rows, 1, sampling, args.seed)[1] if rows else []
         scores.append([judge(t, r["meta"]) for t, r in zip(texts, rows)])
-    wins = sum(1.0 if b > a else 0.5 if b == a else 0.0 for a, b in zip(*scores))
+    wins = sum(chat_wins(scores[1], scores[0]))   # the final policy's answers against --init's
     g = grpo.global_sums(dict(wins=wins, n=len(rows), base=sum(scores[0]), final=sum(scores[1])), d.device)
     n = max(g["n"], 1)
     return dict(judge_win_rate=g["wins"] / n, judge_init=g["base"] / n, judge_final=g["final"] / n)

@@ -69,4 +69,10 @@ def judge(response, meta):
     return sum(results.values()) / len(results)
 
 
+def wins(mine, reference):
+    """Per prompt, the judge's verdict on answer `mine` against the reference answer, from their
+    judge scores: 1 for a win, 1/2 for a tie, 0 for a loss (a win rate is their mean)."""
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, reference)]
+
+
 score = judge
