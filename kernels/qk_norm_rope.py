@@ -68,15 +68,17 @@ def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Ten
     B, T, Hq, D = q_B_T_Hq_D.shape
     Hkv = k_B_T_Hkv_D.shape[2]
     assert D % 2 == 0, f"qk_norm_rope.py: RoPE needs an even head_dim, got {D}"
-    # each token's heads contiguous ([B, T] may be strided: the projections' views are)
-    q, k = (x if x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
-            else x.contiguous() for x in (q_B_T_Hq_D, k_B_T_Hkv_D))
+    # each token's heads contiguous, token b * T + t at one stride (the projections' views are). The
+    # stride is read off the [B*T] view: with T = 1, dim 1's stride says nothing, even in a tensor
+    # torch calls contiguous (which .contiguous() would return as it is)
+    q, k = (x.reshape(B * T, x.shape[2], D) for x in (q_B_T_Hq_D, k_B_T_Hkv_D))
+    q, k = (x if x.stride(2) == 1 and x.stride(1) == D else x.contiguous() for x in (q, k))
     cos, sin = (x.expand(B, 1, T, D).contiguous() for x in (cos_B_1_T_D, sin_B_1_T_D))
     dtype = torch.promote_types(q.dtype, cos.dtype)   # the torch path's dtype: bf16 q, fp32 cos -> fp32
     q_out = torch.empty(B, T, Hq, D, device=q.device, dtype=dtype)
     k_out = torch.empty(B, T, Hkv, D, device=q.device, dtype=torch.promote_types(k.dtype, cos.dtype))
     _qk_norm_rope_kernel[(B * T,)](q, k, q_weight_D, k_weight_D, cos, sin, q_out, k_out,
-                                   T, q.stride(1), k.stride(1), cos.stride(0), cos.stride(2), eps,
+                                   T, q.stride(0), k.stride(0), cos.stride(0), cos.stride(2), eps,
                                    HQ=Hq, HKV=Hkv, D=D, HALF=D // 2,
                                    BLOCK_H=triton.next_power_of_2(max(Hq, Hkv)),
                                    BLOCK_I=triton.next_power_of_2(D // 2))
