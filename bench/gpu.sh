@@ -38,12 +38,20 @@ for part in "$@"; do   # check every part before running any
     *) echo "usage: bash bench/gpu.sh tests|kernels|rollout|recipe ..." >&2; exit 2 ;;
     esac
 done
-limit() {   # run "$@" for at most this part's seconds, or $LIMIT's (its child processes with it)
-    local seconds=${LIMIT:-$1}; shift
-    timeout -k 10 "$seconds" "$@"; local rc=$?
+limit() {   # run "$@" for at most this part's seconds, or $LIMIT's
+    # timeout runs it in a process group of its own, so that the cut reaches its child processes
+    # too (pytest's workers, torchrun's). A Ctrl-C reaches only our group, so it is passed on, as
+    # a SIGTERM: a command started in the background ignores SIGINT
+    local seconds=${LIMIT:-$1} pid rc; shift
+    timeout -k 10 "$seconds" "$@" & pid=$!
+    trap 'kill -TERM $pid 2>/dev/null' INT
+    while kill -0 $pid 2>/dev/null; do wait $pid; done   # (a trapped signal ends a wait early)
+    wait $pid; rc=$?
+    trap - INT
     [ $rc -ne 124 ] || echo "gpu.sh: cut at its limit of $seconds s: $*"
     return $rc
 }
+trap 'exit 130' INT   # a Ctrl-C stops every part (once limit has passed it on)
 status=0   # the first failing part's exit status; a failing part does not stop the next
 for part in "$@"; do
 case "$part" in
