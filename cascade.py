@@ -47,6 +47,7 @@ import torch.distributed as dist
 import data
 import grpo
 import mopd
+import rl
 import rlhf
 import sft
 import verifiers
@@ -167,7 +168,7 @@ def load_recipe(path, steps_scale=1.0):
             bad(f"{where}cannot read {' '.join(unknown)!r} as arguments of {st['script']}.py")
         if st["script"] != "sft":
             try:
-                grpo.domains_and_mix(st["ns"])
+                rl.domains_and_mix(st["ns"])
                 if st["script"] == "mopd":
                     mopd.check_window(st["ns"])
             except ValueError as e:
@@ -189,34 +190,20 @@ def eval_columns(settings):
 
 
 def evaluate(ckpt, data_dir, settings, dd):
-    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}. Each rank
-    answers a strided share of all columns' prompts with grpo.sample_groups (the multi-turn tool
-    loop of training) at temperature 0; the scores are gathered back in order on every rank."""
+    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}: rl.evaluate
+    (greedy, the multi-turn tool loop of training) on each column's prompts, one batch per column
+    (similar lengths, less padding)."""
     t0 = time.time()
-    model, _ = load_checkpoint(ckpt, device=dd.device)
-    tok, engine = data.load_tokenizer(ckpt), Engine(model)
-    rows = {d: data.load_jsonl(os.path.join(data_dir, "eval", f"{d}.jsonl"), "rl", d)[:settings["limit"]]
-            for d in settings["domains"]}
-    jobs = [(column, domain, dict(r, thinking=thinking)) for column, domain, thinking in eval_columns(settings)
-            for r in rows[domain]]
-    columns, mine = list(dict.fromkeys(job[0] for job in jobs)), list(range(dd.rank, len(jobs), dd.world_size))
-    params, texts = dict(temperature=0.0, max_new_tokens=settings["max_new_tokens"]), []
-    for column in columns:  # a batch per column: similar lengths, less padding
-        batch = [jobs[j][2] for j in mine if jobs[j][0] == column]
-        texts += grpo.sample_groups(engine, tok, batch, 1, params, seed=0)[1] if batch else []
-    engine.release()
-    pairs = list(zip(mine, verifiers.score_many([jobs[j][1] for j in mine], texts, [jobs[j][2]["meta"] for j in mine])))
-    parts = [pairs] if dd.world_size == 1 else [None] * dd.world_size
-    if dd.world_size > 1:
-        dist.all_gather_object(parts, pairs)
-    scores = dict(p for part in parts for p in part)
+    tok, engine = data.load_tokenizer(ckpt), Engine(load_checkpoint(ckpt, device=dd.device)[0])
     out = {"scores": {}, "chat_judge": None, "checkpoint": ckpt}
-    for column in columns:
-        s = [scores[j] for j in range(len(jobs)) if jobs[j][0] == column]
+    for column, domain, thinking in eval_columns(settings):
+        rows = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl", domain)[:settings["limit"]]
+        scores = rl.evaluate(engine, tok, [dict(r, thinking=thinking) for r in rows], settings["max_new_tokens"], dd)
         if column == "chat":
-            out["chat_judge"] = s  # the column is a win rate against the reference: see table()
+            out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
         else:
-            out["scores"][column] = sum(s) / max(1, len(s))
+            out["scores"][column] = sum(scores) / max(1, len(scores))
+    engine.release()
     return {**out, "eval_s": round(time.time() - t0, 1)}
 
 

@@ -81,6 +81,12 @@ def all_reduce_sum(t):
     return t
 
 
+def global_sums(values, device):
+    """{name: this rank's number} -> {name: the sum over ranks}, in one all-reduce."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    return dict(zip(values, all_reduce_sum(t).tolist()))
+
+
 def print0(*args, **kwargs):
     if is_main():
         print(*args, **kwargs, flush=True)

@@ -43,10 +43,9 @@ import torch
 
 import common
 import data
-import grpo
+import rl
 import verifiers
 from common import print0
-from data import chat
 from rollout import Engine
 
 
@@ -85,7 +84,7 @@ def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, h
 
 
 # ----------------------------------------------------------------------------------------------
-# Teachers and the MOPD step
+# The teachers
 
 
 def load_teachers(spec, domains, tok_path, device):
@@ -124,55 +123,38 @@ def load_teachers(spec, domains, tok_path, device):
     return teachers
 
 
-def mopd_update(run, args, samples, domains_N, teachers):
-    """One optimizer step on a rollout batch. Micro-batches hold one domain each, so that each is
-    scored by one teacher. Returns local sums for the logs."""
-    pad_id = run.tok.token_to_id(chat.PAD)
-    mbs = []
-    for dom in sorted(set(domains_N)):
-        mine = [i for i, x in enumerate(domains_N) if x == dom]
-        mbs += [(dom, b) for _, b in grpo.micro_batches([samples[i] for i in mine], args.micro_batch,
-                                                  pad_id, run.dist.device)]
-    mbs = grpo.same_count(run, mbs, (run.domains[0], grpo.empty_batch(pad_id, run.dist.device)))
-    local = sum(b["mask_B_T"].sum().item() for _, b in mbs)
-    num_tokens = grpo.global_sums(dict(n=local), run.dist.device)["n"]   # |V| of the global batch
-    sums = dict(tokens=local, dropped=0, fwd_tokens=0, entropy=0, mismatch_abs=0, mismatch_k3=0,
-                **{f"{dom}/{k}": 0.0 for dom in run.domains for k in ("adv", "tokens")})
-    run.optimizer.zero_grad(set_to_none=True)
-    for dom, b in mbs:
-        mask_B_T, inf_B_T = b["mask_B_T"], b["inf_logprobs_B_T"]
-        with torch.no_grad(), run.autocast():
-            teacher_B_T = grpo.token_logprobs(teachers[dom], b)[0]
-        with run.autocast():
-            lp_B_T, ent_B_T, _ = grpo.token_logprobs(run.model, b)   # aux loss off: router frozen
-        loss, adv_B_T, w_B_T = mopd_loss(lp_B_T, teacher_B_T, inf_B_T, mask_B_T,
-                                         args.mismatch_low, args.mismatch_high, num_tokens)
-        loss.backward()
-        sums[f"{dom}/adv"] += adv_B_T.sum().item()
-        sums[f"{dom}/tokens"] += mask_B_T.sum().item()
-        sums["dropped"] += ((w_B_T == 0) & (mask_B_T > 0)).sum().item()
-        grpo.token_stats(sums, b, lp_B_T, ent_B_T, pad_id)
-    if num_tokens > 0:
-        sums["grad_norm"] = grpo.optimizer_step(run, args)
-    return sums
-
-
-@torch.no_grad()
-def evaluate(run, args, engine, pools):
+def eval_scores(run, args, engine, pools):
     """Greedy mean verifier score of `engine`'s model on the first --eval_prompts of each domain."""
-    d = run.dist
     rows = [dict(r, thinking=args.thinking != "off") for rs in pools.values() for r in rs[:args.eval_prompts]]
-    rows = rows[d.rank::d.world_size]
-    texts = grpo.sample_groups(engine, run.tok, rows, 1, dict(temperature=0.0, max_new_tokens=args.max_new_tokens),
-                               args.seed)[1]   # (with no rows too: under FSDP generate is a collective)
-    domains = [r["domain"] for r in rows]
-    scores = verifiers.score_many(domains, texts, [r["meta"] for r in rows])
-    g = grpo.global_sums(grpo.per_domain(run, scores, domains, "score"), d.device)
-    return {x: g[f"{x}/score"] / g[f"{x}/n"] for x in pools if g[f"{x}/n"]}
+    scores = rl.evaluate(engine, run.tok, rows, args.max_new_tokens, run.dist)
+    return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
+            for d in pools}
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The update and the loop
+
+
+def update(run, args, samples, domains_N, teachers):
+    """One optimizer step on a rollout batch: every sampled token's advantage from its domain's
+    teacher, weighted by the mismatch window (docs/paper.md, MOPD). Micro-batches hold one domain
+    each, so that one teacher scores each. -> (the step's Tally, the gradient norm or None)."""
+    batches = rl.same_count(run, [b for dom in sorted(set(domains_N)) for b in rl.micro_batches(
+        run, samples, [i for i, x in enumerate(domains_N) if x == dom], args.micro_batch, dom)])
+    num_tokens = rl.global_token_count(run, batches)   # |V| of the global batch
+    tally = rl.Tally(samples, "advantage", "dropped")
+    run.optimizer.zero_grad(set_to_none=True)
+    for b in batches:
+        with torch.no_grad(), run.autocast():   # the teacher scores the student's own tokens
+            teacher_B_T = rl.token_logprobs(teachers[b.domain], b)[0]
+        with run.autocast():
+            logprobs_B_T, entropy_B_T, _ = rl.token_logprobs(run.model, b)   # aux loss off: router frozen
+        loss, adv_B_T, w_B_T = mopd_loss(logprobs_B_T, teacher_B_T, b.inf_logprobs_B_T, b.mask_B_T,
+                                         args.mismatch_low, args.mismatch_high, num_tokens)
+        loss.backward()
+        tally.trained(b, logprobs_B_T, entropy_B_T)
+        tally.add(b, advantage=adv_B_T, dropped=(w_B_T == 0).float())
+    return tally, rl.optimizer_step(run, args) if num_tokens else None
 
 
 def check_window(args):
@@ -186,39 +168,46 @@ def train(args):
     check_window(args)
     if (summary := common.finished_summary(args.out)) is not None:
         return summary
-    run = grpo.setup(args, freeze_router=True)   # router frozen, aux loss off
+    run = rl.setup(args, freeze_router=True)   # router frozen, aux loss off
     teachers = load_teachers(args.teachers, run.domains, run.tok_path, run.dist.device)
     eval_pools, teacher_eval = None, {}
     if args.eval_every:   # how close to each teacher does the student get, and in how many steps?
-        eval_pools = grpo.load_prompts(args.data, run.domains, split="eval")
+        eval_pools = rl.load_prompts(args.data, run.domains, split="eval")
         for dom in run.domains:
-            teacher_eval.update(evaluate(run, args, Engine(teachers[dom]), {dom: eval_pools[dom]}))
+            teacher_eval.update(eval_scores(run, args, Engine(teachers[dom]), {dom: eval_pools[dom]}))
         print0("teacher eval scores:", teacher_eval)
+    G, t_start = args.group_size, time.time()
     for step in range(run.step, args.steps):
-        grpo.set_lr(run, args, step)
-        # the verifiers' rewards are never trained on: a side metric, to rise toward the teachers'
-        rows_N, samples, _, stats = grpo.rollout_step(run, args, step, dict(
-            temperature=1.0, max_new_tokens=args.max_new_tokens))
+        rl.set_lr(run, args, step)
+        # 1. rollout: G responses to each of the step's prompts, from the student at temperature 1
         t0 = time.time()
-        stats.update(mopd_update(run, args, samples, [r["domain"] for r in rows_N], teachers),
-                     train_s=time.time() - t0)
-        row, g = grpo.step_row(run, step, stats)
+        rows = rl.draw_prompts(run, args, step)
+        samples, texts = rl.sample_groups(run.engine, run.tok, rows, G, dict(
+            temperature=1.0, max_new_tokens=args.max_new_tokens), rl.rollout_seed(run, args, step))
+        rollout_s, t0 = time.time() - t0, time.time()
+        domains_N = [r["domain"] for r in rows for _ in range(G)]
+        # 2. the update: the teachers score the student's tokens (no reward is trained on)
+        tally, grad_norm = update(run, args, samples, domains_N, teachers)
+        # 3. the log; the verifiers' rewards are a side metric, to rise toward the teachers'
+        rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows for _ in range(G)])
+        row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
+                             rollout_s=rollout_s, train_s=time.time() - t0)
         for dom in run.domains:
             if g[f"{dom}/tokens"]:
                 # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
-                row[f"reverse_kl/{dom}"] = -g[f"{dom}/adv"] / g[f"{dom}/tokens"]
+                row[f"reverse_kl/{dom}"] = -g[f"{dom}/advantage"] / g[f"{dom}/tokens"]
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
         if eval_pools and (step + 1 == args.steps or (step + 1) % args.eval_every == 0):
-            for dom, score in evaluate(run, args, run.engine, eval_pools).items():
+            for dom, score in eval_scores(run, args, run.engine, eval_pools).items():
                 row[f"eval/{dom}"] = score
                 if teacher_eval.get(dom):
                     row[f"eval_vs_teacher/{dom}"] = score / teacher_eval[dom]
-        grpo.end_step(run, args, row)
-    return grpo.finish(run, args)
+        rl.end_step(run, args, row, t_start)
+    return rl.finish(run, args)
 
 
 def build_parser():
-    p = grpo.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=2e-6, group_size=4)
+    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=2e-6, group_size=4)
     p.add_argument("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
     p.add_argument("--mismatch_low", type=common.nonneg_float, default=0.5,
                    help="drop tokens with pi_train/pi_inf below")

@@ -22,9 +22,11 @@ penalty is off by default, as in every other RL stage here; `--kl_coef 0.03` tur
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
 
+import argparse
 import json
 import os
 import random
+import time
 
 import torch
 import torch.nn as nn
@@ -33,11 +35,11 @@ from safetensors.torch import save_file
 
 import common
 import data
-import grpo
+import rl
 from common import print0
 from data import chat
 from rollout import Engine
-from verifiers.chat import judge, wins as chat_wins
+from verifiers.chat import wins as chat_wins
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
@@ -125,8 +127,8 @@ def train_reward_model(args, tok, d, logger):
         grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:   # (every rank: a collective)
-            g = grpo.global_sums(dict(loss=local_loss.item() * len(mine), right=(rc > rr).sum().item(),
-                                      n=len(mine)), d.device)
+            g = common.global_sums(dict(loss=local_loss.item() * len(mine), right=(rc > rr).sum().item(), n=len(mine)),
+                              d.device)
             loss, acc = g["loss"] / g["n"], g["right"] / g["n"]   # over the global batch
             logger.log(dict(rm_step=step, rm_loss=loss, rm_batch_acc=acc, rm_grad_norm=grad_norm))
             print0(f"rm step {step} | loss {loss:.4f} | batch acc {acc:.3f}")
@@ -162,25 +164,84 @@ def load_reward_model(path, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# RL against the reward model
+
+
+def update(run, args, samples, advantages_N, keep, ref):
+    """One optimizer step on the kept samples: REINFORCE with A_i as a token-level mean over the
+    global batch (the GRPO objective, strictly on-policy: pi_old = pi, the ratio is 1), plus
+    --kl_coef times the k3 penalty toward `ref` (None: off). -> (Tally, gradient norm or None)."""
+    batches = rl.same_count(run, rl.micro_batches(run, samples, keep, args.micro_batch))
+    num_tokens = rl.global_token_count(run, batches)
+    tally = rl.Tally(samples, "kl")
+    run.optimizer.zero_grad(set_to_none=True)
+    for b in batches:
+        with run.autocast():
+            logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b)
+        loss, _ = rl.policy_loss(logprobs_B_T, logprobs_B_T.detach(), advantages_N[b.index], b.mask_B_T,
+                                 0.0, 0.0, num_tokens)
+        if ref is not None:
+            with torch.no_grad(), run.autocast():
+                ref_B_T = rl.token_logprobs(ref, b)[0]
+            kl_B_T = rl.k3(logprobs_B_T, ref_B_T)   # its gradient: that of KL(ref || pi), see rl.k3
+            loss = loss + args.kl_coef * (kl_B_T * b.mask_B_T).sum() / num_tokens
+            tally.add(b, kl=kl_B_T)
+        # load balancing as in SFT, weighted by this batch's share
+        loss = loss + run.model.config.router_aux_loss_coef * aux * b.mask_B_T.sum() / num_tokens
+        loss.backward()
+        tally.trained(b, logprobs_B_T, entropy_B_T)
+    return tally, rl.optimizer_step(run, args) if num_tokens else None
+
+
+def train_policy(args, rm):
+    """RL against the reward model: GRPO's loop with the reward model's score as the reward."""
+    if (summary := common.finished_summary(args.out)) is not None:
+        return summary
+    run = rl.setup(args)
+    ref = None
+    if args.kl_coef > 0:   # the KL reference: the stage's frozen starting checkpoint
+        ref = common.load_checkpoint(args.init, run.dist.device)[0].eval().requires_grad_(False)
+    G, t_start = args.group_size, time.time()
+    for step in range(run.step, args.steps):
+        rl.set_lr(run, args, step)
+        # 1. rollout: G responses to each of the step's chat prompts
+        t0 = time.time()
+        rows = rl.draw_prompts(run, args, step)
+        samples, texts = rl.sample_groups(run.engine, run.tok, rows, G, dict(
+            temperature=1.0, max_new_tokens=args.max_new_tokens), rl.rollout_seed(run, args, step))
+        rollout_s, t0 = time.time() - t0, time.time()
+        # 2. reward: the reward model's score of each final answer (never the hidden judge's)
+        rows_N = [r for r in rows for _ in range(G)]
+        seqs = [rm_ids(run.tok, r["messages"], chat.parse_response(t)["answer"]) for r, t in zip(rows_N, texts)]
+        rewards_N = rm_scores(rm, seqs, run.pad_id, run.dist.device).double().cpu()
+        # 3. advantage: A_i, group-normalized (docs/paper.md, GRPO); groups of equal scores drop out
+        advantages_N = rl.group_advantages(rewards_N, G).float().to(run.dist.device)
+        signal_N = rl.has_signal(rewards_N, G)
+        # 4. the update
+        tally, grad_norm = update(run, args, samples, advantages_N, signal_N.nonzero().squeeze(1).tolist(), ref)
+        # 5. the log
+        tally.per_sample("filtered", ~signal_N)
+        row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally, rewards_N, grad_norm,
+                             rollout_s=rollout_s, train_s=time.time() - t0)
+        row.update(filtered_frac=g["filtered"] / g["samples"], kl_ref=g["kl"] / max(g["tokens"], 1))
+        rl.end_step(run, args, row, t_start)
+    return rl.finish(run, args)
+
+
+# ----------------------------------------------------------------------------------------------
 # The judge's verdict: win rate against the starting checkpoint
 
 
-@torch.no_grad()
 def judge_win_rate(args, tok, d, final_path):
     """Greedy answers of --init and of the final policy to the eval chat prompts, each judged by the
-    hidden judge; a win counts 1, a tie 1/2."""
-    rows = grpo.load_prompts(args.data, ["chat"], split="eval")["chat"][:args.eval_prompts]
-    rows = [dict(r, thinking=args.thinking != "off") for r in rows][d.rank::d.world_size]
-    sampling = dict(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    scores = []
-    for path in (args.init, final_path):
-        model, _ = common.load_checkpoint(path, d.device)
-        texts = grpo.sample_groups(Engine(model), tok, rows, 1, sampling, args.seed)[1] if rows else []
-        scores.append([judge(t, r["meta"]) for t, r in zip(texts, rows)])
-    wins = sum(chat_wins(scores[1], scores[0]))   # the final policy's answers against --init's
-    g = grpo.global_sums(dict(wins=wins, n=len(rows), base=sum(scores[0]), final=sum(scores[1])), d.device)
-    n = max(g["n"], 1)
-    return dict(judge_win_rate=g["wins"] / n, judge_init=g["base"] / n, judge_final=g["final"] / n)
+    hidden judge (the chat domain's verifier); a win counts 1, a tie 1/2."""
+    rows = rl.load_prompts(args.data, ["chat"], split="eval")["chat"][:args.eval_prompts]
+    rows = [dict(r, thinking=args.thinking != "off") for r in rows]
+    scores = [rl.evaluate(Engine(common.load_checkpoint(path, d.device)[0]), tok, rows, args.max_new_tokens, d)
+              for path in (args.init, final_path)]
+    n = max(len(rows), 1)
+    return dict(judge_win_rate=sum(chat_wins(scores[1], scores[0])) / n,   # the final policy's against --init's
+                judge_init=sum(scores[0]) / n, judge_final=sum(scores[1]) / n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +249,15 @@ def judge_win_rate(args, tok, d, final_path):
 
 
 def build_parser():
-    p = grpo.build_parser()
-    p.description = __doc__.split("\n\n")[0]
-    p.set_defaults(domains="chat", mix="", lr=1e-6)
-    p.add_argument("--rm_steps", type=common.pos_int, default=100, help="reward-model training steps")
-    p.add_argument("--rm_lr", type=common.pos_float, default=1e-4, help="reward-model learning rate")
-    p.add_argument("--rm_batch", type=common.pos_int, default=32, help="preference pairs per reward-model step")
-    p.add_argument("--eval_prompts", type=common.pos_int, default=64,
-                   help="eval chat prompts for the judge's win rate")
+    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8)
+    p.set_defaults(domains="chat")
+    a = p.add_argument
+    a("--kl_coef", type=common.nonneg_float, default=0.0,
+      help="k3 KL penalty toward --init (0: none; the paper's RLHF reportedly uses 0.03)")
+    a("--rm_steps", type=common.pos_int, default=100, help="reward-model training steps")
+    a("--rm_lr", type=common.pos_float, default=1e-4, help="reward-model learning rate")
+    a("--rm_batch", type=common.pos_int, default=32, help="preference pairs per reward-model step")
+    a("--eval_prompts", type=common.pos_int, default=64, help="eval chat prompts for the judge's win rate")
     return p
 
 
@@ -218,15 +280,7 @@ def main(argv=None):
         del rm
     # scoring reads the saved reward model, a plain module on every rank (also after FSDP training)
     rm, rm_stats = load_reward_model(rm_path, d.device)
-    rm.eval().requires_grad_(False)
-    pad_id = tok.token_to_id(chat.PAD)
-
-    def reward_fn(rows_N, texts_N):   # the reward model's score of the final answer
-        answers = [chat.parse_response(t)["answer"] for t in texts_N]
-        seqs = [rm_ids(tok, r["messages"], a) for r, a in zip(rows_N, answers)]
-        return rm_scores(rm, seqs, pad_id, d.device).tolist()
-
-    summary = dict(grpo.train(args, reward_fn=reward_fn), **rm_stats)
+    summary = dict(train_policy(args, rm.eval().requires_grad_(False)), **rm_stats)
     del rm
     verdict = judge_win_rate(args, tok, d, os.path.join(args.out, "final"))
     logger.log(verdict)

@@ -251,7 +251,7 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
 
 def short_recipe(path, data_dir, fsdp):
     """Every script, a step or two each, on 2 ranks: 3 prompts a step split 2 + 1, so the ranks run
-    different numbers of micro-batches (FSDP pads them to the same count: grpo.same_count)."""
+    different numbers of micro-batches (FSDP pads them to the same count: rl.same_count)."""
     rl = dict(prompts_per_step=3, group_size=2, max_new_tokens=8, micro_batch=1, lr=1e-3)
     return write_recipe(path, {
         "model": CONFIG, "data": data_dir, "fsdp": fsdp, "device": "cpu",  # gloo, also on a 1-GPU machine
@@ -263,7 +263,7 @@ def short_recipe(path, data_dir, fsdp):
                   # one prompt a step: rank 1 has nothing to generate or train on, and must still
                   # take part in the collectives (the weights' gather, the padded micro-batches)
                   {"name": "rlhf", "script": "rlhf", "args": dict(rl, steps=1, rm_steps=2, rm_batch=3, eval_prompts=2,
-                                                                   overlong="none", prompts_per_step=1)}]})
+                                                                   prompts_per_step=1)}]})
 
 
 def test_two_gloo_processes_ddp_and_fsdp(tmp_path, data_dir):

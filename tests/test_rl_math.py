@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpo import group_advantages, k3, policy_loss
+from rl import group_advantages, k3, policy_loss
 from mopd import mismatch_weights, mopd_advantages, mopd_loss
 from rlhf import bradley_terry_loss
 
@@ -79,10 +79,10 @@ def test_policy_loss_matches_definition():
     old = lp + 0.4 * torch.randn(B, T, dtype=D)      # ratios well outside [0.8, 1.28] too
     adv = torch.randn(B, dtype=D)
     mask = (torch.rand(B, T) < 0.7).to(D)
-    loss, clip_frac = policy_loss(lp, old, adv, mask, 0.2, 0.28)
+    loss, clipped = policy_loss(lp, old, adv, mask, 0.2, 0.28)
     ref = reference_policy_loss(lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28)
     assert abs(loss.item() - ref) < 1e-12
-    assert 0 < clip_frac.item() < 1
+    assert 0 < clipped.sum() < mask.sum() and (clipped <= mask).all()
     # num_tokens = global count: the loss is the local sum divided by it
     loss_g, _ = policy_loss(lp, old, adv, mask, 0.2, 0.28, num_tokens=mask.sum() * 3)
     torch.testing.assert_close(loss_g, loss / 3)
@@ -105,9 +105,9 @@ def test_policy_loss_on_policy_gradient_is_reinforce():
     mask = (torch.rand(B, T) < 0.8).to(D)
     adv = torch.randn(B, dtype=D)
     lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    loss, clip_frac = policy_loss(lp, lp.detach(), adv, mask, 0.2, 0.28)
+    loss, clipped = policy_loss(lp, lp.detach(), adv, mask, 0.2, 0.28)
     (g_ppo,) = torch.autograd.grad(loss, logits)
-    assert clip_frac.item() == 0
+    assert clipped.sum().item() == 0
     # REINFORCE: -sum_i A_i sum_t grad log pi / N_tokens
     lp2 = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
     reinforce = -(adv[:, None] * lp2 * mask).sum() / mask.sum()
@@ -128,18 +128,18 @@ def test_policy_loss_clipping_both_sides(adv):
     for t, rho in enumerate(ratios.tolist()):
         m = torch.zeros(1, 7, dtype=D)
         m[0, t] = 1
-        loss, clip_frac = policy_loss(lp, old, torch.tensor([adv], dtype=D), m, lo, hi)
+        loss, clipped = policy_loss(lp, old, torch.tensor([adv], dtype=D), m, lo, hi)
         (g,) = torch.autograd.grad(loss, lp)
         # PPO: the clip binds (flat objective, zero gradient) when A > 0 and rho > 1 + hi,
         # or A < 0 and rho < 1 - lo; otherwise the objective is rho * A
         binds = (adv > 0 and rho > 1 + hi) or (adv < 0 and rho < 1 - lo)
         expected_obj = (min(max(rho, 1 - lo), 1 + hi) if binds else rho) * adv
         assert loss.item() == pytest.approx(-expected_obj, abs=1e-12)
-        assert clip_frac.item() == float(binds)
+        assert clipped.sum().item() == float(binds)
         expected_grad = 0.0 if binds else -rho * adv  # d(rho A)/d log pi = rho A
         assert g[0, t].item() == pytest.approx(expected_grad, abs=1e-12)
-    _, frac = policy_loss(lp, old, torch.tensor([adv], dtype=D), mask, lo, hi)
-    assert frac.item() == pytest.approx(2 / 7)
+    _, clipped = policy_loss(lp, old, torch.tensor([adv], dtype=D), mask, lo, hi)
+    assert clipped.sum().item() == 2
 
 
 def test_k3_is_nonnegative_and_unbiased_for_kl():
@@ -150,6 +150,23 @@ def test_k3_is_nonnegative_and_unbiased_for_kl():
     est = (p * k3(p.log(), q.log())).sum()
     torch.testing.assert_close(est, (p * (p.log() - q.log())).sum())
     assert (k3(p.log(), q.log()) >= 0).all()
+
+
+def test_k3_gradient_is_that_of_the_forward_kl():
+    """As a loss term differentiated through log pi (samples held fixed), E_pi[grad k3] is the
+    gradient of KL(ref || pi), not of KL(pi || ref): exactly, summed over a small vocabulary."""
+    torch.manual_seed(7)
+    logits = torch.randn(6, dtype=D, requires_grad=True)
+    log_ref = torch.log_softmax(torch.randn(6, dtype=D), 0)
+    log_pi = torch.log_softmax(logits, 0)
+    expected_grad_k3 = (log_pi.exp().detach() * k3(log_pi, log_ref)).sum()   # E_pi, weights held fixed
+    (g,) = torch.autograd.grad(expected_grad_k3, logits)
+    forward_kl = (log_ref.exp() * (log_ref - torch.log_softmax(logits, 0))).sum()
+    (g_forward,) = torch.autograd.grad(forward_kl, logits)
+    reverse_kl = (torch.softmax(logits, 0) * (torch.log_softmax(logits, 0) - log_ref)).sum()
+    (g_reverse,) = torch.autograd.grad(reverse_kl, logits)
+    torch.testing.assert_close(g, g_forward, rtol=1e-12, atol=1e-14)
+    assert (g - g_reverse).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The RL stages end to end on a CPU, with tiny models:
-- GRPO's update (grpo.grpo_update on rollout.Engine samples) raises the reward of a toy task;
+- GRPO's update (grpo.update on rollout.Engine samples) raises the reward of a toy task;
 - MOPD's update lowers the exact reverse KL to a teacher;
 - the Bradley-Terry reward model fits a handful of pairs;
-- grpo.sample_groups' tool hook runs each turn's calls through verifiers.tool.ToolEnv;
+- rl.sample_groups' tool hook runs each turn's calls through verifiers.tool.ToolEnv;
 - each main() runs a couple of steps on the built-in data and writes OUT/final + metrics.jsonl, a
   second call with OUT/final present returns at once, and GRPO resumes from OUT/last."""
 
@@ -18,6 +18,7 @@ import torch
 import common
 import grpo
 import mopd
+import rl
 import rlhf
 from model import ModelConfig, Transformer
 from rollout import Engine, Sample, SamplingParams
@@ -30,14 +31,16 @@ PROMPTS = [[1, 2, 3], [4, 3], [2, 2, 6, 1]]
 TARGET = 5   # the toy task: emit token 5
 
 
-def toy_run(model, lr):
-    """What grpo.setup returns, around a bare model: only what the update functions read."""
+def toy_run(model, lr, domains=()):
+    """What rl.setup returns, around a bare model (pad id 0), without a data directory."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return SimpleNamespace(dist=common.init_distributed("cpu"), model=model, params=params,
-                           tok=SimpleNamespace(token_to_id=lambda s: 0),   # pad id 0
-                           optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-                           autocast=lambda: torch.autocast("cpu", enabled=False), domains=[],
-                           engine=Engine(model))
+    return rl.Run(dist=common.init_distributed("cpu"), model=model, tok=SimpleNamespace(token_to_id=lambda s: 0),
+                  tok_path="", optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params=params,
+                  engine=Engine(model), pools={}, domains=list(domains), mix=[], bf16=False, logger=None)
+
+
+def everything(samples):
+    return list(range(len(samples)))
 
 
 def toy_args(**kw):
@@ -65,9 +68,10 @@ def test_grpo_raises_toy_reward():
         rewards = torch.tensor([s.token_ids.count(TARGET) / len(s.token_ids) for s in samples],
                                dtype=torch.float64)
         rewards_per_step.append(rewards.mean().item())
-        sums = grpo.grpo_update(run, args, samples, grpo.group_advantages(rewards, G).float())
+        tally, _ = grpo.update(run, args, samples, grpo.group_advantages(rewards, G).float(), everything(samples))
         # one step per batch: ratio 1, the clip never binds; fp32 on both sides: no mismatch
-        assert sums["clip"] == 0 and sums["mismatch_abs"] / sums["tokens"] < 1e-4
+        s = {k: v.sum().item() for k, v in tally.sums.items()}
+        assert s["clipped"] == 0 and s["mismatch_abs"] / s["tokens"] < 1e-4
     p_after = first_token_logprobs(model)[:, TARGET].exp().mean().item()
     assert p_after > 3 * p_before, (p_before, p_after)
     assert sum(rewards_per_step[-3:]) > 2 * sum(rewards_per_step[:3]), rewards_per_step
@@ -89,9 +93,10 @@ def test_grpo_update_is_reinforce_whatever_the_engine_logprobs():
     weights = []
     for batch in (samples, skewed):
         trained = copy.deepcopy(model)
-        sums = grpo.grpo_update(toy_run(trained, lr=1e-2), toy_args(), batch, advantages)
-        assert sums["clip"] == 0
-        weights.append((torch.cat([p.flatten() for p in trained.parameters()]), sums["mismatch_abs"] / sums["tokens"]))
+        tally, _ = grpo.update(toy_run(trained, lr=1e-2), toy_args(), batch, advantages, everything(batch))
+        s = {k: v.sum().item() for k, v in tally.sums.items()}
+        assert s["clipped"] == 0
+        weights.append((torch.cat([p.flatten() for p in trained.parameters()]), s["mismatch_abs"] / s["tokens"]))
     (w_exact, mismatch_exact), (w_skewed, mismatch_skewed) = weights
     assert mismatch_exact < 1e-4 and abs(mismatch_skewed - 0.9) < 1e-4
     assert torch.equal(w_exact, w_skewed)
@@ -104,8 +109,9 @@ def test_grpo_epochs_make_the_clip_bind():
     groups = run.engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), n=8, seed=0)
     samples = [s for g in groups for s in g]
     rewards = torch.tensor([float(TARGET in s.token_ids) for s in samples], dtype=torch.float64)
-    sums = grpo.grpo_update(run, toy_args(epochs=4), samples, grpo.group_advantages(rewards, 8).float())
-    assert sums["clip"] > 0
+    tally, _ = grpo.update(run, toy_args(epochs=4), samples, grpo.group_advantages(rewards, 8).float(),
+                           everything(samples))
+    assert tally.sums["clipped"].sum() > 0
 
 
 def reverse_kl(student, teacher):
@@ -122,14 +128,13 @@ def test_mopd_lowers_reverse_kl():
     for name, p in student.named_parameters():
         if name.endswith("mlp.gate.weight"):
             p.requires_grad_(False)      # as in mopd.py: the router is frozen
-    run, args = toy_run(student, lr=1e-2), toy_args()
-    run.domains = ["toy"]
+    run, args = toy_run(student, lr=1e-2, domains=["toy"]), toy_args()
     kl_before = reverse_kl(student, teacher)
     for step in range(10):
         groups = run.engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), n=4, seed=step)
         samples = [s for g in groups for s in g]
-        sums = mopd.mopd_update(run, args, samples, ["toy"] * len(samples), {"toy": teacher})
-        assert sums["dropped"] == 0      # same weights in engine and trainer: r = 1
+        tally, _ = mopd.update(run, args, samples, ["toy"] * len(samples), {"toy": teacher})
+        assert tally.sums["dropped"].sum() == 0      # same weights in engine and trainer: r = 1
     kl_after = reverse_kl(student, teacher)
     assert kl_after < 0.75 * kl_before, (kl_before, kl_after)
 
@@ -178,7 +183,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
-    """grpo.sample_groups' environment hook, driven by a stand-in engine that 'generates' two turns of
+    """rl.sample_groups' environment hook, driven by a stand-in engine that 'generates' two turns of
     tool calls: each turn gets the results of its own calls, in a user turn of tool responses."""
     import data
     from data import chat
@@ -201,7 +206,7 @@ def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
 
     rows = [dict(domain="tool", messages=[dict(role="user", content="hi")], thinking=False),
             dict(domain="math", messages=[dict(role="user", content="hi")], thinking=False)]
-    grpo.sample_groups(SimpleNamespace(generate=generate), tok, rows, 1, dict(max_new_tokens=64), seed=0)
+    rl.sample_groups(SimpleNamespace(generate=generate), tok, rows, 1, dict(max_new_tokens=64), seed=0)
     env = ToolEnv()
     assert appended[0] == chat.tool_response_ids(tok, [env.run("get_capital", {"country": "Norway"})], False)
     assert appended[1] == chat.tool_response_ids(tok, [env.run("get_weather", {"city": "Oslo"})], False)
@@ -224,11 +229,10 @@ def test_grpo_main(tiny_setup, monkeypatch):
     root, data_dir, init = tiny_setup
     out = str(root / "grpo")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--domains", "math,tool", "--mix", "1,1",
-            "--group_size", "2", "--filter_groups", "off", "--overlong", "none", "--kl_coef", "0.03",
-            "--save_every", "1"] + COMMON
+            "--group_size", "2", "--filter_groups", "off", "--overlong", "none", "--save_every", "1"] + COMMON
     summary = grpo.main(argv)
     rows = check_outputs(out, summary, grpo.main, argv)
-    assert {"entropy", "clip_frac", "mismatch_abs", "mismatch_k3", "kl_ref", "rollout_tok_s",
+    assert {"entropy", "clip_frac", "mismatch_abs", "mismatch_k3", "rollout_tok_s",
             "train_tok_s", "filtered_frac", "response_len"} <= set(rows[-1])
     assert all(r["trained_tokens"] > 0 for r in rows)   # filter and overlong off: every token trains
     assert any(k.startswith("reward/") for k in summary)
@@ -240,14 +244,14 @@ def test_grpo_main(tiny_setup, monkeypatch):
     def killed(run, args):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(grpo, "finish", killed)
+        m.setattr(rl, "finish", killed)
         with pytest.raises(KeyboardInterrupt):
             grpo.main(argv)
     assert common.checkpoint_exists(os.path.join(out, "last"))
     with pytest.raises(ValueError, match="--group_size 2, this run has 4"):
         grpo.main(argv + ["--group_size", "4"])   # a different batch: refused, nothing lost
-    finish, summarized = grpo.finish, []
-    monkeypatch.setattr(grpo, "finish", lambda run, args: summarized.append(
+    finish, summarized = rl.finish, []
+    monkeypatch.setattr(rl, "finish", lambda run, args: summarized.append(
         [r["step"] for r in run.history]) or finish(run, args))
     assert grpo.main(argv) == summary and summarized == [[0, 1]]   # step 0 from the log, 1 re-run
     assert [r["step"] for r in common.read_metrics(os.path.join(out, "metrics.jsonl"))] == [0, 1]  # logged once
@@ -286,7 +290,7 @@ def test_rlhf_main(tiny_setup):
     root, data_dir, init = tiny_setup
     out = str(root / "rlhf")
     argv = ["--init", init, "--data", data_dir, "--out", out, "--rm_steps", "3", "--rm_batch", "4",
-            "--group_size", "2", "--eval_prompts", "2", "--overlong", "none", "--thinking", "off"] + COMMON
+            "--group_size", "2", "--eval_prompts", "2", "--kl_coef", "0.03", "--thinking", "off"] + COMMON
     os.makedirs(out)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # killed before its reward model was saved
         f.write('{"rm_step": 0, "rm_loss": 99.0}\n{"rm_step": 1, "rm_lo')
@@ -295,13 +299,13 @@ def test_rlhf_main(tiny_setup):
     rows = check_outputs(out, summary, rlhf.main, argv)
     assert [r["rm_step"] for r in rows if "rm_step" in r] == [0, 1, 2]   # trained again, logged once
     assert all(r["rm_loss"] != 99.0 for r in rows if "rm_step" in r)
-    assert all(r["trained_tokens"] > 0 for r in rows if "step" in r)
+    assert all(r["trained_tokens"] > 0 and r["kl_ref"] >= 0 for r in rows if "step" in r)
     assert 0 <= summary["rm_eval_acc"] <= 1 and 0 <= summary["judge_win_rate"] <= 1
 
 
 BOUND_FLAGS = {  # INTERFACES.md "Stage command lines": cascade.py passes these
     "grpo": ["--domains", "--mix", "--prompts", "--group_size", "--prompts_per_step", "--max_new_tokens",
-             "--thinking", "--temperature", "--top_p", "--epochs", "--clip_low", "--clip_high", "--kl_coef",
+             "--thinking", "--temperature", "--top_p", "--epochs", "--clip_low", "--clip_high",
              "--overlong", "--filter_groups", "--freeze_router"],
     "mopd": ["--teachers", "--domains", "--mix", "--group_size", "--prompts_per_step", "--max_new_tokens",
              "--thinking", "--mismatch_low", "--mismatch_high"],
