@@ -1,7 +1,7 @@
 """
 The cascade: Nemotron-Cascade 2's post-training recipe, one stage after another, in one loop.
 
-The paper (RECIPE.md) post-trains in a fixed order, SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF ->
+The paper (arXiv 2603.19220; docs/paper.md) post-trains in a fixed order, SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF ->
 long-context RL -> code RL -> SWE RL, each stage starting from the previous one's final checkpoint
 with its own hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
 A recipe (recipes/*.toml) lists the stages; for each one, in order, this file

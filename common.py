@@ -33,6 +33,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from model import Block, Transformer
+
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python x.py` is one process
 
@@ -116,7 +118,6 @@ def unwrap(model):
 def shard(model, device):
     """Shard a model in place with FSDP2: each transformer Block is one all-gather unit, the root
     (embeddings, final norm, LM head, a reward head) another. Returns the model."""
-    from model import Block
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block, mesh=mesh)
@@ -299,8 +300,7 @@ def write_json(path, obj):
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """-> (model, trainer_state dict). The model class lives in model.py."""
-    from model import Transformer
+    """-> (model, trainer_state dict)."""
     _recover(path)
     if not checkpoint_exists(path):
         raise FileNotFoundError(f"{path}: no checkpoint here (config.json missing)")

@@ -2,12 +2,12 @@
 GRPO: the one policy-gradient stage behind every verifiable Cascade RL stage (IF-RL, multi-domain
 RL, long-context RL, code RL, SWE RL); a stage is this file with its own prompt mix.
 
-What the paper does (RECIPE.md): sample G responses per prompt from the current policy, score them
-with a verifier, give every token of response i the advantage A_i = (r_i - mean(r)) / std(r) of its
-group, and maximize the PPO surrogate averaged over all response tokens of the batch (a token-level
-mean: long responses are not down-weighted). Strictly on-policy, one optimizer step per rollout
-batch: the ratio is 1, the update is REINFORCE with group-normalized rewards. No KL. Groups with
-all-equal rewards carry no signal and are dropped (DAPO's dynamic filtering).
+What the paper does (docs/paper.md, GRPO): sample G responses per prompt from the current policy,
+score them with a verifier, give every token of response i the advantage A_i = (r_i - mean(r)) /
+std(r) of its group, and maximize the PPO surrogate J averaged over all response tokens of the batch
+(a token-level mean: long responses are not down-weighted). Strictly on-policy, one optimizer step
+per rollout batch: the ratio is 1, the update is REINFORCE with group-normalized rewards. No KL.
+Groups with all-equal rewards carry no signal and are dropped (DAPO's dynamic filtering).
 
 What we keep: all of it. pi_old is the trainer's own logprob before the batch's first optimizer
 step, so with one step per batch the ratio is exactly 1 and the update is REINFORCE; the PPO clip
@@ -21,7 +21,12 @@ is multi-turn through the engine's environment hook.
 
 What we drop: DAPO refills the batch after filtering (we train on the groups that survive); its soft
 overlong penalty (we mask truncated responses, or give them reward 0); the separate inference
-server (rollout.Engine runs the training weights). A k3 KL to the start exists but is off.
+server (rollout.Engine runs the training weights).
+
+The file: the update (step 5 of the loop), then the loop, then the arguments; group_advantages and
+policy_loss, the objective, live in rl.py because rlhf.py optimizes the same one. Off the paper's
+recipe, marked in the arguments: --epochs (several steps per batch, where the PPO clip binds) and
+--overlong (what a truncated response gets).
 
 Run: python grpo.py --init runs/sft/final --data runs/data --out runs/grpo --domains math   (or
 torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its share of the prompts)

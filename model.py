@@ -1,7 +1,8 @@
 """The model: a Qwen3-MoE-compatible decoder-only transformer, written out by hand.
 
 Read top to bottom:
-  1. ModelConfig   the Hugging Face Qwen3-MoE `config.json` keys, validated with clear errors.
+  1. ModelConfig   the Hugging Face Qwen3-MoE `config.json` keys (their checks, with clear errors,
+                   are at the end of the file: parse_config).
   2. RMSNorm, RoPE the two small pieces every modern decoder shares.
   3. Attention     grouped-query attention (GQA) with RMSNorm on q and k per head before RoPE
                    (Qwen3's "QK-norm"). Causal, and block-diagonal when several documents are
@@ -13,9 +14,10 @@ Read top to bottom:
                    copies sorted by expert (when decoding, on the GPU, the SwiGLU runs inside the
                    first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
                    load-balancing loss. Some layers may be dense SwiGLU MLPs.
-  5. Transformer   embeddings, the blocks, final norm, LM head; save/load in the Hugging Face
+  5. Transformer   embeddings, the blocks, final norm, LM head; last, save/load in the Hugging Face
                    layout (config.json + model.safetensors) so that `transformers` loads what we
                    save and we load what it saves (tests/test_model.py checks both ways).
+model.py imports nothing of the project but kernels/: common.py's checkpoints build on it.
 
 Submodule names mirror Hugging Face's, so state_dict keys map 1:1, except for two fusions: each
 attention's q, k and v projections are one `self_attn.qkv_proj` (rows q | k | v) and each MoE
@@ -35,17 +37,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import atomic_dir, read_json
 from kernels import combine, grouped_mm, grouped_swiglu, route, use_triton
 from kernels.qk_norm_rope import qk_norm_rope_triton
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-# integer keys for which 0 means something (no experts: a dense model; head_dim 0: the default)
-ZERO_ALLOWED = {"num_experts", "num_experts_per_tok", "head_dim", "intermediate_size",
-                "moe_intermediate_size"}
-
 
 @dataclass
 class ModelConfig:
@@ -73,70 +69,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d, source="<dict>"):
-        def bad(key, why):
-            raise ValueError(f"{source}: config key '{key}' {why}")
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: a config must be a JSON object, found {type(d).__name__}")
-        d = dict(d)
-        # Two spellings in the wild: num_experts (transformers 4.x, the Qwen3 Hub files) and
-        # num_local_experts (5.x). Either is fine; both must agree.
-        if "num_local_experts" in d:
-            if "num_experts" in d and d["num_experts"] != d["num_local_experts"]:
-                bad("num_experts", f"= {d['num_experts']!r} disagrees with num_local_experts = "
-                    f"{d['num_local_experts']!r}")
-            d["num_experts"] = d["num_local_experts"]
-        # RoPE: rope_theta at top level (4.x) or inside rope_parameters (5.x); only plain RoPE.
-        for key in ("rope_parameters", "rope_scaling"):
-            rope = d.get(key)
-            if rope is None:
-                continue
-            if not isinstance(rope, dict):
-                bad(key, f"must be an object, found {type(rope).__name__}")
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                bad(key, f"asks for rope_type {rope.get('rope_type', rope.get('type'))!r}; only "
-                    "'default' RoPE is implemented")
-            if "rope_theta" in rope:
-                if d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
-                    bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
-        for key in ("attention_bias", "use_sliding_window"):
-            if d.get(key):
-                bad(key, "is true; not implemented (Qwen3-MoE has no attention biases, and attends in full)")
-        if d.get("hidden_act", "silu") != "silu":
-            bad("hidden_act", f"is {d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
-        kwargs = {}
-        for f in fields(cls):
-            value = d.get(f.name)
-            if value is None:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    also = " (or num_local_experts)" if f.name == "num_experts" else ""
-                    bad(f.name + also, "is missing")
-                continue
-            ok = {int: isinstance(value, int) and not isinstance(value, bool),
-                  float: isinstance(value, (int, float)) and not isinstance(value, bool),
-                  bool: isinstance(value, bool),
-                  list: isinstance(value, list) and all(type(v) is int for v in value)}[f.type]
-            if not ok:
-                want = "a list of ints" if f.type is list else f.type.__name__
-                bad(f.name, f"must be {want}, found {value!r} ({type(value).__name__})")
-            minimum = 0 if f.name in ZERO_ALLOWED else 1
-            if f.type is int and value < minimum:
-                bad(f.name, f"must be >= {minimum}, found {value}")
-            kwargs[f.name] = float(value) if f.type is float else value
-        c = cls(**kwargs)
-        if c.head_dim == 0:
-            c.head_dim = c.hidden_size // c.num_attention_heads
-        if c.head_dim < 2 or c.head_dim % 2:   # RoPE rotates pairs of dimensions
-            bad("head_dim", f"= {c.head_dim} must be even and >= 2 (RoPE rotates pairs of dimensions)")
-        if c.num_attention_heads % c.num_key_value_heads:
-            bad("num_key_value_heads", f"= {c.num_key_value_heads} must divide "
-                f"num_attention_heads = {c.num_attention_heads}")
-        if c.num_experts > 0 and not 0 < c.num_experts_per_tok <= c.num_experts:
-            bad("num_experts_per_tok", f"= {c.num_experts_per_tok} must be in 1..num_experts")
-        return c
+        """A config.json's keys, checked one by one (parse_config, at the end of this file)."""
+        return parse_config(d, source)
 
     @classmethod
     def from_json(cls, path):
-        return cls.from_dict(read_json(path), source=str(path))
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+        return parse_config(d, str(path))
 
     def to_dict(self):
         # Written in transformers 4.x style (num_experts, rope_theta); 5.x reads it too.
@@ -462,15 +405,16 @@ class Transformer(nn.Module):
         return out
 
     def save_pretrained(self, path, state=None):
-        """state: a full state dict to write instead of the module's own (common.save_checkpoint
-        passes one gathered from FSDP shards)."""
+        """config.json + model.safetensors into the directory `path`. state: a full state dict to write
+        instead of the module's own (one gathered from FSDP shards). Not atomic by itself:
+        common.save_checkpoint writes into a temporary directory and renames it into place."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict(state).items()}
         config = self.config.to_dict()
         config["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        with atomic_dir(path) as tmp:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
@@ -516,3 +460,78 @@ class Transformer(nn.Module):
                                              f"expected {list(dst.shape)} from config.json")
                         dst.copy_(f.get_tensor(key))   # views into our parameters: writes through
         return model
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json: the checks behind ModelConfig.from_dict / from_json
+
+
+# integer keys for which 0 means something (no experts: a dense model; head_dim 0: the default)
+ZERO_ALLOWED = {"num_experts", "num_experts_per_tok", "head_dim", "intermediate_size",
+                "moe_intermediate_size"}
+
+
+def parse_config(d, source="<dict>"):
+    """A Qwen3-MoE config.json (a dict) -> ModelConfig. Both spellings found in the wild are read;
+    keys the model does not use are tolerated; a missing or ill-typed key, or a feature we do not
+    implement, is a ValueError naming `source` and the key."""
+    def bad(key, why):
+        raise ValueError(f"{source}: config key '{key}' {why}")
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: a config must be a JSON object, found {type(d).__name__}")
+    d = dict(d)
+    # Two spellings in the wild: num_experts (transformers 4.x, the Qwen3 Hub files) and
+    # num_local_experts (5.x). Either is fine; both must agree.
+    if "num_local_experts" in d:
+        if "num_experts" in d and d["num_experts"] != d["num_local_experts"]:
+            bad("num_experts", f"= {d['num_experts']!r} disagrees with num_local_experts = "
+                f"{d['num_local_experts']!r}")
+        d["num_experts"] = d["num_local_experts"]
+    # RoPE: rope_theta at top level (4.x) or inside rope_parameters (5.x); only plain RoPE.
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            bad(key, f"must be an object, found {type(rope).__name__}")
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            bad(key, f"asks for rope_type {rope.get('rope_type', rope.get('type'))!r}; only "
+                "'default' RoPE is implemented")
+        if "rope_theta" in rope:
+            if d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+                bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
+    for key in ("attention_bias", "use_sliding_window"):
+        if d.get(key):
+            bad(key, "is true; not implemented (Qwen3-MoE has no attention biases, and attends in full)")
+    if d.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", f"is {d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
+    kwargs = {}
+    for f in fields(ModelConfig):
+        value = d.get(f.name)
+        if value is None:
+            if f.default is MISSING and f.default_factory is MISSING:
+                also = " (or num_local_experts)" if f.name == "num_experts" else ""
+                bad(f.name + also, "is missing")
+            continue
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              bool: isinstance(value, bool),
+              list: isinstance(value, list) and all(type(v) is int for v in value)}[f.type]
+        if not ok:
+            want = "a list of ints" if f.type is list else f.type.__name__
+            bad(f.name, f"must be {want}, found {value!r} ({type(value).__name__})")
+        minimum = 0 if f.name in ZERO_ALLOWED else 1
+        if f.type is int and value < minimum:
+            bad(f.name, f"must be >= {minimum}, found {value}")
+        kwargs[f.name] = float(value) if f.type is float else value
+    c = ModelConfig(**kwargs)
+    if c.head_dim == 0:
+        c.head_dim = c.hidden_size // c.num_attention_heads
+    if c.head_dim < 2 or c.head_dim % 2:   # RoPE rotates pairs of dimensions
+        bad("head_dim", f"= {c.head_dim} must be even and >= 2 (RoPE rotates pairs of dimensions)")
+    if c.num_attention_heads % c.num_key_value_heads:
+        bad("num_key_value_heads", f"= {c.num_key_value_heads} must divide "
+            f"num_attention_heads = {c.num_attention_heads}")
+    if c.num_experts > 0 and not 0 < c.num_experts_per_tok <= c.num_experts:
+        bad("num_experts_per_tok", f"= {c.num_experts_per_tok} must be in 1..num_experts")
+    return c

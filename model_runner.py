@@ -203,7 +203,9 @@ class ModelRunner:
             return out_N_Hq_D.transpose(0, 1)[None]
         return attention
 
-    # ---- decode bursts (docstring, 3)
+    # ==== the optimisation on top: decode bursts on the device (docstring, 3; rollout.py's 7) =====
+    # The engine's mechanism needs only the pool and `forward` above; what follows runs k decode
+    # steps per host sync, and (4) captures each one as a CUDA graph.
 
     def new_state(self, n: int, width: int, steps: int) -> DecodeState:
         """Zeroed buffers for n rows with block tables up to `width` wide and outputs for `steps`

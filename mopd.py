@@ -2,7 +2,7 @@
 MOPD: multi-domain on-policy distillation. Mid-cascade, pull every domain back to the best
 checkpoint seen so far for that domain, with one student trained on a mix of domains at once.
 
-What the paper does (RECIPE.md): every domain has a teacher, the earlier checkpoint of the same
+What the paper does (docs/paper.md, MOPD): every domain has a teacher, the earlier checkpoint of the same
 cascade that scored best on that domain's validation set. The student samples responses to prompts
 of all domains; for every sampled token the domain's teacher scores the same token, and the
 per-token advantage is
@@ -19,7 +19,9 @@ weight decay, grad clip 1.0, MoE router frozen and its aux loss off (the teacher
 student's architecture, and re-learning routing would fight the distillation).
 
 What we keep: all of that. Rollouts, batching, the training forward, resume and gradient sync are
-grpo.py's (one idea, one place); only the advantage and the weights differ. Logged per domain: the
+rl.py's, as for every RL stage; this file holds what MOPD alone does: the advantage, the weights,
+the teachers, and its update and loop, which read like grpo.py's where the methods agree and differ
+where they do. Logged per domain: the
 reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
 verifiers' mean reward; with --eval_every, greedy eval scores as a fraction of each teacher's.
 
@@ -56,20 +58,20 @@ from rollout import Engine
 @torch.no_grad()
 def mopd_advantages(teacher_logprobs, student_logprobs, mask):
     """a_t = sg(log pi_teacher(y_t|s_t) - log pi_train(y_t|s_t)) on the masked tokens, 0 elsewhere."""
-    return (teacher_logprobs - student_logprobs) * mask  # RECIPE.md MOPD: a_t
+    return (teacher_logprobs - student_logprobs) * mask  # docs/paper.md, MOPD: a_t
 
 
 @torch.no_grad()
 def mismatch_weights(train_logprobs, inference_logprobs, low=0.5, high=2.0):
     """w_t = sg(r_t) * 1[low <= r_t <= high], r_t = pi_train / pi_inf: outside tokens are dropped."""
-    r = torch.exp(train_logprobs - inference_logprobs)  # RECIPE.md MOPD: r_t
-    return torch.where((r >= low) & (r <= high), r, 0.0)  # RECIPE.md MOPD: w_t
+    r = torch.exp(train_logprobs - inference_logprobs)  # docs/paper.md, MOPD: r_t
+    return torch.where((r >= low) & (r <= high), r, 0.0)  # docs/paper.md, MOPD: w_t
 
 
 def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_tokens=None):
-    """L = -(1/|V|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (RECIPE.md MOPD: L).
+    """L = -(1/|V|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L).
 
-    RECIPE.md writes 1/|V(y)| for one response y; like GRPO we take the token-level mean over the
+    The paper writes 1/|V(y)| for one response y; like GRPO we take the token-level mean over the
     whole global batch instead (num_tokens, all-reduced by the caller; default the mask's own
     count), so long responses are not down-weighted. It counts every response token, those the
     mismatch window drops (w_t = 0) too: a batch with more mismatch takes a smaller step.

@@ -1,7 +1,7 @@
 """
-RLHF: learn a reward model from preference pairs, then run GRPO against it.
+RLHF: learn a reward model from preference pairs, then run GRPO's objective against it.
 
-What the paper does (RECIPE.md): a reward model scores responses to open-ended prompts (the paper
+What the paper does (docs/paper.md): a reward model scores responses to open-ended prompts (the paper
 uses a large generative pairwise reward model) and RL maximizes that score with GRPO-style group
 advantages, reportedly with a small KL penalty (0.03) to the starting policy.
 
@@ -14,10 +14,12 @@ evaluation would.
 What we change, and why: a generative pairwise judge is far beyond a tiny model. We use the
 classic Bradley-Terry reward model: the same transformer (initialized from --init) with a scalar
 head on the hidden state of the last token, trained with -log sigma(r_chosen - r_rejected). The RL
-phase is grpo.py's loop with the reward model's score in place of a verifier; group normalization
-makes the score's offset and scale irrelevant (r and 5r + 3 give the same advantages), so only the
-spacing of the scores inside a group matters. The KL
-penalty is off by default, as in every other RL stage here; `--kl_coef 0.03` turns on the paper's.
+phase is GRPO's objective (rl.group_advantages, rl.policy_loss) with the reward model's score in
+place of a verifier, strictly on-policy; group normalization makes the score's offset and scale
+irrelevant (r and 5r + 3 give the same advantages), so only the spacing of the scores inside a group
+matters. Every response trains, a truncated one too: judging a cut-off answer is the reward model's
+job (GRPO's verifier stages mask them instead). The KL penalty (rl.k3) is off by default;
+`--kl_coef 0.03` turns on the paper's.
 
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
@@ -43,7 +45,7 @@ from verifiers.chat import wins as chat_wins
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
-    """-log sigma(r_chosen - r_rejected), averaged over pairs (Bradley-Terry, RECIPE.md RLHF)."""
+    """-log sigma(r_chosen - r_rejected), averaged over pairs (docs/paper.md, RLHF: BT)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 

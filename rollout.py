@@ -188,20 +188,6 @@ def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode)
     return any(s in text[max(0, before - len(s) + 1):] for s in params.stop_strings)
 
 
-@dataclass(eq=False)
-class Burst:
-    """k decode steps of `seqs` launched on the device (ModelRunner.launch). The host reads `tokens`
-    and `logprobs` ([k, S] host tensors, filled once `done` has happened) later, in _take."""
-    seqs: list
-    starts: list[int]      # each sequence's num_cached when the burst began (its first fed position)
-    k: int
-    st: DecodeState        # the device buffers its steps run on
-    tokens: Tensor | None = None
-    logprobs: Tensor | None = None
-    done: object = None    # a torch.cuda.Event recorded after the copy back, on a GPU
-    all_live: bool = True  # every sequence was still decoding when the burst before it was read
-
-
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: what the largest request so far
     needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one
@@ -309,7 +295,160 @@ class Engine:
             budget -= num_new
         return batch
 
-    # ---- decode bursts: k decode steps with one host sync
+    # ---- the public entry point
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, seed: int = 0,
+                 env_hook=None, decode=None) -> list[list[Sample]]:
+        """G = n samples per prompt; returns samples[prompt_index][sample_index]. For a policy sharded
+        with FSDP this is a collective (the weights are gathered): every rank calls it, even with
+        no prompts."""
+        if not prompts:
+            with full_parameters(self.model):   # (the gather the other ranks wait for)
+                return []
+        if n < 1 or n > self.max_seqs:
+            raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
+        sp = params
+        if sp.max_new_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+            raise ValueError(f"rollout.py: bad {params}: need max_new_tokens >= 1, temperature >= 0, "
+                             "0 < top_p <= 1, top_k >= 0")
+        if params.stop_strings and (decode is None or not all(params.stop_strings)):
+            raise ValueError("rollout.py: stop_strings need generate(..., decode=tokenizer's ids -> text), "
+                             f"and must not be empty: {params.stop_strings!r}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("rollout.py: empty prompt at index "
+                             f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
+        longest = max(len(p) for p in prompts) + params.max_new_tokens
+        if longest > self.max_len:
+            raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
+                             f"max_position_embeddings = {self.max_len}")
+        need = self._blocks_for(longest) * min(len(prompts) * n, self.max_seqs) + 1
+        num_blocks = self.runner.prepare(self.num_blocks or need, self.num_blocks is not None)
+        if num_blocks - 1 < self._blocks_for(longest):
+            raise ValueError(f"rollout.py: a pool of {num_blocks} blocks of {self.block_size} "
+                             f"tokens cannot hold one sequence of {longest} tokens")
+        was_training, gc_was_on = self.model.training, gc.isenabled()
+        self.model.eval()
+        # No cyclic garbage collection while generating: the engine makes no reference cycles, but
+        # its thousands of growing token lists set off collections that walk all of them (at batch
+        # 2048: ~68 per call, and now and then a full one of ~170 ms; bench/RESULTS.md).
+        gc.disable()
+        try:
+            with full_parameters(self.model):
+                return self._generate(prompts, params, n, seed, env_hook, decode, longest, num_blocks)
+        finally:
+            self.model.train(was_training)
+            if gc_was_on:
+                gc.enable()
+
+    def _generate(self, prompts, params, n, seed, env_hook, decode, longest, num_blocks) -> list[list[Sample]]:
+        alloc = self.alloc = BlockAllocator(num_blocks)   # kept for inspection (tests)
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)   # torch's draws
+        self.runner.seed(seed)                                                      # the kernel's
+        sampler = lambda logits_R_V: sample(logits_R_V, params, generator, self.runner.philox_2)
+        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0,
+                          ahead=0)
+        groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
+                  for i, p in enumerate(prompts)]
+        # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
+        self.tables = np.zeros((len(prompts) * n, self._blocks_for(longest)), dtype=np.int32)
+        for group in groups:
+            group[0].children = group[1:]
+        accept = lambda seq, token, logprob: self._accept(seq, token, logprob, params, env_hook, decode, alloc)
+        waiting, running, pending = deque(group[0] for group in groups), [], None
+        while waiting or running or pending:
+            if pending is None and not self._can_burst(waiting, running, alloc):
+                self._step(waiting, running, alloc, sampler, accept)   # the mechanism: one step, one sync
+            elif pending is None:   # the optimisation (the end of this class): k steps, one sync
+                pending = self._burst(waiting, running, alloc, params, sampler)
+            else:
+                # the next burst goes to the device before the host reads this one: the host's work
+                # on these tokens overlaps the GPU's on the next ones (docstring, 7)
+                follow = self._follow(pending, waiting, running, alloc, params, sampler)
+                all_live = self._take(pending, params, accept)
+                if follow is not None:
+                    follow.all_live = all_live
+                pending = follow
+            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
+            running[:] = [seq for seq in running if seq.finish_reason is None]
+        assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
+        assert all(s.finish_reason for group in groups for s in group), "rollout.py: a sample never ran"
+        return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
+                        s.finish_reason) for s in group] for group in groups]
+
+    def _step(self, waiting, running, alloc, sampler, accept):
+        """One scheduled step: prefill chunks and decodes in one forward, one token sampled for every
+        sequence whose tokens are all cached after it (and for the samples forked from it)."""
+        batch = self._schedule(waiting, running, alloc)
+        if not batch:
+            raise RuntimeError("rollout.py: nothing fits in a step (pool or max_batch_tokens too small)")
+        self.stats["steps"] += 1
+        batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
+        # sequences whose chunk reaches the end of their tokens sample one token from its logits
+        last, ready, end = [], [], 0
+        for seq, num_new in batch:
+            end += num_new
+            if seq.num_cached + num_new == len(seq.tokens):
+                last.append(end - 1)
+                ready.append(seq)
+        ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
+        self.stats["forward_tokens"] += len(ids)
+        logits_R_V = self.runner.forward(ids, [num_new for _, num_new in batch],
+                                         [seq.num_cached for seq, _ in batch],
+                                         self._tables([seq for seq, _ in batch]), last)
+        for seq, num_new in batch:
+            seq.num_cached += num_new
+        rows, seqs = [], []
+        for r, seq in enumerate(ready):
+            if seq.children:   # prompt cached: fork the other samples onto its blocks
+                for child in seq.children:
+                    for block in seq.block_table:
+                        alloc.share(block)
+                    child.block_table, child.num_cached = list(seq.block_table), seq.num_cached
+                    self.tables[child.row] = self.tables[seq.row]
+                at = running.index(seq) + 1
+                running[at:at] = seq.children
+                rows += [r] * len(seq.children)
+                seqs += seq.children
+                seq.children = []
+            rows.append(r)
+            seqs.append(seq)
+        tokens_R, logprobs_R = sampler(logits_R_V[rows])
+        for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
+            accept(seq, token, logprob)
+
+    def _accept(self, seq, token, logprob, params, env_hook, decode, alloc):
+        """Append a sampled token; decide whether the sequence ends (stop token or string, length), or
+        ask the environment for tokens to append after a hook token."""
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        seq.gen_mask.append(1)
+        num_response = len(seq.tokens) - seq.num_prompt
+        if token in params.stop_token_ids or params.stop_strings and ends_in_stop_string(
+                seq.tokens[seq.num_prompt:], params, decode):
+            seq.finish_reason = "stop"
+        elif num_response >= params.max_new_tokens:
+            seq.finish_reason = "length"
+        elif token in params.hook_token_ids:
+            extra = env_hook(seq.prompt_index, seq.sample_index, seq.tokens[seq.num_prompt:]) \
+                if env_hook else None
+            if not extra:
+                seq.finish_reason = "stop"
+            else:
+                extra = list(extra)[:params.max_new_tokens - num_response]
+                seq.tokens += extra
+                seq.logprobs += [0.0] * len(extra)
+                seq.gen_mask += [0] * len(extra)
+                if len(seq.tokens) - seq.num_prompt >= params.max_new_tokens:
+                    seq.finish_reason = "length"
+        if seq.finish_reason:
+            self._free(seq, alloc)
+
+    # ==== the optimisation on top of the mechanism: decode bursts (docstring, 7) =================
+    # Everything above is the engine, complete: with every step taken by _step it generates the
+    # same greedy samples. Everything below only makes it faster, by running k decode steps per host
+    # sync when every running sequence just decodes (and, with overlap, launching the next k before
+    # the host reads the last). Its parts on the device are model_runner.py's sections 3 and 4.
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
@@ -388,128 +527,6 @@ class Engine:
         k = min(self.decode_burst, max(to_go))
         return k, [min(k, n) for n in to_go]
 
-    # ---- the public entry point
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, seed: int = 0,
-                 env_hook=None, decode=None) -> list[list[Sample]]:
-        """G = n samples per prompt; returns samples[prompt_index][sample_index]. For a policy sharded
-        with FSDP this is a collective (the weights are gathered): every rank calls it, even with
-        no prompts."""
-        if not prompts:
-            with full_parameters(self.model):   # (the gather the other ranks wait for)
-                return []
-        if n < 1 or n > self.max_seqs:
-            raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
-        sp = params
-        if sp.max_new_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
-            raise ValueError(f"rollout.py: bad {params}: need max_new_tokens >= 1, temperature >= 0, "
-                             "0 < top_p <= 1, top_k >= 0")
-        if params.stop_strings and (decode is None or not all(params.stop_strings)):
-            raise ValueError("rollout.py: stop_strings need generate(..., decode=tokenizer's ids -> text), "
-                             f"and must not be empty: {params.stop_strings!r}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("rollout.py: empty prompt at index "
-                             f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
-        longest = max(len(p) for p in prompts) + params.max_new_tokens
-        if longest > self.max_len:
-            raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
-                             f"max_position_embeddings = {self.max_len}")
-        need = self._blocks_for(longest) * min(len(prompts) * n, self.max_seqs) + 1
-        num_blocks = self.runner.prepare(self.num_blocks or need, self.num_blocks is not None)
-        if num_blocks - 1 < self._blocks_for(longest):
-            raise ValueError(f"rollout.py: a pool of {num_blocks} blocks of {self.block_size} "
-                             f"tokens cannot hold one sequence of {longest} tokens")
-        was_training, gc_was_on = self.model.training, gc.isenabled()
-        self.model.eval()
-        # No cyclic garbage collection while generating: the engine makes no reference cycles, but
-        # its thousands of growing token lists set off collections that walk all of them (at batch
-        # 2048: ~68 per call, and now and then a full one of ~170 ms; bench/RESULTS.md).
-        gc.disable()
-        try:
-            with full_parameters(self.model):
-                return self._generate(prompts, params, n, seed, env_hook, decode, longest, num_blocks)
-        finally:
-            self.model.train(was_training)
-            if gc_was_on:
-                gc.enable()
-
-    def _generate(self, prompts, params, n, seed, env_hook, decode, longest, num_blocks) -> list[list[Sample]]:
-        alloc = self.alloc = BlockAllocator(num_blocks)   # kept for inspection (tests)
-        generator = torch.Generator(device=self.runner.device).manual_seed(seed)   # torch's draws
-        self.runner.seed(seed)                                                      # the kernel's
-        sampler = lambda logits_R_V: sample(logits_R_V, params, generator, self.runner.philox_2)
-        self.stats = dict(steps=0, forward_tokens=0, preemptions=0, graph_steps=0, peak_blocks=0, bursts=0,
-                          ahead=0)
-        groups = [[Sequence(i, j, i * n + j, list(p), len(p)) for j in range(n)]
-                  for i, p in enumerate(prompts)]
-        # every block table mirrored in one int32 array: a step gathers its rows in one indexing op
-        self.tables = np.zeros((len(prompts) * n, self._blocks_for(longest)), dtype=np.int32)
-        for group in groups:
-            group[0].children = group[1:]
-        accept = lambda seq, token, logprob: self._accept(seq, token, logprob, params, env_hook, decode, alloc)
-        waiting, running, pending = deque(group[0] for group in groups), [], None
-        while waiting or running or pending:
-            if pending is not None:
-                # the next burst goes to the device before the host reads this one: the host's work
-                # on these tokens overlaps the GPU's on the next ones (docstring, 7)
-                follow = self._follow(pending, waiting, running, alloc, params, sampler)
-                all_live = self._take(pending, params, accept)
-                if follow is not None:
-                    follow.all_live = all_live
-                pending = follow
-            elif self._can_burst(waiting, running, alloc):
-                pending = self._burst(waiting, running, alloc, params, sampler)
-            else:
-                self._step(waiting, running, alloc, sampler, accept)
-            self.stats["peak_blocks"] = max(self.stats["peak_blocks"], len(alloc.ref_count) - 1 - len(alloc.free))
-            running[:] = [seq for seq in running if seq.finish_reason is None]
-        assert len(alloc.free) == len(alloc.ref_count) - 1, "rollout.py: blocks leaked"
-        assert all(s.finish_reason for group in groups for s in group), "rollout.py: a sample never ran"
-        return [[Sample(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.gen_mask,
-                        s.finish_reason) for s in group] for group in groups]
-
-    def _step(self, waiting, running, alloc, sampler, accept):
-        """One scheduled step: prefill chunks and decodes in one forward, one token sampled for every
-        sequence whose tokens are all cached after it (and for the samples forked from it)."""
-        batch = self._schedule(waiting, running, alloc)
-        if not batch:
-            raise RuntimeError("rollout.py: nothing fits in a step (pool or max_batch_tokens too small)")
-        self.stats["steps"] += 1
-        batch.sort(key=lambda e: e[1] > 1)   # single-token sequences first: the decode path
-        # sequences whose chunk reaches the end of their tokens sample one token from its logits
-        last, ready, end = [], [], 0
-        for seq, num_new in batch:
-            end += num_new
-            if seq.num_cached + num_new == len(seq.tokens):
-                last.append(end - 1)
-                ready.append(seq)
-        ids = [t for seq, num_new in batch for t in seq.tokens[seq.num_cached:seq.num_cached + num_new]]
-        self.stats["forward_tokens"] += len(ids)
-        logits_R_V = self.runner.forward(ids, [num_new for _, num_new in batch],
-                                         [seq.num_cached for seq, _ in batch],
-                                         self._tables([seq for seq, _ in batch]), last)
-        for seq, num_new in batch:
-            seq.num_cached += num_new
-        rows, seqs = [], []
-        for r, seq in enumerate(ready):
-            if seq.children:   # prompt cached: fork the other samples onto its blocks
-                for child in seq.children:
-                    for block in seq.block_table:
-                        alloc.share(block)
-                    child.block_table, child.num_cached = list(seq.block_table), seq.num_cached
-                    self.tables[child.row] = self.tables[seq.row]
-                at = running.index(seq) + 1
-                running[at:at] = seq.children
-                rows += [r] * len(seq.children)
-                seqs += seq.children
-                seq.children = []
-            rows.append(r)
-            seqs.append(seq)
-        tokens_R, logprobs_R = sampler(logits_R_V[rows])
-        for seq, token, logprob in zip(seqs, tokens_R.tolist(), logprobs_R.tolist()):
-            accept(seq, token, logprob)
-
     def _take(self, burst: "Burst", params: SamplingParams, accept) -> bool:
         """Wait for a burst's tokens; each sequence takes them up to the first that ends it, calls a
         tool or reaches max_new_tokens, and drops the rest. A sequence that ended or diverged before
@@ -541,29 +558,16 @@ class Engine:
             all_live = all_live and not seq.finish_reason and len(seq.tokens) - seq.num_cached == 1
         return all_live
 
-    def _accept(self, seq, token, logprob, params, env_hook, decode, alloc):
-        """Append a sampled token; decide whether the sequence ends (stop token or string, length), or
-        ask the environment for tokens to append after a hook token."""
-        seq.tokens.append(token)
-        seq.logprobs.append(logprob)
-        seq.gen_mask.append(1)
-        num_response = len(seq.tokens) - seq.num_prompt
-        if token in params.stop_token_ids or params.stop_strings and ends_in_stop_string(
-                seq.tokens[seq.num_prompt:], params, decode):
-            seq.finish_reason = "stop"
-        elif num_response >= params.max_new_tokens:
-            seq.finish_reason = "length"
-        elif token in params.hook_token_ids:
-            extra = env_hook(seq.prompt_index, seq.sample_index, seq.tokens[seq.num_prompt:]) \
-                if env_hook else None
-            if not extra:
-                seq.finish_reason = "stop"
-            else:
-                extra = list(extra)[:params.max_new_tokens - num_response]
-                seq.tokens += extra
-                seq.logprobs += [0.0] * len(extra)
-                seq.gen_mask += [0] * len(extra)
-                if len(seq.tokens) - seq.num_prompt >= params.max_new_tokens:
-                    seq.finish_reason = "length"
-        if seq.finish_reason:
-            self._free(seq, alloc)
+
+@dataclass(eq=False)
+class Burst:
+    """k decode steps of `seqs` launched on the device (ModelRunner.launch). The host reads `tokens`
+    and `logprobs` ([k, S] host tensors, filled once `done` has happened) later, in _take."""
+    seqs: list
+    starts: list[int]      # each sequence's num_cached when the burst began (its first fed position)
+    k: int
+    st: DecodeState        # the device buffers its steps run on
+    tokens: Tensor | None = None
+    logprobs: Tensor | None = None
+    done: object = None    # a torch.cuda.Event recorded after the copy back, on a GPU
+    all_live: bool = True  # every sequence was still decoding when the burst before it was read

@@ -1,7 +1,7 @@
 """
 Supervised fine-tuning (SFT): the first stage of the cascade.
 
-What the paper does (Nemotron-Cascade 2, RECIPE.md): one SFT stage on a mix of math, science, chat,
+What the paper does (Nemotron-Cascade 2, docs/paper.md): one SFT stage on a mix of math, science, chat,
 instruction following, safety, agent (SWE, tool calling) and Python reasoning traces, with both
 thinking and non-thinking responses; samples packed into sequences of up to 256K tokens; ~1.5
 epochs; global batch 64; AdamW (0.9, 0.98), weight decay 0.1; LR 5e-5 -> 5e-6 cosine after 200
@@ -26,12 +26,15 @@ warmup (recipes/ set them).
   and none on the 1-D norm gains. This is Megatron-LM's rule (NVIDIA's trainer): decaying a norm
   gain pulls it towards 0, i.e. it shrinks the activation scale, which is not what regularizing
   means. Linear warmup, then cosine to 10% of the peak (5e-5 -> 5e-6). Gradient clipping at 1.0
-  is ours (RECIPE.md gives none for SFT).
+  is ours (the paper gives none for SFT).
 
 What we drop, and why:
 - 256K-token rows: our models have short contexts; --seq_len sets the row length.
-- Sequence/context parallelism: our rows are short. Data parallelism is DDP, or with --fsdp FSDP2,
-  which shards the weights, gradients and AdamW state over the ranks (common.shard).
+- Sequence/context parallelism: our rows are short. Data parallelism replicates the model and sums
+  the gradients over ranks once per step (common.sync_grads, one all-reduce after the backward, as
+  in the RL stages: one rule for the global token mean everywhere), or with --fsdp FSDP2 shards the
+  weights, gradients and AdamW state over the ranks (common.shard). DDP would overlap that
+  all-reduce with the backward; at our sizes the one rule is worth more than the overlap.
 - Repacking every epoch: we pack once (after a seeded shuffle) and shuffle the rows every epoch,
   which keeps the data position a simple (epoch, index) pair for resuming.
 
@@ -48,7 +51,6 @@ microbatches computes (up to float rounding). The only randomness is (seed) for 
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -57,7 +59,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -94,7 +95,7 @@ def build_parser():
     a("--grad_clip", type=common.nonneg_float, default=1.0, help="max global gradient norm (0: off)")
     a("--save_every", type=common.nonneg_int, default=0, help="write OUT/last every N steps (0: never)")
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state "
-      "over the ranks (FSDP2) instead of replicating them (DDP); no effect on one process")
+      "over the ranks (FSDP2) instead of replicating them; no effect on one process")
     a("--log_every", type=common.pos_int, default=10, help="progress line and metrics row every N steps")
     return p
 
@@ -203,7 +204,7 @@ def main(argv=None):
         model, state = common.load_checkpoint(last if resume else args.init, load_to)
         state = state if resume else {}
     else:
-        common.set_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        common.set_seed(args.seed)  # the same init on every rank
         model, state = Transformer(ModelConfig.from_json(args.config)).to(load_to), {}
     cfg = model.config
     if tok.get_vocab_size() > cfg.vocab_size:
@@ -225,8 +226,6 @@ def main(argv=None):
                              f"rows, this run's packs into {n_rows}: the same data, or a fresh --out")
         common.load_optimizer(last, model, opt, state)
         common.print0(f"resuming from {last} at step {step}")
-    ddp = world > 1 and not fsdp
-    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if ddp else model
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -249,19 +248,14 @@ def main(argv=None):
         sums = torch.zeros(2, device=device)  # [sum of CE, sum of aux] on this rank, for logging
         for k in range(args.grad_accum):
             mb = mine[k * micro:(k + 1) * micro]
-            # DDP all-reduces gradients on the last microbatch only (FSDP reduce-scatters after
-            # every backward: skipping it would keep whole gradients, the memory FSDP saves)
-            sync = not ddp or k == args.grad_accum - 1
-            with contextlib.nullcontext() if sync else train_model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    ce, aux = sft_loss(train_model, input_ids[mb].to(device), doc_ids[mb].to(device),
-                                       labels[mb].to(device))
-                # summed over ranks and microbatches: (sum of CE over the global batch) / n_trained
-                # plus the mean aux loss; FSDP sums gradients over ranks (common.shard), DDP
-                # averages them, hence * world
-                loss_k = ce / n_trained + cfg.router_aux_loss_coef * aux / (world * args.grad_accum)
-                (loss_k * (world if ddp else 1)).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                ce, aux = sft_loss(model, input_ids[mb].to(device), doc_ids[mb].to(device), labels[mb].to(device))
+            # the global token mean, as in every stage (rl.py's docstring): each rank's CE sum over the
+            # *global* count, gradients summed over ranks and microbatches; plus the mean aux loss
+            loss_k = ce / n_trained + cfg.router_aux_loss_coef * aux / (world * args.grad_accum)
+            loss_k.backward()
             sums += torch.stack([ce.detach(), aux.detach().float()])
+        common.sync_grads(list(model.parameters()))   # (FSDP: already summed by its backward)
         grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -259,7 +259,7 @@ def test_save_load_bit_exact(tmp_path, tied):
     model = make_model(dtype=torch.float32, tie_word_embeddings=tied)
     path = tmp_path / "ckpt"
     model.save_pretrained(path)
-    model.save_pretrained(path)   # overwriting an existing checkpoint works (atomic replace)
+    model.save_pretrained(path)   # overwriting an existing checkpoint works
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     loaded = Transformer.from_pretrained(path)
     assert loaded.config == model.config
