@@ -99,11 +99,6 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def unwrap(model):
-    """The plain module under a DDP wrapper."""
-    return getattr(model, "module", model)
-
-
 # -----------------------------------------------------------------------------
 # FSDP2 (--fsdp): for a model whose training state does not fit on one GPU. Every rank keeps 1/W of
 # each parameter, of its gradient and of its AdamW moments (16 bytes per parameter in fp32 become
@@ -228,7 +223,7 @@ GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)   # whole tens
 def full_state_dict(model):
     """The model's whole state dict on rank 0 ({} on the others). Every rank must call it: under
     FSDP it all-gathers the shards."""
-    return get_model_state_dict(unwrap(model), options=GATHER)
+    return get_model_state_dict(model, options=GATHER)
 
 
 def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
@@ -236,10 +231,10 @@ def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
     Every rank calls it (FSDP gathers); rank 0 writes; every rank waits for it."""
     model_state = full_state_dict(model)
     # the optimizer's state keyed by parameter name ("model.norm.weight.exp_avg"), not by position
-    opt = get_optimizer_state_dict(unwrap(model), optimizer, options=GATHER) if optimizer else None
+    opt = get_optimizer_state_dict(model, optimizer, options=GATHER) if optimizer else None
     if is_main():
         with atomic_dir(path) as tmp:
-            unwrap(model).save_pretrained(tmp, model_state)  # first: it claims the (empty) directory
+            model.save_pretrained(tmp, model_state)  # first: it claims the (empty) directory
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
             state = dict(state or {})
             if opt is not None:
@@ -327,14 +322,14 @@ def load_optimizer(path, model, optimizer, state):
     if "optimizer_param_groups" not in state:
         raise ValueError(f"{path}/trainer_state.json: no optimizer state to resume from")
     groups = state["optimizer_param_groups"]
-    name_of = {id(p): n for n, p in unwrap(model).named_parameters()}
+    name_of = {id(p): n for n, p in model.named_parameters()}
     ours = [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
     if [g["params"] for g in groups] != ours:
         raise ValueError(f"{path}: the saved optimizer state is for other parameters than this "
                          f"optimizer's (saved: {[len(g['params']) for g in groups]} per group, "
                          f"here: {[len(g) for g in ours]}); it does not match")
-    set_optimizer_state_dict(unwrap(model), optimizer, {"state": opt_state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=is_sharded(unwrap(model))))
+    set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=is_sharded(model)))
 
 
 # -----------------------------------------------------------------------------

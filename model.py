@@ -76,10 +76,9 @@ class ModelConfig:
     def from_json(cls, path):
         with open(path) as f:
             try:
-                d = json.load(f)
+                return parse_config(json.load(f), str(path))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not JSON ({e})") from None
-        return parse_config(d, str(path))
 
     def to_dict(self):
         # Written in transformers 4.x style (num_experts, rope_theta); 5.x reads it too.

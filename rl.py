@@ -1,26 +1,16 @@
 """
-On-policy RL: what every RL stage runs (grpo.py, mopd.py, rlhf.py) that is no one method's idea.
-Each stage file shows its own loop; this file holds what that loop calls, in the order it calls it:
+On-policy RL: what every RL stage (grpo.py, mopd.py, rlhf.py) runs that is no one method's idea, in
+the order a stage's loop calls it: setup (the policy, or OUT/last when resuming; its optimizer, the
+prompts, the rollout engine on its weights), draw_prompts, sample_groups (G responses a prompt),
+micro_batches, global_token_count, token_logprobs (log pi_train of the sampled tokens),
+optimizer_step, and the log: Tally, step_row, end_step, finish. Also here: the policy-gradient
+objective GRPO and RLHF share (group_advantages, policy_loss: docs/paper.md, GRPO), the one greedy
+evaluation (evaluate: the cascade's, MOPD's and RLHF's judge's), the arguments of every RL stage.
 
-    run = setup(args)                            the policy (or OUT/last when resuming), optimizer,
-                                                 prompts, and the rollout engine on its weights
-    rows = draw_prompts(run, args, step)         the step's prompts: this rank's share
-    samples, texts = sample_groups(...)          G responses per prompt (multi-turn for tools)
-    batches = micro_batches(samples, keep, ...)  right-padded [B, T] training batches
-    num_tokens = global_token_count(...)         sum_i |o_i| over the whole global batch
-    logprobs_B_T, ... = token_logprobs(...)      log pi_train of the sampled tokens
-    grad_norm = optimizer_step(run, args)        gradients summed over ranks, clipped, a step
-    end_step(run, args, row), finish(run, args)  the metrics log, OUT/last, OUT/final
-
-and, shared by GRPO and RLHF, the policy-gradient objective itself (group_advantages, policy_loss:
-docs/paper.md, GRPO); the one greedy evaluation of the cascade, MOPD and RLHF (evaluate); the
-arguments every RL stage takes (add_rl_args).
-
-The global token mean, the one rule of every stage (sft.py's too): each rank divides its loss by the
-number of trained tokens of the *global* batch, and the gradients are summed over ranks, never
-averaged (common.sync_grads; FSDP is set to sum, common.shard). The sum of the ranks' gradients is
-then the gradient of the token mean over the global batch, however the samples fall on ranks and
-micro-batches.
+The global token mean, one rule for every stage (sft.py's too): each rank divides its loss by the
+trained tokens of the *global* batch, and gradients are summed over ranks, never averaged
+(common.sync_grads; FSDP set to sum, common.shard): their sum is the gradient of the token mean over
+the global batch, however the samples fall on ranks and micro-batches.
 """
 
 import argparse
