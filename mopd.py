@@ -23,7 +23,8 @@ rl.py's, as for every RL stage; this file holds what MOPD alone does: the advant
 the teachers, and its update and loop, which read like grpo.py's where the methods agree and differ
 where they do. Logged per domain: the
 reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
-verifiers' mean reward; with --eval_every, greedy eval scores as a fraction of each teacher's.
+verifiers' mean reward; with --eval_every, the held-out scores of the student (eval/<domain>) and,
+in the first step's row, of each domain's teacher (teacher_eval/<domain>).
 
 What we change: the paper's teachers run in separate inference servers. Ours live in this process,
 which costs memory: each distinct teacher is one full copy of the model (bf16 weights on a GPU,
@@ -125,14 +126,6 @@ def load_teachers(spec, domains, tok_path, device):
     return teachers
 
 
-def eval_scores(run, args, engine, pools):
-    """Greedy mean verifier score of `engine`'s model on the first --eval_prompts of each domain."""
-    rows = [dict(r, thinking=args.thinking != "off") for rs in pools.values() for r in rs[:args.eval_prompts]]
-    scores = rl.evaluate(engine, run.tok, rows, args.max_new_tokens, run.dist)
-    return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
-            for d in pools}
-
-
 # ----------------------------------------------------------------------------------------------
 # The update and the loop
 
@@ -172,12 +165,12 @@ def train(args):
         return summary
     run = rl.setup(args, freeze_router=True)   # router frozen, aux loss off
     teachers = load_teachers(args.teachers, run.domains, run.tok_path, run.dist.device)
-    eval_pools, teacher_eval = None, {}
-    if args.eval_every:   # how close to each teacher does the student get, and in how many steps?
-        eval_pools = rl.load_prompts(args.data, run.domains, split="eval")
-        for dom in run.domains:
-            teacher_eval.update(eval_scores(run, args, Engine(teachers[dom]), {dom: eval_pools[dom]}))
-        print0("teacher eval scores:", teacher_eval)
+    teacher_eval = {}
+    if run.heldout and run.step == 0:   # how close to its teacher does each domain get, and how fast?
+        for dom in dict.fromkeys(r["domain"] for r in run.heldout):
+            rows = [r for r in run.heldout if r["domain"] == dom]
+            teacher_eval.update(rl.heldout_scores(Engine(teachers[dom]), run.tok, rows, args, run.dist))
+        print0("teacher held-out scores:", teacher_eval)
     G, t_start = args.group_size, time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
@@ -199,11 +192,8 @@ def train(args):
                 # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
                 row[f"reverse_kl/{dom}"] = -g[f"{dom}/advantage"] / g[f"{dom}/tokens"]
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
-        if eval_pools and (step + 1 == args.steps or (step + 1) % args.eval_every == 0):
-            for dom, score in eval_scores(run, args, run.engine, eval_pools).items():
-                row[f"eval/{dom}"] = score
-                if teacher_eval.get(dom):
-                    row[f"eval_vs_teacher/{dom}"] = score / teacher_eval[dom]
+        if step == 0:
+            row.update({f"teacher_eval/{d}": s for d, s in teacher_eval.items()})
         rl.end_step(run, args, row, t_start)
     return rl.finish(run, args)
 
@@ -215,9 +205,6 @@ def build_parser():
                    help="drop tokens with pi_train/pi_inf below")
     p.add_argument("--mismatch_high", type=common.pos_float, default=2.0,
                    help="drop tokens with pi_train/pi_inf above")
-    p.add_argument("--eval_every", type=common.nonneg_int, default=0,
-                   help="greedy eval on DATA/eval (teachers first) every N steps and at the end (0: off)")
-    p.add_argument("--eval_prompts", type=common.pos_int, default=64, help="eval prompts per domain")
     return p
 
 

@@ -268,6 +268,7 @@ class Run:
     logger: common.MetricsLogger
     step: int = 0
     history: list = field(default_factory=list)
+    heldout: list = field(default_factory=list)   # the prompts of --eval_every (heldout_rows)
 
     @property
     def pad_id(self):
@@ -315,7 +316,26 @@ def setup(args, freeze_router=False, resume_keys=()):
                optimizer=opt, params=params, engine=Engine(model),
                pools=load_prompts(args.data, domains, args.prompts), domains=domains, mix=mix,
                bf16=args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda"),
-               logger=common.MetricsLogger(metrics, drop_from_step=step), step=step, history=history)
+               logger=common.MetricsLogger(metrics, drop_from_step=step), step=step, history=history,
+               heldout=heldout_rows(args, domains) if args.eval_every else [])
+
+
+def heldout_rows(args, domains):
+    """The held-out prompts a stage scores itself on every --eval_every steps: the first
+    --eval_prompts of DATA/eval/<domain>.jsonl for each of --eval_domains (default: --domains), in
+    the chat mode cascade.py's table scores them (--eval_thinking; math always thinks, as the
+    table's math column does), so that a curve starts at the table's score of the stage before."""
+    eval_domains = args.eval_domains.split(",") if args.eval_domains else domains
+    pools = load_prompts(args.data, eval_domains, split="eval")
+    return [dict(r, thinking=d == "math" or args.eval_thinking == "on") for d in eval_domains
+            for r in pools[d][:args.eval_prompts]]
+
+
+def heldout_scores(engine, tok, rows, args, dd):
+    """{domain: mean greedy score} of `engine`'s model on `rows` (heldout_rows)."""
+    scores = evaluate(engine, tok, rows, args.max_new_tokens, dd)
+    return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
+            for d in dict.fromkeys(r["domain"] for r in rows)}
 
 
 def set_lr(run, args, step):
@@ -381,9 +401,12 @@ def step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm, **times
 
 
 def end_step(run, args, row, t_start):
-    """Log the step's row; print it with the step count and an ETA every --log_every steps; write
+    """Score the held-out prompts every --eval_every steps (eval/<domain>, after step + 1 updates);
+    log the step's row; print it with the step count and an ETA every --log_every steps; write
     OUT/last every --save_every steps."""
     step, last = row["step"], row["step"] + 1 == args.steps
+    if run.heldout and ((step + 1) % args.eval_every == 0 or last):
+        row.update({f"eval/{d}": s for d, s in heldout_scores(run.engine, run.tok, run.heldout, args, run.dist).items()})
     run.logger.log(row)
     run.history.append(row)
     if step % args.log_every == 0 or last:
@@ -397,12 +420,13 @@ def end_step(run, args, row, t_start):
                                dict(step=step + 1, args=vars(args)))
 
 
-def finish(run, args, **extra):
-    """OUT/final with the summary: each reward/eval metric averaged over the last 5 steps (+ extra)."""
+def finish(run, args):
+    """OUT/final with the summary: each training reward and reverse KL averaged over the last 5
+    steps, and the last held-out scores."""
     recent = run.history[-5:]
     summary = {k: sum(r[k] for r in recent if k in r) / sum(k in r for r in recent)
-               for k in {k for r in recent for k in r if k.startswith(("reward/", "eval", "reverse_kl/"))}}
-    summary.update(extra)
+               for k in {k for r in recent for k in r if k.startswith(("reward/", "reverse_kl/"))}}
+    summary.update({k: v for r in run.history for k, v in r.items() if k.startswith("eval/")})
     common.save_final(args.out, run.model, run.tok_path, dict(step=args.steps, summary=summary))
     return summary
 
@@ -432,4 +456,10 @@ def add_rl_args(p, lr, group_size):
     a("--fsdp", action="store_true", help="shard the policy's weights, gradients and optimizer state "
       "over the ranks (FSDP2); rollouts gather the full weights; no effect on one process")
     a("--log_every", type=common.pos_int, default=1, help="print a progress line every N steps")
+    a("--eval_every", type=common.nonneg_int, default=0,
+      help="greedy score on held-out prompts (DATA/eval) every N steps and at the end (0: off)")
+    a("--eval_prompts", type=common.pos_int, default=64, help="held-out prompts per domain")
+    a("--eval_domains", default="", help="comma-separated domains to score (default: --domains)")
+    a("--eval_thinking", default="off", choices=["on", "off"], help="chat mode of the held-out prompts "
+      "(math always thinks, as in cascade.py's table)")
     return p

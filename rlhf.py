@@ -235,8 +235,8 @@ def train_policy(args, rm):
 
 
 def judge_win_rate(args, tok, d, final_path):
-    """Greedy answers of --init and of the final policy to the eval chat prompts, each judged by the
-    hidden judge (the chat domain's verifier); a win counts 1, a tie 1/2."""
+    """Greedy answers of --init and of the final policy to the first --eval_prompts held-out chat
+    prompts, each judged by the hidden judge (the chat domain's verifier); a win counts 1, a tie 1/2."""
     rows = rl.load_prompts(args.data, ["chat"], split="eval")["chat"][:args.eval_prompts]
     rows = [dict(r, thinking=args.thinking != "off") for r in rows]
     scores = [rl.evaluate(Engine(common.load_checkpoint(path, d.device)[0]), tok, rows, args.max_new_tokens, d)
@@ -259,7 +259,6 @@ def build_parser():
     a("--rm_steps", type=common.pos_int, default=100, help="reward-model training steps")
     a("--rm_lr", type=common.pos_float, default=1e-4, help="reward-model learning rate")
     a("--rm_batch", type=common.pos_int, default=32, help="preference pairs per reward-model step")
-    a("--eval_prompts", type=common.pos_int, default=64, help="eval chat prompts for the judge's win rate")
     return p
 
 
