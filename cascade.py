@@ -433,6 +433,7 @@ def main(argv=None):
         row = table(rows, ["eval"], reference(recipe))["eval"]
         print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
         return row
+    data.check_run(recipe, data_dir, settings["domains"])  # every file every stage will read, checked now
     return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)
 
 
