@@ -346,3 +346,36 @@ def test_the_tokenizer_check_names_the_token_past_the_vocabulary(tmp_path):
         check_tokenizer(str(tmp_path / "tokenizer.json"), str(tmp_path / "config.json"))
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": n + 1}))
     check_tokenizer(str(tmp_path / "tokenizer.json"), str(tmp_path / "config.json"))
+
+
+def test_curves_draw_a_one_point_series(tmp_path):
+    """A stage that logged one step still shows in curves.png: its series is drawn with markers (a
+    line through one point is invisible). matplotlib stands in as a recorder of the calls."""
+    import numpy as np
+
+    class Axes:
+        def __init__(self):
+            self.lines = []
+
+        def plot(self, x, y, **kw):
+            self.lines.append((list(x), list(y), kw))
+
+        def __getattr__(self, name):   # titles, legends, ticks: not what this test is about
+            return lambda *a, **kw: None
+
+    class Plt:
+        def subplots(self, rows, cols, **kw):
+            self.axes = np.empty((rows, cols), dtype=object)
+            for i in range(rows * cols):
+                self.axes.flat[i] = Axes()
+            return type("Fig", (), {"tight_layout": lambda s: None, "savefig": lambda s, p: None})(), self.axes
+
+        def close(self, fig):
+            pass
+
+    os.makedirs(tmp_path / "stages" / "sft")
+    (tmp_path / "stages" / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 2.5}) + "\n")
+    plt = Plt()
+    cascade.plot_curves(plt, str(tmp_path), [{"name": "sft", "script": "sft"}], {}, {}, [], "sft")
+    ((x, y, kw),) = plt.axes.flat[0].lines
+    assert (x, y) == ([0], [2.5]) and kw.get("marker") not in (None, "", "None")

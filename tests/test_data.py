@@ -4,6 +4,7 @@ The chat template itself is tested in test_chat.py; here it is exercised on what
 produce (tools, thinking, multi-turn), with a tokenizer trained on that data on the fly.
 """
 import json
+import re
 import os
 import random
 
@@ -362,3 +363,14 @@ def test_a_domain_file_holds_that_domain_only(tmp_path):
     with pytest.raises(ValueError, match=r"math\.jsonl:2: a row of domain 'longctx' in a file of domain 'math'"):
         load_jsonl(str(path), "rl", "math")
 
+
+
+def test_build_shows_progress_with_an_eta(tmp_path, capsys):
+    """Data building prints one line per domain with the time spent and an ETA, then the tokenizer
+    step, each a line of its own (a piped log stays readable)."""
+    build(str(tmp_path / "d"), seed=1, sizes=dict(sft=18, rl=2, eval=2, prefs=2), vocab_size=300)
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("build: ") and " domains, " in line]
+    assert [s.split()[1] for s in steps] == [f"{i}/{len(DOMAINS)}" for i in range(1, len(DOMAINS))]
+    assert all(re.search(r"\d+s, eta \d+s$", s) for s in steps)
+    assert lines[-1] == "build: training the tokenizer (300 tokens)"
