@@ -1,7 +1,7 @@
 """
 The chat template of Nemotron-Cascade 2 (ChatML, the format Nemotron 3 Nano publishes), in one place.
 
-    <|im_start|>system\n{system}\n\n# Tools ... <tools>\n<function>\n<name>…</function>\n</tools> ...<|im_end|>\n
+    <|im_start|>system\n{system}\n\n# Tools\n\n… <tools>\n<function>\n<name>…</function>\n</tools><|im_end|>\n
     <|im_start|>user\n{content}<|im_end|>\n
     <|im_start|>assistant\n<think>\n{reasoning}\n</think>\n{answer}<|im_end|>\n      a turn with reasoning
     <|im_start|>assistant\n<think></think>{answer}<|im_end|>\n                       a turn without
@@ -40,10 +40,9 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
                   "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
 
-# The prose around the tool declarations is ours (data/DOMAINS.md): the markup is the published one.
+# The line before the tool declarations is ours, and the published template's paragraph of calling
+# instructions after them is left out (data/DOMAINS.md says why); the markup is the published one.
 TOOLS_HEAD = "# Tools\n\nYou can call the functions below.\n\n"
-TOOLS_TAIL = ("\n\nTo call one, reply with\n<tool_call>\n<function=NAME>\n<parameter=NAME>\nvalue\n"
-              "</parameter>\n</function>\n</tool_call>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def render(messages, tools=None):
     system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else ""
     if tools:
         decls = "".join(declare_tool(t) for t in tools)
-        system += ("\n\n" if system else "") + f"{TOOLS_HEAD}<tools>{decls}\n</tools>{TOOLS_TAIL}"
+        system += ("\n\n" if system else "") + f"{TOOLS_HEAD}<tools>{decls}\n</tools>"
     pieces = [(f"{IM_START}system\n{system}{IM_END}\n", False)]
     # the last user query: assistant turns after it keep their reasoning
     last_query = max([i for i, m in enumerate(msgs) if m["role"] == "user"], default=-1)

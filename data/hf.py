@@ -26,7 +26,7 @@ import shutil
 
 from tokenizers import Tokenizer
 
-from data.chat import IM_END, PAD, TOOLS_HEAD, TOOLS_TAIL
+from data.chat import IM_END, PAD, TOOLS_HEAD
 
 
 def _jinja_str(text):
@@ -77,7 +77,7 @@ CHAT_TEMPLATE = """\
     {%- if params is mapping and 'required' in params -%}{{- '\\n<required>' ~ (params['required'] | tojson) ~ '</required>' -}}{%- endif -%}
     {{- '\\n</parameters>' ~ extra_keys(fn, ['type', 'name', 'description', 'parameters']) ~ '\\n</function>' -}}
   {%- endfor -%}
-  {{- '\\n</tools>' ~ TOOLS_TAIL -}}
+  {{- '\\n</tools>' -}}
 {%- endif -%}
 {{- '<|im_end|>\\n' -}}
 {#- assistant turns before the last user query are shown without their reasoning -#}
@@ -137,7 +137,7 @@ CHAT_TEMPLATE = """\
   {%- endif -%}
   {{- '<|im_start|>assistant\\n' ~ ('<think>\\n' if ns.thinking else '<think></think>') -}}
 {%- endif -%}
-""".replace("TOOLS_HEAD", _jinja_str(TOOLS_HEAD)).replace("TOOLS_TAIL", _jinja_str(TOOLS_TAIL))
+""".replace("TOOLS_HEAD", _jinja_str(TOOLS_HEAD))
 
 # the sampling the RL stages use by default (grpo.py --temperature, --top_p)
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}

@@ -4,9 +4,9 @@ The chat template itself is tested in test_chat.py; here it is exercised on what
 produce (tools, thinking, multi-turn), with a tokenizer trained on that data on the fly.
 """
 import json
-import re
 import os
 import random
+import re
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
