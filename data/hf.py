@@ -147,7 +147,10 @@ def write_hf_files(ckpt_dir, tokenizer_path):
     """Write tokenizer_config.json and generation_config.json into `ckpt_dir` for the tokenizer at
     `tokenizer_path` (copied there as tokenizer.json); a generation_config.json beside
     `tokenizer_path` is copied instead of writing ours."""
-    tok = Tokenizer.from_file(tokenizer_path)
+    try:
+        tok = Tokenizer.from_file(tokenizer_path)
+    except Exception as e:  # the Rust error is terse; say which file
+        raise ValueError(f"{tokenizer_path}: not a valid Hugging Face tokenizer.json ({e})") from None
     # a tokenizer brought from elsewhere may have no <|pad|> in its file (data.tokenizer adds it in
     # memory only): then pad with its <|endoftext|>, or with the eos; padding is never attended to
     pad = next(t for t in (PAD, "<|endoftext|>", IM_END) if tok.token_to_id(t) is not None)
