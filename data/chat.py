@@ -108,7 +108,7 @@ def declare_tool(tool):
         spec = spec if isinstance(spec, dict) else {}
         out += f"\n<parameter>\n<name>{name}</name>"
         if "type" in spec:
-            out += f"\n<type>{_value(spec['type'])}</type>"
+            out += f"\n<type>{spec['type']}</type>"  # str() even of a list of types, as published
         if "description" in spec:
             out += f"\n<description>{str(spec['description']).strip()}</description>"
         if "enum" in spec:

@@ -67,7 +67,7 @@ CHAT_TEMPLATE = """\
       {%- for name, spec in params['properties'] | items -%}
         {%- set spec = spec if spec is mapping else {} -%}
         {{- '\\n<parameter>\\n<name>' ~ name ~ '</name>' -}}
-        {%- if 'type' in spec -%}{{- '\\n<type>' ~ value(spec['type']) ~ '</type>' -}}{%- endif -%}
+        {%- if 'type' in spec -%}{{- '\\n<type>' ~ (spec['type'] | string) ~ '</type>' -}}{%- endif -%}
         {%- if 'description' in spec -%}{{- '\\n<description>' ~ (spec['description'] | string | trim) ~ '</description>' -}}{%- endif -%}
         {%- if 'enum' in spec -%}{{- '\\n<enum>' ~ (spec['enum'] | tojson) ~ '</enum>' -}}{%- endif -%}
         {{- extra_keys(spec, ['name', 'type', 'description', 'enum']) ~ '\\n</parameter>' -}}

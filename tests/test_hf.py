@@ -32,7 +32,10 @@ CONVERSATIONS = [   # (messages, tools): every branch of the template at least o
     ([{"role": "system", "content": ""}, {"role": "user", "content": "a"},
       {"role": "assistant", "content": "<think>inline</think>b"}, {"role": "user", "content": "c"},
       {"role": "assistant", "content": "", "reasoning": "r", "tool_calls": [CALL]},
-      {"role": "user", "content": "d"}], [{"name": "bare", "parameters": {"type": "object"}, "strict": True}]),
+      {"role": "user", "content": "d"}], [{"name": "bare", "parameters": {"type": "object"}, "strict": True},
+                                          {"name": "g", "description": " padded ", "parameters": {"type": "object",
+                                           "properties": {"x": {"type": ["string", "null"], "default": None,
+                                                                "items": {"type": "integer"}}}}}]),
 ]
 
 
