@@ -380,7 +380,8 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
         path = os.path.join(run, "stages", st["name"], "metrics.jsonl")
         log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         for k in sorted({k for r in log for k in r if k.startswith("reward")}) or ["loss"]:
-            ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1)
+            # markers: a series of one point (a one-step stage) draws no line, and would show nothing
+            ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1, marker="o", ms=2)
         ax.set_title(st["name"], fontsize=9)
         ax.legend(fontsize=5)
     for ax, i in zip(axes.flat[len(stages):], mopds):
@@ -420,6 +421,7 @@ def main(argv=None):
         row = table(rows, ["eval"], reference(recipe))["eval"]
         print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
         return row
+    data.check_run(recipe, data_dir, settings["domains"])  # every file every stage will read, checked now
     return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)
 
 

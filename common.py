@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from data.hf import write_hf_files
 from model import Block, Transformer
 
 # -----------------------------------------------------------------------------
@@ -236,6 +237,7 @@ def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, model_state)  # first: it claims the (empty) directory
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+            write_hf_files(tmp, tokenizer_path)  # chat template, eos/pad, sampling: for HF tools
             state = dict(state or {})
             if opt is not None:
                 tensors = {f"{name}.{k}": v.detach().contiguous().cpu()

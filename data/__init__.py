@@ -1,5 +1,6 @@
-"""Data for nanocascade: the tokenizer, the chat template (data.chat), the nine synthetic domains,
-JSONL loading with clear errors, and `build`, which writes a dataset directory (data/build.py)."""
+"""Data for nanocascade: the tokenizer, the chat template (data.chat; data.hf for Hugging Face), the
+nine synthetic domains, JSONL loading with clear errors, `check_run`, which checks a run's data before
+it starts (data/check.py), and `build`, which writes a dataset directory (data/build.py)."""
 
 import warnings
 
@@ -9,9 +10,10 @@ import warnings
 warnings.filterwarnings("ignore", message="'data.build' found in sys.modules", category=RuntimeWarning)
 
 from data.build import PRESETS, build, check_build_args  # noqa: E402
+from data.check import check_run  # noqa: E402
 from data.domains import DOMAINS  # noqa: E402
 from data.jsonl import load_jsonl, write_jsonl  # noqa: E402
 from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
-__all__ = ["DOMAINS", "PRESETS", "build", "check_build_args", "load_jsonl", "load_tokenizer", "train_tokenizer",
+__all__ = ["DOMAINS", "PRESETS", "build", "check_build_args", "check_run", "load_jsonl", "load_tokenizer", "train_tokenizer",
            "write_jsonl"]

@@ -83,6 +83,7 @@ def build(out_dir, seed=0, sizes=None, vocab_size=2048, doc_lines=24):
     if not os.path.exists(tok_path):
         texts = [text for rec in data["sft.jsonl"] + [r for d in DOMAINS for r in data[f"rl/{d}.jsonl"]]
                  for text, _ in render(rec["messages"], rec.get("tools"))]
+        print(f"build: training the tokenizer ({vocab_size} tokens)", flush=True)
         save_tokenizer(train_tokenizer(texts, vocab_size), tok_path)
     return out_dir
 
@@ -91,7 +92,12 @@ def make_data(seed, sizes, doc_lines):
     """All the records, in memory: {relative path: list of records}."""
     data, sft = {}, []
     rng = random.Random(f"{seed}:build")
+    t0 = time.time()
     for i, d in enumerate(DOMAINS):
+        if i:  # one line per domain (a piped log stays readable); the ETA assumes domains cost alike
+            spent = time.time() - t0
+            print(f"build: {i}/{len(DOMAINS)} domains, {spent:.0f}s, eta {spent / i * (len(DOMAINS) - i):.0f}s",
+                  flush=True)
         n_sft = sizes["sft"] // len(DOMAINS) + (i < sizes["sft"] % len(DOMAINS))
         sft += [sft_record(d, it, thinking=rng.random() < 0.5)
                 for it in generate(d, "sft", n_sft, seed, 0.0, doc_lines)]

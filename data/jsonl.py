@@ -6,8 +6,10 @@ JSONL in and out: the three data formats, validated line by line.
     prefs  {"messages": [...], "chosen": "...", "rejected": "..."}  one preference pair
 
 Messages are the OpenAI / Hugging Face chat format: {"role": system|user|assistant|tool,
-"content": str}; an assistant turn may carry "reasoning" (its thinking trace) and "tool_calls"
-([{"name": str, "arguments": {...}}]); a record may carry "tools" (JSON-schema declarations).
+"content": str}; an assistant turn may carry "reasoning" or "reasoning_content" (its thinking trace)
+and "tool_calls" ([{"name": str, "arguments": {...}}], or OpenAI's [{"type": "function", "function":
+{"name": str, "arguments": {...} or a JSON string}}]); a record may carry "tools" (JSON-schema
+declarations). data.chat.message reads both spellings.
 
 A user's own file goes through exactly the checks our generated files do, and the first problem
 stops the load with `ValueError("path:line: what is wrong")`: a mistake in line 40,000 of a file
@@ -17,8 +19,9 @@ should cost a second to find, not a crash deep inside a training step.
 import json
 import os
 
-# the module, not names from it: verifiers imports data.chat, so either package may be loading first
+# the modules, not names from them: verifiers imports data.chat, so either package may be loading first
 import verifiers
+from data import chat
 
 ROLES = ("system", "user", "assistant", "tool")
 REQUIRED_KEYS = {"sft": ("messages",), "rl": ("domain", "messages", "meta"),
@@ -43,18 +46,21 @@ def _check_messages(msgs, kind):
         calls = m.get("tool_calls")
         if not isinstance(m["content"], str) and not (m["content"] is None and calls):
             raise ValueError(f'{where}: "content" must be a string, got {type(m["content"]).__name__}')
-        if role != "assistant" and ("reasoning" in m or calls is not None):
-            raise ValueError(f'{where}: only assistant messages may carry "reasoning" or "tool_calls"')
-        if "reasoning" in m and not isinstance(m["reasoning"], str):
-            raise ValueError(f'{where}: "reasoning" must be a string')
+        reasoning = [k for k in ("reasoning", "reasoning_content") if m.get(k) is not None]
+        if role != "assistant" and (reasoning or calls is not None):
+            raise ValueError(f'{where}: only assistant messages may carry "{(reasoning or ["tool_calls"])[0]}"')
+        if len(reasoning) == 2:
+            raise ValueError(f'{where}: give "reasoning" or "reasoning_content", not both')
+        if reasoning and not isinstance(m[reasoning[0]], str):
+            raise ValueError(f'{where}: "{reasoning[0]}" must be a string')
         if calls is not None:
             if not isinstance(calls, list):
                 raise ValueError(f'{where}: "tool_calls" must be a list')
-            for c in calls:
-                if not (isinstance(c, dict) and isinstance(c.get("name"), str)
-                        and isinstance(c.get("arguments"), dict)):
-                    raise ValueError(f'{where}: each tool call must be {{"name": str, "arguments": object}}, '
-                                     f"got {json.dumps(c)[:80]}")
+            for j, c in enumerate(calls):
+                try:
+                    chat.tool_call(c)
+                except ValueError as e:
+                    raise ValueError(f"{where}.tool_calls[{j}]: {e}") from None
         if role == "tool":
             prev = msgs[i - 1] if i else {}
             if not (prev.get("role") == "tool" or prev.get("tool_calls")):

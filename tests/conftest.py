@@ -45,3 +45,26 @@ def _no_tf32_leak():
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(scope="session")
+def transformers_python():
+    """run(code, cwd) -> stdout of `code` run by this Python in a fresh process that can import
+    transformers: cwd is `cwd` and PYTHONPATH is cleared, so the project is not on its path. (From the
+    project's root, our kernels/ would shadow Hugging Face's `kernels` package, which transformers
+    >= 5.2x imports.) Skips the test where transformers is not installed."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+
+    def run(code, cwd):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=600)
+        if out.returncode:
+            raise AssertionError(f"the transformers subprocess failed:\n{out.stderr[-3000:]}")
+        return out.stdout
+
+    probe = subprocess.run([sys.executable, "-c", "import transformers"], cwd="/", env=env, capture_output=True)
+    if probe.returncode:
+        pytest.skip("transformers is not installed")
+    return run

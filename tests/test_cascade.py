@@ -300,3 +300,82 @@ def test_two_gloo_processes_ddp_and_fsdp(tmp_path, data_dir):
         update = torch.cat([(a[k] - before[k]).flatten() for k in a]).norm()
         assert diff <= 1e-3 * update and update > 0, stage
         prev = stage
+
+
+def test_every_data_file_is_checked_before_the_first_stage(tmp_path, data_dir):
+    """A bad meta in rl/math.jsonl, a missing rl/if.jsonl and a model too small for the tokenizer are
+    all reported, with their files (and the line), before SFT trains a single step."""
+    mine = tmp_path / "data"
+    shutil.copytree(data_dir, mine)
+    rows = (mine / "rl" / "math.jsonl").read_text().splitlines()
+    bad = json.loads(rows[2])
+    bad["meta"] = {"answer": ""}
+    rows[2] = json.dumps(bad)
+    (mine / "rl" / "math.jsonl").write_text("\n".join(rows) + "\n")
+    os.remove(mine / "rl" / "if.jsonl")
+    config = json.load(open(CONFIG))
+    (tmp_path / "small.json").write_text(json.dumps(dict(config, vocab_size=300)))
+    recipe = write_recipe(tmp_path / "r.toml", {
+        "model": str(tmp_path / "small.json"), "data": str(mine), "eval": {"domains": ["math"]},
+        "stage": [{"name": "sft", "script": "sft", "args": {"steps": 1}},
+                  {"name": "rl", "script": "grpo", "args": {"domains": ["math", "if"]}}]})
+    with pytest.raises(ValueError) as e:
+        cascade.main(["--recipe", recipe, "--run_dir", str(tmp_path / "run")])
+    msg = str(e.value)
+    assert f"{mine}/rl/math.jsonl:3: " in msg and "math meta" in msg
+    assert f"{mine}/rl/if.jsonl: no such file (stage 'rl' reads it)" in msg
+    assert "more than the model's vocab_size 300" in msg
+    assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "start").exists()
+
+
+def test_the_tokenizer_check_names_the_token_past_the_vocabulary(tmp_path):
+    """A tokenizer without <|pad|> (Qwen3's) gets one added at the end: a model whose vocab_size has
+    no row for it is an error that names it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from data.check import check_tokenizer
+    from data.tokenizer import REQUIRED_TOKENS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the weather in Oslo"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=REQUIRED_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    n = tok.get_vocab_size()
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": n}))
+    with pytest.raises(ValueError, match=rf"past the end: <\|pad\|> \(id {n}\) \(<\|pad\|> is added"):
+        check_tokenizer(str(tmp_path / "tokenizer.json"), str(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": n + 1}))
+    check_tokenizer(str(tmp_path / "tokenizer.json"), str(tmp_path / "config.json"))
+
+
+def test_curves_draw_a_one_point_series(tmp_path):
+    """A stage that logged one step still shows in curves.png: its series is drawn with markers (a
+    line through one point is invisible). matplotlib stands in as a recorder of the calls."""
+    import numpy as np
+
+    class Axes:
+        def __init__(self):
+            self.lines = []
+
+        def plot(self, x, y, **kw):
+            self.lines.append((list(x), list(y), kw))
+
+        def __getattr__(self, name):   # titles, legends, ticks: not what this test is about
+            return lambda *a, **kw: None
+
+    class Plt:
+        def subplots(self, rows, cols, **kw):
+            self.axes = np.empty((rows, cols), dtype=object)
+            for i in range(rows * cols):
+                self.axes.flat[i] = Axes()
+            return type("Fig", (), {"tight_layout": lambda s: None, "savefig": lambda s, p: None})(), self.axes
+
+        def close(self, fig):
+            pass
+
+    os.makedirs(tmp_path / "stages" / "sft")
+    (tmp_path / "stages" / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 2.5}) + "\n")
+    plt = Plt()
+    cascade.plot_curves(plt, str(tmp_path), [{"name": "sft", "script": "sft"}], {}, {}, [], "sft")
+    ((x, y, kw),) = plt.axes.flat[0].lines
+    assert (x, y) == ([0], [2.5]) and kw.get("marker") not in (None, "", "None")

@@ -1,9 +1,11 @@
 """The chat template: rendering, the trained-token mask, generation prompts, and parsing."""
+import json
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.chat import (SPECIAL_TOKENS, decode, encode_chat, generation_prompt_ids, parse_response,
-                       render, stop_ids, tool_response_ids)
+                       render, stop_ids, thinking_mode, tool_response_ids)
 
 TOOLS = [{"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -35,25 +37,50 @@ def conversation():
 
 def test_render_text_and_history_drops_old_reasoning():
     text = "".join(t for t, _ in render(conversation(), TOOLS))
-    assert text.startswith("<|im_start|>system\nYou are helpful.\n<tools>\n{\"name\":\"get_weather\"")
-    assert "<|im_start|>assistant\n<think></think>Hello!<|im_end|>\n" in text  # history: answer only
+    assert text.startswith("<|im_start|>system\nYou are helpful.\n\n# Tools\n\n")
+    assert ("<tools>\n<function>\n<name>get_weather</name>\n<description>Weather of a city</description>\n"
+            "<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n</parameter>\n"
+            "<required>[\"city\"]</required>\n</parameters>\n</function>\n</tools>") in text
+    # history: the answer only, and (it had reasoning) the newline that followed </think>
+    assert "<|im_start|>assistant\n<think></think>\nHello!<|im_end|>\n" in text
     assert "old thoughts" not in text
     assert ("<|im_start|>assistant\n<think>\nI should call the tool.\n</think>\n"
-            "<tool_call><function=get_weather><parameter=city>Oslo</parameter></function></tool_call><|im_end|>\n"
-            "<|im_start|>user\n<tool_response>\nrainy\n</tool_response><|im_end|>\n"
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n"
+            "</tool_call>\n<|im_end|>\n"
+            "<|im_start|>user\n<tool_response>\nrainy\n</tool_response>\n<|im_end|>\n"
             "<|im_start|>assistant\n<think>\nIt says rainy.\n</think>\nIt is rainy.<|im_end|>\n") in text
 
 
-def test_mask_covers_exactly_the_model_tokens(tok):
-    ids, mask = encode_chat(tok, conversation(), TOOLS)
-    assert len(ids) == len(mask)
-    trained = decode(tok, [i for i, m in zip(ids, mask) if m])
-    assert trained == ("Hello!<|im_end|>"
-                       "I should call the tool.\n</think>\n<tool_call><function=get_weather><parameter=city>"
-                       "Oslo</parameter></function></tool_call><|im_end|>"
-                       "It says rainy.\n</think>\nIt is rainy.<|im_end|>")
-    untrained = decode(tok, [i for i, m in zip(ids, mask) if not m])
-    assert "rainy\n</tool_response>" in untrained and "You are helpful." in untrained
+def test_render_published_details():
+    """The published template's smaller rules: the system block is always there; a turn without
+    reasoning is '<think></think>' + answer in either mode; a history turn without reasoning keeps
+    no newline; parameter values print as Python's str() does (True, 2.5), objects and lists as JSON;
+    the OpenAI / Hugging Face field spellings render as ours."""
+    user = {"role": "user", "content": "Hi"}
+    assert "".join(t for t, _ in render([user])) == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    plain = "".join(t for t, _ in render([user, {"role": "assistant", "content": "Hey"}]))
+    assert plain.endswith("<|im_start|>assistant\n<think></think>Hey<|im_end|>\n")
+    old = "".join(t for t, _ in render([user, {"role": "assistant", "content": "Hey"}, user]))
+    assert "<think></think>Hey<|im_end|>" in old
+    call = {"name": "f", "arguments": {"flag": True, "x": 2.5, "tags": ["a", "b"], "none": None}}
+    text = "".join(t for t, _ in render([user, {"role": "assistant", "content": "", "tool_calls": [call]}]))
+    assert ("<parameter=flag>\nTrue\n</parameter>\n<parameter=x>\n2.5\n</parameter>\n"
+            "<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n<parameter=none>\nNone\n</parameter>\n") in text
+    assert parse_response(text.split("<|im_start|>assistant\n")[-1])["tool_calls"] == [call]
+    openai = {"role": "assistant", "content": None, "reasoning_content": "think",
+              "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": json.dumps(call["arguments"])}}]}
+    ours = {"role": "assistant", "content": "", "reasoning": "think", "tool_calls": [call]}
+    assert render([user, openai]) == render([user, ours])
+
+
+def test_thinking_switches():
+    """enable_thinking's counterpart: an explicit mode wins; without one the latest /think or
+    /no_think in the system prompt or a user turn decides; with neither, thinking."""
+    assert thinking_mode([{"role": "user", "content": "Hi"}])
+    assert not thinking_mode([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "Hi"}])
+    assert thinking_mode([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "Hi /think"}])
+    assert not thinking_mode([{"role": "user", "content": "/think then /no_think"}])
+    assert thinking_mode([{"role": "user", "content": "x"}, {"role": "assistant", "content": "/no_think"}])
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -62,7 +89,7 @@ def test_generation_prompt_is_a_prefix_of_training_ids(tok, thinking):
     reply = {"role": "assistant", "content": "\\boxed{5}"}
     if thinking:
         reply["reasoning"] = "2 + 3 = 5."
-    ids, mask = encode_chat(tok, msgs + [reply], thinking=thinking)
+    ids, mask = encode_chat(tok, msgs + [reply])
     prompt = generation_prompt_ids(tok, msgs, thinking=thinking)
     assert ids[:len(prompt)] == prompt
     assert mask[:len(prompt)] == [0] * len(prompt) and mask[len(prompt)] == 1

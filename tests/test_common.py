@@ -98,11 +98,12 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     model(ids)[0].logsumexp(-1).mean().backward()
     opt.step()
+    from data import train_tokenizer
     tok = tmp_path / "tokenizer.json"
-    tok.write_text("{}")
+    train_tokenizer(["a checkpoint carries its tokenizer"], 300).save(str(tok))
     save_checkpoint(str(tmp_path / "ck"), model, str(tok), opt, {"step": 1})
     model2, state = load_checkpoint(str(tmp_path / "ck"))
-    assert state["step"] == 1 and (tmp_path / "ck" / "tokenizer.json").read_text() == "{}"
+    assert state["step"] == 1 and (tmp_path / "ck" / "tokenizer.json").read_text() == tok.read_text()
     for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), n
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)

@@ -6,6 +6,7 @@ produce (tools, thinking, multi-turn), with a tokenizer trained on that data on 
 import json
 import os
 import random
+import re
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -119,9 +120,10 @@ def test_tool_conversation_mask(tok, thinking):
     assert decode(tok, ids) == text  # the template round-trips through the tokenizer
     trained = decode(tok, [i for i, m in zip(ids, mask) if m])
     call, result, final = it["turns"]
-    expect = "".join(
-        (f"{m['reasoning']}\n</think>\n" if thinking else "") + m["content"] + "<|im_end|>" for m in (call, final))
-    assert trained == expect.replace("<|im_end|>", _call_text(call) + "<|im_end|>", 1)
+    assert call["content"] == ""  # the call turn: (reasoning,) a newline, the call
+    expect = ((f"{call['reasoning']}\n</think>" if thinking else "") + "\n" + _call_text(call) + "<|im_end|>"
+              + (f"{final['reasoning']}\n</think>\n" if thinking else "") + final["content"] + "<|im_end|>")
+    assert trained == expect
     untrained = decode(tok, [i for i, m in zip(ids, mask) if not m])
     assert f"<tool_response>\n{result['content']}\n</tool_response>" in untrained
     assert "<tools>" in untrained and it["prompt"] in untrained
@@ -130,8 +132,8 @@ def test_tool_conversation_mask(tok, thinking):
 
 def _call_text(m):
     (c,) = m["tool_calls"]
-    params = "".join(f"<parameter={k}>{v}</parameter>" for k, v in c["arguments"].items())
-    return f"<tool_call><function={c['name']}>{params}</function></tool_call>"
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in c["arguments"].items())
+    return f"<tool_call>\n<function={c['name']}>\n{params}</function>\n</tool_call>\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +277,13 @@ BAD = [  # (kind, line, what the message must say)
     ("sft", '{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}, '
             '{"role": "assistant", "content": "x"}]}', "must follow an assistant message with tool_calls"),
     ("sft", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",'
-            ' "tool_calls": [{"name": "f", "arguments": "city=Oslo"}]}]}', "each tool call"),
+            ' "tool_calls": [{"name": "f", "arguments": "city=Oslo"}]}]}', "tool_calls[0]: tool call arguments are a string that is not JSON"),
+    ("sft", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",'
+            ' "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}', "a tool call must be"),
+    ("sft", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y",'
+            ' "reasoning": "a", "reasoning_content": "b"}]}', 'not both'),
+    ("sft", '{"messages": [{"role": "user", "content": "x", "reasoning_content": "b"}, '
+            '{"role": "assistant", "content": "y"}]}', 'only assistant messages may carry "reasoning_content"'),
     ("sft", '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "x"}, '
             '{"role": "assistant", "content": "x"}]}', "system message may only come first"),
     ("rl", '{"domain": "math", "messages": [{"role": "user", "content": "x"}]}', "missing key 'meta'"),
@@ -332,6 +340,22 @@ def test_load_jsonl_accepts_good_files_and_rejects_empty_ones(tmp_path):
         load_jsonl(str(path), "dpo")
 
 
+def test_load_jsonl_reads_the_hugging_face_spellings(tmp_path):
+    """reasoning_content, and OpenAI tool calls with the arguments an object or a JSON string: loaded
+    as written, rendered as our spelling of the same conversation is."""
+    call = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    ours = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "reasoning": "Call it.", "tool_calls": [call]},
+            {"role": "tool", "content": "rainy"}, {"role": "assistant", "content": "Rainy."}]
+    for arguments in (call["arguments"], json.dumps(call["arguments"])):
+        hf = [ours[0], {"role": "assistant", "content": None, "reasoning_content": "Call it.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}, *ours[2:]]
+        path = tmp_path / "hf.jsonl"
+        path.write_text(json.dumps({"messages": hf}) + "\n")
+        (rec,) = load_jsonl(str(path), "sft")
+        assert render(rec["messages"]) == render(ours)
+
+
 def test_a_domain_file_holds_that_domain_only(tmp_path):
     path = tmp_path / "math.jsonl"   # as DATA/rl/math.jsonl or DATA/eval/math.jsonl
     path.write_text(json.dumps(GOOD_RL) + "\n" + json.dumps(dict(GOOD_RL, domain="longctx")) + "\n")
@@ -339,3 +363,14 @@ def test_a_domain_file_holds_that_domain_only(tmp_path):
     with pytest.raises(ValueError, match=r"math\.jsonl:2: a row of domain 'longctx' in a file of domain 'math'"):
         load_jsonl(str(path), "rl", "math")
 
+
+
+def test_build_shows_progress_with_an_eta(tmp_path, capsys):
+    """Data building prints one line per domain with the time spent and an ETA, then the tokenizer
+    step, each a line of its own (a piped log stays readable)."""
+    build(str(tmp_path / "d"), seed=1, sizes=dict(sft=18, rl=2, eval=2, prefs=2), vocab_size=300)
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("build: ") and " domains, " in line]
+    assert [s.split()[1] for s in steps] == [f"{i}/{len(DOMAINS)}" for i in range(1, len(DOMAINS))]
+    assert all(re.search(r"\d+s, eta \d+s$", s) for s in steps)
+    assert lines[-1] == "build: training the tokenizer (300 tokens)"

@@ -392,24 +392,38 @@ def test_shipped_configs(name):
 # transformers round trip
 
 
-def test_transformers_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
+# transformers runs in a process of its own, without the project on its path (conftest.py says why)
+HF_ROUND_TRIP = """
+import torch, transformers
+from safetensors.torch import load_file, save_file
+ids = load_file("ids.safetensors")["ids"]
+hf = transformers.Qwen3MoeForCausalLM.from_pretrained("ours", dtype=torch.float32)
+out = hf(input_ids=ids, output_router_logits=True)
+torch.manual_seed(6)
+theirs = transformers.Qwen3MoeForCausalLM(hf.config).float()
+g = torch.Generator().manual_seed(7)
+with torch.no_grad():
+    for p in theirs.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+theirs.save_pretrained("theirs")
+save_file({"ours_logits": out.logits.contiguous(), "aux": out.aux_loss.reshape(1),
+           "theirs_logits": theirs(input_ids=ids).logits.contiguous()}, "out.safetensors")
+"""
+
+
+def test_transformers_round_trip(tmp_path, transformers_python):
     for tied in (False, True):
         model = randn_like_params(make_model(dtype=torch.float32, tie_word_embeddings=tied,
                                              num_hidden_layers=2, mlp_only_layers=[0]), seed=5)
         ids = torch.randint(0, BASE["vocab_size"], (2, 10))
         ours, aux = model(ids)
-        # ours -> transformers: same logits, and (one MoE layer) the same aux loss
         model.save_pretrained(tmp_path / "ours")
-        hf = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "ours",
-                                                              dtype=torch.float32)
-        out = hf(input_ids=ids, output_router_logits=True)
-        torch.testing.assert_close(out.logits, ours, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out.aux_loss, aux, rtol=1e-5, atol=1e-6)
+        save_file({"ids": ids}, tmp_path / "ids.safetensors")
+        transformers_python(HF_ROUND_TRIP, tmp_path)
+        out = load_file(tmp_path / "out.safetensors")
+        # ours -> transformers: same logits, and (one MoE layer) the same aux loss
+        torch.testing.assert_close(out["ours_logits"], ours, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out["aux"][0], aux, rtol=1e-5, atol=1e-6)
         # transformers -> ours: a freshly initialized HF model, saved by transformers
-        torch.manual_seed(6)
-        hf = transformers.Qwen3MoeForCausalLM(hf.config).float()
-        randn_like_params(hf, seed=7)
-        hf.save_pretrained(tmp_path / "theirs")
         back = Transformer.from_pretrained(tmp_path / "theirs")
-        torch.testing.assert_close(back(ids)[0], hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(back(ids)[0], out["theirs_logits"], rtol=1e-4, atol=1e-4)

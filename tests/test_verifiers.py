@@ -483,8 +483,8 @@ def test_reference_answers_of_the_data_generators_score_one():
         for difficulty in (0.0, 1.0):
             for it in domains_mod.generate(domain, "sft", 4, seed=3, difficulty=difficulty):
                 rec = domains_mod.sft_record(domain, it, thinking=True)
-                pieces = render(rec["messages"], rec.get("tools"), thinking=True)
-                prompt = "".join(p for p, _ in render(rec["messages"][:1], rec.get("tools"), thinking=True))
+                pieces = render(rec["messages"], rec.get("tools"))
+                prompt = "".join(p for p, _ in render(rec["messages"][:1], rec.get("tools")))
                 generated = "".join(p for p, _ in pieces)[len(prompt):]
                 batch.append((domain, generated.split("<|im_start|>assistant\n<think>\n", 1)[1], it["meta"]))
     domains, responses, metas = zip(*batch)
