@@ -225,8 +225,10 @@ def optimizer_step(run, args):
     """Sum the gradients over ranks, clip their global norm to --grad_clip, step. -> the norm before
     clipping (the same on every rank)."""
     common.sync_grads(run.params)
-    norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"),
+                                 f"{args.out}: step {run.step}")
     run.optimizer.step()
+    common.check_weights(run.model, f"{args.out}: step {run.step}")
     return norm.item()
 
 
@@ -278,6 +280,7 @@ def setup(args, freeze_router=False):
 
 def set_lr(run, args, step):
     """Every RL stage's schedule: linear warmup over --warmup steps, then constant --lr."""
+    run.step = step   # the step under way (optimizer_step names it when the training diverges)
     for group in run.optimizer.param_groups:
         group["lr"] = common.lr_at(step, args.steps, args.warmup, args.lr, schedule="constant")
 
@@ -418,9 +421,9 @@ def train(args, reward_fn=None):
     return finish(run, args)
 
 
-def add_rl_args(p, lr, group_size):
-    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py)."""
-    p.formatter_class, a = argparse.ArgumentDefaultsHelpFormatter, p.add_argument
+def add_rl_args(p, lr, group_size, min_group=1):
+    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py); no abbreviations."""
+    p.formatter_class, p.allow_abbrev, a = argparse.ArgumentDefaultsHelpFormatter, False, p.add_argument
     a("--init", required=True, help="start checkpoint directory (HF layout + tokenizer.json)")
     a("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
     a("--data", required=True, help="data directory: rl/<domain>.jsonl, eval/<domain>.jsonl, prefs/")
@@ -434,7 +437,8 @@ def add_rl_args(p, lr, group_size):
     a("--domains", default="math", help="comma-separated domains to draw prompts from")
     a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
     a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
-    a("--group_size", type=common.pos_int, default=group_size, help="G: responses sampled per prompt")
+    a("--group_size", type=common.at_least(min_group, "a group of one has no spread: every advantage is 0, "
+      "nothing is learned"), default=group_size, help="G: responses sampled per prompt")
     a("--prompts_per_step", type=common.pos_int, default=16, help="prompts per step, global over all ranks")
     a("--max_new_tokens", type=common.pos_int, default=256, help="cap on each response (tool output included)")
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")
@@ -447,7 +451,7 @@ def add_rl_args(p, lr, group_size):
 
 
 def build_parser():
-    p = add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8)
+    p = add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8, min_group=2)
     a = p.add_argument
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")

@@ -122,7 +122,7 @@ def train_reward_model(args, tok, d, logger):
         # the mean over the global batch: each rank's share of it, summed over ranks by sync_grads
         (local_loss * len(mine) / len(batch)).backward()
         common.sync_grads(list(rm.parameters()))
-        grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
+        grad_norm = common.clip_grad_norm(rm.parameters(), 1.0, f"{args.out}: reward-model step {step}").item()
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:   # (every rank: a collective)
             g = grpo.global_sums(dict(loss=local_loss.item() * len(mine), right=(rc > rr).sum().item(),

@@ -37,13 +37,13 @@ def toy_run(model, lr):
                            tok=SimpleNamespace(token_to_id=lambda s: 0),   # pad id 0
                            optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
                            autocast=lambda: torch.autocast("cpu", enabled=False), domains=[],
-                           engine=Engine(model))
+                           engine=Engine(model), step=0)
 
 
 def toy_args(**kw):
     return argparse.Namespace(**{**dict(micro_batch=64, epochs=1, clip_low=0.2, clip_high=0.28,
                                         kl_coef=0.0, freeze_router=False, temperature=1.0,
-                                        grad_clip=1.0, mismatch_low=0.5, mismatch_high=2.0), **kw})
+                                        grad_clip=1.0, mismatch_low=0.5, mismatch_high=2.0, out="toy"), **kw})
 
 
 @torch.no_grad()
