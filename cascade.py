@@ -5,15 +5,18 @@ The paper (arXiv 2603.19220; docs/paper.md) post-trains in a fixed order, SFT ->
 long-context RL -> code RL -> SWE RL, each stage starting from the previous one's final checkpoint
 with its own hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
 A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
-  1. skips it if RUN/stages/<name>/final exists (the stage contract), else calls <script>.main([...])
-     in-process, in the same torchrun process group (a stage killed midway resumes from
-     RUN/stages/<name>/last; a stage whose directory was deleted is trained and evaluated afresh);
+  1. skips it if its row is in RUN/eval.json (scores and summary) and RUN/stages/<name>/final
+     exists, else calls <script>.main([...]) in-process, in the same torchrun process group (a
+     stage killed midway resumes from RUN/stages/<name>/last; one killed after its final checkpoint
+     returns its stored summary; a stage whose directory was deleted is trained and evaluated afresh);
   2. evaluates every domain on its held-out prompts, greedy, with the domain's verifier: math with
      and without thinking, chat as the hidden judge's win rate against the SFT checkpoint's answers
      (ties count 1/2; ArenaHard is a judged win rate too); cached in RUN/eval.json, so the same
      command run again after a kill recomputes nothing;
   3. keeps the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
      the earlier one): a MOPD stage gets its --teachers from it.
+The run directory has one writer at a time (RUN/.lock), no temporaries from a kill (swept at start),
+and records that name its checkpoints relative to it (a run can be copied or moved).
 The whole recipe is checked first: every key, its value's type, and each stage's arguments by that
 stage's own argparse parser (no abbreviations).
 RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
@@ -35,9 +38,13 @@ holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
+import socket
 import time
 import tomllib
 
@@ -51,9 +58,9 @@ import rl
 import rlhf
 import sft
 import verifiers
-from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main,
-                    load_checkpoint, pos_float, pos_int, print0, read_json, save_checkpoint, set_seed,
-                    write_json)
+from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main, kill_point,
+                    load_checkpoint, pos_float, pos_int, print0, read_json, read_metrics, save_checkpoint,
+                    set_seed, write_json)
 from model import ModelConfig, Transformer
 from rollout import Engine
 
@@ -125,6 +132,9 @@ def load_recipe(path, steps_scale=1.0):
         bad(f"device = {recipe['device']!r}: must be \"auto\", \"cpu\" or \"cuda\"")
     recipe = {"name": os.path.splitext(os.path.basename(path))[0], "seed": 0, "data": "built-in",
               "device": "auto", **recipe}
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe["name"]) or recipe["name"] in (".", ".."):
+        bad(f"name = {recipe['name']!r}: letters, digits, ., _ and - only, not '.' or '..' (it names "
+            f"runs/<name>; --run_dir puts a run anywhere else)")
     if not recipe.get("stage"):
         bad("no [[stage]] tables: a recipe needs at least one stage")
     names = {"start"}  # the starting point's row in the table
@@ -236,6 +246,84 @@ def teacher_registry(rows, candidates, reference):
 
 
 # ----------------------------------------------------------------------------------------------
+# The run directory: one writer at a time, no temporaries left from a kill, paths relative to it
+
+
+class RunInUse(RuntimeError):
+    """Another process is writing the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run):
+    """Hold RUN/.lock (flock) while the cascade runs: a second cascade into the same directory is
+    refused at once, naming the directory and the holder (pid, host, start time, which the holder
+    writes into the file). The kernel drops the lock when its process ends, however it ends (kill -9
+    too), so a killed run leaves nothing stuck. Rank 0 locks for its whole torchrun job and tells
+    the other ranks, which all stop together (a lock per rank would lock rank 0 out); multi-node,
+    RUN is on a shared filesystem, where Linux's NFS client turns flock into a cluster-wide lock."""
+    held, refusal = None, ""
+    if is_main():
+        os.makedirs(run, exist_ok=True)
+        f = open(os.path.join(run, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            refusal = (f"{run} is in use: another cascade is writing it ({f.read().strip() or 'holder unknown'}); "
+                       f"wait for it to end or stop it, or give this one another --run_dir")
+            f.close()
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            f.flush()
+            held = f
+    if dist.is_initialized():
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise RunInUse(refusal)
+    try:
+        yield
+    finally:
+        if held:
+            held.close()   # (the lock goes with the file)
+
+
+# what a write killed midway leaves: atomic_dir's NAME.tmp-XXXX (and remove_last's last.tmp-removed),
+# write_json's NAME.tmp, data's NAME.tmp<pid>
+TEMPORARY = re.compile(r"\.tmp(-.*|\d*)$")
+
+
+def remove_stale_temporaries(run):
+    """Delete every temporary under RUN: with the lock held, no writer is alive to own one."""
+    for root, dirs, files in os.walk(run):
+        for name in [n for n in dirs + files if TEMPORARY.search(n)]:
+            path = os.path.join(root, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        dirs[:] = [d for d in dirs if not TEMPORARY.search(d)]
+
+
+def in_run(run, path):
+    """A checkpoint's path as eval.json and teachers.json keep it: relative to RUN when inside it (a
+    run can be copied or moved, and its records still name its own checkpoints), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), run)
+    return os.path.abspath(path) if rel.split(os.sep)[0] == ".." else rel
+
+
+def note_changed_args(out, st):
+    """A finished stage is not run again. If the recipe now gives it other arguments than those it ran
+    with (OUT/cascade_args.json), say so, and how to retrain it."""
+    path, now = os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]}
+    was = read_json(path) if os.path.exists(path) else now
+    if was != now:
+        print0(f"stage {st['name']} is done ({out}/final), with: {was['script']}.py {' '.join(was['args'])}; "
+               f"the recipe now says: {now['script']}.py {' '.join(now['args'])}. Not applied: to retrain "
+               f"the stage with it, delete {out} (and the later stages', which started from it) and run again")
+
+
+# ----------------------------------------------------------------------------------------------
 # The run: data once, the starting point, then every stage followed by its evaluation
 
 
@@ -289,49 +377,74 @@ def reference(recipe):
 
 
 def run_cascade(recipe, run, settings, data_dir, start, dd):
+    """Every stage, then its evaluation. A stage is done when its row is in RUN/eval.json: its scores
+    and its summary (what the stage reports: RLHF's judge and reward-model figures, SFT's loss, ...).
+    A stage with a final checkpoint but no row (a kill came between the two) is called again: its
+    main returns the stored summary at once (RLHF first completes its judge's verdict), and it is
+    evaluated. RUN/metrics.jsonl gets each row's events once, those a kill kept out of it too (an
+    event carries its row's "time", when the row was recorded: a retrained stage's row is another)."""
     cache_path, rows, stages = os.path.join(run, "eval.json"), cached_rows(run, settings), recipe["stage"]
     cache, order, ref = {"settings": settings, "rows": rows}, ["start"] + [st["name"] for st in stages], reference(recipe)
     candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
-    metrics = MetricsLogger(os.path.join(run, "metrics.jsonl"))
+    metrics_path = os.path.join(run, "metrics.jsonl")
+    logged = ({(r.get("event"), r.get("stage"), r.get("time")) for r in read_metrics(metrics_path)}
+              if os.path.exists(metrics_path) else set())
+    metrics = MetricsLogger(metrics_path)
 
     def save():   # the eval cache and the teacher registry it implies, always together
         if is_main():
             write_json(cache_path, cache)
             write_json(os.path.join(run, "teachers.json"), teacher_registry(rows, candidates, ref))
 
-    def record(name, row):
-        rows[name] = row
+    def log_events(name):   # a row's events in RUN/metrics.jsonl: the stage's summary and its scores
+        scores, when = table(rows, order, ref)[name], rows[name].get("time")
+        for event, values in [("stage", rows[name].get("summary")), ("eval", scores)]:
+            if values is not None and (event, name, when) not in logged:
+                wall = {"wall_s": rows[name].get("stage_s")} if event == "stage" else {}
+                metrics.log({"event": event, "stage": name, **wall, **values, "time": when})
+                logged.add((event, name, when))
+        return scores
+
+    def record(name, ckpt, row):
+        rows[name] = {**row, "checkpoint": in_run(run, ckpt), "time": round(time.time(), 3)}
         save()
         barrier()
-        scores = table(rows, order, ref)[name]
-        metrics.log({"event": "eval", "stage": name, **scores})
+        kill_point(f"recorded:{name}")
+        scores = log_events(name)
         print0(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     if "start" not in rows:
-        record("start", evaluate(start, data_dir, settings, dd))
+        record("start", start, evaluate(start, data_dir, settings, dd))
+    for name in [n for n in order if n in rows]:   # rows whose events a kill kept out of the log
+        log_events(name)
     prev = start
     for i, st in enumerate(stages):
-        out = os.path.join(run, "stages", st["name"])
-        final, stage_s = os.path.join(out, "final"), None
-        if not checkpoint_exists(final):
-            if rows.pop(st["name"], None):  # it was deleted to retrain it: evaluate it afresh
-                save()
+        name, out = st["name"], os.path.join(run, "stages", st["name"])
+        final, finished = os.path.join(out, "final"), checkpoint_exists(os.path.join(out, "final"))
+        if finished:
+            note_changed_args(out, st)
+        elif rows.pop(name, None):  # it was deleted to retrain it: evaluate it afresh
+            save()
+        if name not in rows:
             argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
                     "--device", recipe["device"]]
             argv += ["--fsdp"] if recipe.get("fsdp") else []
             if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
-                best = teacher_registry(rows, candidates[:candidates.index(st["name"])], ref)
+                best = teacher_registry(rows, candidates[:candidates.index(name)], ref)
                 wanted = st["ns"].domains.split(",")
                 if set(wanted) - set(best):
-                    raise RecipeError(f"stage {st['name']}: no evaluated checkpoint for {set(wanted) - set(best)}")
-                argv += ["--teachers", ",".join(f"{d}={best[d]['checkpoint']}" for d in wanted)]
-            print0(f"=== stage {st['name']}: python {st['script']}.py {' '.join(argv + st['argv'])}")
+                    raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
+                argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
+            if not finished and is_main():   # what it runs with, for note_changed_args
+                os.makedirs(out, exist_ok=True)
+                write_json(os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]})
+            print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()
             summary = SCRIPTS[st["script"]].main(argv + st["argv"])
-            stage_s = round(time.time() - t0, 1)
-            metrics.log({"event": "stage", "stage": st["name"], "wall_s": stage_s, **(summary or {})})
-        if st["name"] not in rows:
-            record(st["name"], {**evaluate(final, data_dir, settings, dd), "stage_s": stage_s})
+            stage_s = None if finished else round(time.time() - t0, 1)   # (a resumed stage: its last run)
+            kill_point(f"stage_returned:{name}")
+            record(name, final, {**evaluate(final, data_dir, settings, dd), "stage_s": stage_s,
+                                 "summary": summary or {}})
         prev = final
     if is_main():
         write_report(run, recipe, settings, rows, order, ref, candidates)
@@ -412,17 +525,21 @@ def main(argv=None):
     ap.add_argument("--only_eval", metavar="CKPT", help="evaluate one checkpoint, print its row, exit")
     a = ap.parse_args(argv)
     recipe = load_recipe(a.recipe, a.steps_scale)  # all of it checked before anything runs
-    run = os.path.abspath(a.run_dir or os.path.join("runs", recipe["name"]))   # (eval.json keeps paths)
+    run = os.path.abspath(a.run_dir or os.path.join("runs", recipe["name"]))
     dd = init_distributed(recipe["device"])
-    data_dir = prepare_data(recipe, run)
-    settings = eval_settings(recipe, data_dir, a.eval_limit)
-    if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with
-        rows = {**cached_rows(run, settings), "eval": evaluate(a.only_eval, data_dir, settings, dd)}
-        row = table(rows, ["eval"], reference(recipe))["eval"]
-        print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
-        return row
-    data.check_run(recipe, data_dir, settings["domains"])  # every file every stage will read, checked now
-    return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)
+    with run_lock(run):
+        if is_main():
+            remove_stale_temporaries(run)
+        barrier()
+        data_dir = prepare_data(recipe, run)
+        settings = eval_settings(recipe, data_dir, a.eval_limit)
+        if a.only_eval:  # chat's win rate needs the run's reference row (eval.json) to compare with
+            rows = {**cached_rows(run, settings), "eval": evaluate(a.only_eval, data_dir, settings, dd)}
+            row = table(rows, ["eval"], reference(recipe))["eval"]
+            print0(" | ".join(f"{k} {v:.3f}" for k, v in row.items()))
+            return row
+        data.check_run(recipe, data_dir, settings["domains"])  # every file every stage will read, checked now
+        return run_cascade(recipe, run, settings, data_dir, start_checkpoint(recipe, run, data_dir), dd)
 
 
 if __name__ == "__main__":

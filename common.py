@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -162,15 +163,48 @@ def full_parameters(model):
         model.set_reshard_after_forward(False, recurse=False)   # FSDP2's default for the root
 
 
-def clip_grad_norm(params, max_norm):
+def clip_grad_norm(params, max_norm, where="a training step"):
     """Clip the global gradient norm to max_norm; -> the norm before clipping, a plain tensor (under
     FSDP the gradients are shards and torch returns a DTensor). A norm that is not finite raises,
-    before the optimizer step that would write NaNs into the weights (and then a checkpoint)."""
+    before the optimizer step that would write NaNs into the weights (and then a checkpoint);
+    `where` ("OUT: step N") names the stage and the step in the message."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     if not torch.isfinite(norm):
-        raise FloatingPointError(f"the gradient norm is {norm.item()}: stopping before the optimizer step")
+        raise FloatingPointError(f"{where}: the gradient norm is {norm.item()}: the training diverged; "
+                                 f"stopped before the optimizer step (OUT/last, if any, holds the last "
+                                 f"good weights: lower --lr and run again)")
     return norm
+
+
+# Weights this large are a blow-up, not training: trained transformers keep every weight far below
+# 1e3 (norm gains near 1, matrices near 1/sqrt(width)), while Adam moves each weight by about the
+# learning rate per step, so an --lr a million times too large lands near 1e6 in one step. The
+# scores of such a model are 0, and the NaN comes a stage later, where it would be blamed.
+WEIGHT_LIMIT = 1e4
+
+
+def check_weights(model, where):
+    """Raise if a weight is not finite or beyond WEIGHT_LIMIT: the stage that diverged stops where it
+    happened, naming itself and the step (`where`), before a rollout samples from NaN logits or a
+    checkpoint keeps the weights for every rerun to resume from. Every rank calls it (under FSDP each
+    checks its shard; the verdict is all-reduced, so every rank raises together)."""
+    local = [(p.to_local() if isinstance(p, DTensor) else p).detach() for p in model.parameters()]
+    worst = torch.stack([w.abs().amax().float() for w in local if w.numel()]).amax()   # (NaN wins)
+    worst = torch.where(torch.isfinite(worst), worst, torch.inf)   # (a MAX all-reduce keeps inf)
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if worst.item() > WEIGHT_LIMIT:
+        raise FloatingPointError(f"{where}: the weights blew up (max |w| {worst.item():.3g} > {WEIGHT_LIMIT:.0e}, "
+                                 f"inf where not finite): the training diverged; lower --lr and run again")
+
+
+def kill_point(name):
+    """Fault injection for the kill tests (tests/test_run_dir.py) and bench/kills.py: with
+    NANOCASCADE_KILL_AT=<name> in the environment the process SIGKILLs itself here, as a power cut
+    or `kill -9` would, at a moment chosen to the line."""
+    if os.environ.get("NANOCASCADE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -----------------------------------------------------------------------------
@@ -230,6 +264,7 @@ def full_state_dict(model):
 def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
     """Write an HF-layout checkpoint (+ optimizer and trainer state for resuming), atomically.
     Every rank calls it (FSDP gathers); rank 0 writes; every rank waits for it."""
+    check_weights(model, f"{path}: not saved: at step {(state or {}).get('step')}")
     model_state = full_state_dict(model)
     # the optimizer's state keyed by parameter name ("model.norm.weight.exp_avg"), not by position
     opt = get_optimizer_state_dict(model, optimizer, options=GATHER) if optimizer else None
@@ -263,16 +298,31 @@ def save_final(out, model, tokenizer_path, state):
     """OUT/final (the stage contract: it exists iff the stage ran to the end), then OUT/last goes: final
     supersedes it, and it holds the optimizer's state too (about 3x the model)."""
     save_checkpoint(os.path.join(out, "final"), model, tokenizer_path, state=state)
+    kill_point(f"final_saved:{os.path.basename(os.path.abspath(out))}")
     if is_main():
-        shutil.rmtree(os.path.join(out, "last"), ignore_errors=True)
+        remove_last(out)
+
+
+def remove_last(out):
+    """Delete OUT/last in one rename and then a removal: a kill in the middle leaves a
+    last.tmp-removed (which atomic_dir and cascade.py sweep), never a last/ missing half its files."""
+    last = os.path.join(out, "last")
+    _recover(last)
+    if os.path.exists(last):
+        shutil.rmtree(last + ".tmp-removed", ignore_errors=True)
+        os.rename(last, last + ".tmp-removed")
+        shutil.rmtree(last + ".tmp-removed")
 
 
 def finished_summary(out):
     """The stage contract: OUT/final exists iff the stage ran to the end. -> its stored summary
-    (trainer_state.json's "summary"), or None when the stage still has to run."""
+    (trainer_state.json's "summary"), or None when the stage still has to run. A last/ that a kill
+    left behind final (save_final had not removed it yet) goes now."""
     final = os.path.join(out, "final")
     if not checkpoint_exists(final):
         return None
+    if is_main():
+        remove_last(out)
     return read_json(os.path.join(final, "trainer_state.json")).get("summary", {})
 
 
@@ -355,6 +405,17 @@ def positive(cast, zero_ok=False, at_most=math.inf):
 
 pos_int, nonneg_int, pos_float, nonneg_float = (positive(int), positive(int, zero_ok=True),
                                                 positive(float), positive(float, zero_ok=True))
+
+
+def at_least(minimum, why):
+    """An argparse type for integers >= minimum; `why` says, in the error, what a smaller one breaks."""
+    def parse(text):
+        value = pos_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {minimum} ({why})")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def lr_at(step, total, warmup, peak, final_frac=0.1, schedule="cosine"):

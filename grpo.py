@@ -109,7 +109,8 @@ def train(args):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8)
+    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8,
+                       min_group=2)
     a = p.add_argument
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")

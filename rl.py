@@ -244,9 +244,11 @@ def token_logprobs(model, batch, temperature=1.0):
 def optimizer_step(run, args):
     """Sum the gradients over ranks, clip their global norm to --grad_clip, step. -> the norm before
     clipping (the same on every rank)."""
+    where = f"{args.out}: step {run.current}"   # what a divergence names
     common.sync_grads(run.params)
-    norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    norm = common.clip_grad_norm(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"), where)
     run.optimizer.step()
+    common.check_weights(run.model, where)
     return norm.item()
 
 
@@ -266,7 +268,8 @@ class Run:
     mix: list
     bf16: bool
     logger: common.MetricsLogger
-    step: int = 0
+    step: int = 0                 # steps done when this process started (resume point)
+    current: int = 0              # the step under way (set_lr)
     history: list = field(default_factory=list)
     heldout: list = field(default_factory=list)   # the prompts of --eval_every (heldout_rows)
 
@@ -340,6 +343,7 @@ def heldout_scores(engine, tok, rows, args, dd):
 
 def set_lr(run, args, step):
     """Every RL stage's schedule: linear warmup over --warmup steps, then constant --lr."""
+    run.current = step
     for group in run.optimizer.param_groups:
         group["lr"] = common.lr_at(step, args.steps, args.warmup, args.lr, schedule="constant")
 
@@ -431,9 +435,10 @@ def finish(run, args):
     return summary
 
 
-def add_rl_args(p, lr, group_size):
-    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py)."""
-    p.formatter_class, a = argparse.ArgumentDefaultsHelpFormatter, p.add_argument
+def add_rl_args(p, lr, group_size, min_group=1):
+    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py); no abbreviations. min_group:
+    2 for the stages whose advantage is relative to the group (a group of one learns nothing)."""
+    p.formatter_class, p.allow_abbrev, a = argparse.ArgumentDefaultsHelpFormatter, False, p.add_argument
     a("--init", required=True, help="start checkpoint directory (HF layout + tokenizer.json)")
     a("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
     a("--data", required=True, help="data directory: rl/<domain>.jsonl, eval/<domain>.jsonl, prefs/")
@@ -447,7 +452,8 @@ def add_rl_args(p, lr, group_size):
     a("--domains", default="math", help="comma-separated domains to draw prompts from")
     a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
     a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
-    a("--group_size", type=common.pos_int, default=group_size, help="G: responses sampled per prompt")
+    a("--group_size", type=common.at_least(min_group, "a group of one has no spread: every advantage is 0, "
+      "nothing is learned"), default=group_size, help="G: responses sampled per prompt")
     a("--prompts_per_step", type=common.pos_int, default=16, help="prompts per step, global over all ranks")
     a("--max_new_tokens", type=common.pos_int, default=256, help="cap on each response (tool output included)")
     a("--thinking", default="on", choices=["on", "off", "mixed"], help="chat-template mode of prompts")

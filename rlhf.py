@@ -126,7 +126,7 @@ def train_reward_model(args, tok, d, logger):
         # the mean over the global batch: each rank's share of it, summed over ranks by sync_grads
         (local_loss * len(mine) / len(batch)).backward()
         common.sync_grads(list(rm.parameters()))
-        grad_norm = common.clip_grad_norm(rm.parameters(), 1.0).item()
+        grad_norm = common.clip_grad_norm(rm.parameters(), 1.0, f"{args.out}: reward-model step {step}").item()
         opt.step()
         if step % args.log_every == 0 or step + 1 == args.rm_steps:   # (every rank: a collective)
             g = common.global_sums(dict(loss=local_loss.item() * len(mine), right=(rc > rr).sum().item(), n=len(mine)),
@@ -251,7 +251,8 @@ def judge_win_rate(args, tok, d, final_path):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8)
+    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8,
+                       min_group=2)
     p.set_defaults(domains="chat")
     a = p.add_argument
     a("--kl_coef", type=common.nonneg_float, default=0.0,

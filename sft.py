@@ -72,7 +72,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Supervised fine-tuning with packed sequences and an assistant-only loss (the "
         "first stage of the cascade). Resumes from OUT/last when it exists; returns at once when "
-        "OUT/final exists.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "OUT/final exists.", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--init", help="start checkpoint directory (HF layout + tokenizer.json)")
     start.add_argument("--config", help="model config.json to train from scratch (tokenizer from --data)")
@@ -256,7 +256,8 @@ def main(argv=None):
             loss_k.backward()
             sums += torch.stack([ce.detach(), aux.detach().float()])
         common.sync_grads(list(model.parameters()))   # (FSDP: already summed by its backward)
-        grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip or float("inf"),
+                                          f"{args.out}: step {step + 1}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

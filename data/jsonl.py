@@ -24,6 +24,11 @@ import verifiers
 from data import chat
 
 ROLES = ("system", "user", "assistant", "tool")
+# The longest line a file may have, in bytes: 8 MiB is about 2M tokens of text, 8x the paper's
+# longest packed row (256K tokens). Parsing costs far more memory than the text (a 30 MB line took
+# 7.9 GB), so a longer line is refused before it is parsed: it is a file gone wrong (a missing
+# newline joining lines, a binary blob), not a conversation.
+MAX_LINE_BYTES = 8 << 20
 REQUIRED_KEYS = {"sft": ("messages",), "rl": ("domain", "messages", "meta"),
                  "prefs": ("messages", "chosen", "rejected")}
 
@@ -100,7 +105,11 @@ def load_jsonl(path, kind, domain=None):
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(REQUIRED_KEYS)}")
     records = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any other bad line
-        for lineno, raw in enumerate(f, 1):
+        # (readline with a cap: a file with no newline at all is never read whole)
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{lineno}: the line is longer than {MAX_LINE_BYTES:,} bytes "
+                                 f"(data/jsonl.py's MAX_LINE_BYTES): a missing newline, or not JSONL")
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():

@@ -107,10 +107,15 @@ def minimal(**stage):
     (minimal(name="rl", script="grpo", args={"help": True}), "unknown argument 'help' for grpo.py"),
     (minimal(name="rl", script="grpo", args={"seed": 7}), "argument 'seed' is set by the cascade"),
     (minimal(name="rl", script="grpo", args={"group_size": 0}), "argument --group_size: 0: must be > 0"),
+    (minimal(name="rl", script="grpo", args={"group_size": 1}), "argument --group_size: 1: must be >= 2 (a group"),
+    (minimal(name="rl", script="rlhf", args={"group_size": 1}), "argument --group_size: 1: must be >= 2 (a group"),
     (minimal(name="rl", script="grpo", args={"temperature": 0.0}), "argument --temperature: 0.0: must be > 0"),
     # stage names name directories; domains and mix are checked before the first stage runs
     (minimal(name="rl/", script="grpo"), "name 'rl/': letters, digits, _ and - only"),
     (minimal(name="..", script="grpo"), "name '..': letters, digits"),
+    # the recipe's name names runs/<name>: it stays inside runs/
+    ({**minimal(name="rl", script="grpo"), "name": "../../escaped"}, "name = '../../escaped': letters, digits"),
+    ({**minimal(name="rl", script="grpo"), "name": ".."}, "name = '..': letters, digits"),
     (minimal(name="rl", script="grpo", args={"domains": ["maths"]}), "--domains 'maths': a comma list of"),
     (minimal(name="rl", script="grpo", args={"domains": ["math", "math"]}), "each once"),
     (minimal(name="rl", script="grpo", args={"domains": ["math", "if"], "mix": [1.0]}), "--mix '1.0': one finite"),
@@ -225,7 +230,7 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
     teachers = dict(kv.split("=") for kv in seen[0][seen[0].index("--teachers") + 1].split(","))
     assert sorted(teachers) == sorted(["math", "if", "tool", "mcqa", "structured"])
     registry = cascade.teacher_registry(after, ["sft", "if_rl", "multi_rl"], "sft")
-    assert teachers == {d: registry[d]["checkpoint"] for d in teachers}
+    assert teachers == {d: str(run / registry[d]["checkpoint"]) for d in teachers}  # (paths relative to RUN)
 
     columns = ["math", "math_nothink", "code", "if", "mcqa", "structured", "tool", "longctx", "chat", "swe"]
     assert list(table) == ["start", "sft", "if_rl", "multi_rl", "mopd", "rlhf", "longctx_rl", "code_rl", "swe_rl"]

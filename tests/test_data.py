@@ -329,6 +329,23 @@ def test_undecodable_lines_name_file_and_line(tmp_path, line, reason):
     assert str(e.value).startswith(f"{path}:2: ") and reason in str(e.value), str(e.value)
 
 
+def test_a_line_longer_than_the_limit_is_refused_before_it_is_parsed(tmp_path):
+    from data.jsonl import MAX_LINE_BYTES
+    long = dict(GOOD_SFT, messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}])
+    pad = MAX_LINE_BYTES - len(json.dumps(long)) - 1   # the newline counts
+    long["messages"][1]["content"] = "y" * pad
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(GOOD_SFT) + "\n" + json.dumps(long) + "\n")
+    assert len(load_jsonl(str(path), "sft")) == 2   # a line of exactly the limit loads
+    long["messages"][1]["content"] += "y"
+    path.write_text(json.dumps(GOOD_SFT) + "\n" + json.dumps(long) + "\n" + json.dumps(GOOD_SFT) + "\n")
+    with pytest.raises(ValueError, match=rf"long\.jsonl:2: the line is longer than {MAX_LINE_BYTES:,} bytes"):
+        load_jsonl(str(path), "sft")
+    path.write_bytes(b"x" * (3 * MAX_LINE_BYTES))   # no newline at all: never read whole
+    with pytest.raises(ValueError, match=r"long\.jsonl:1: the line is longer than"):
+        load_jsonl(str(path), "sft")
+
+
 def test_load_jsonl_accepts_good_files_and_rejects_empty_ones(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text(json.dumps(GOOD_SFT) + "\n" + json.dumps(GOOD_SFT))  # no final newline

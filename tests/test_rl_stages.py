@@ -46,7 +46,7 @@ def everything(samples):
 def toy_args(**kw):
     return argparse.Namespace(**{**dict(micro_batch=64, epochs=1, clip_low=0.2, clip_high=0.28,
                                         kl_coef=0.0, freeze_router=False, temperature=1.0,
-                                        grad_clip=1.0, mismatch_low=0.5, mismatch_high=2.0), **kw})
+                                        grad_clip=1.0, mismatch_low=0.5, mismatch_high=2.0, out="toy"), **kw})
 
 
 @torch.no_grad()
