@@ -179,11 +179,12 @@ def swe_rate(difficulty):
 
 @pytest.mark.parametrize("domain", ["code", "swe"])
 @pytest.mark.parametrize("difficulty", [0.0, 1.0])
-def test_trivial_wrong_answers_earn_no_reward(domain, difficulty):
+def test_trivial_wrong_answers_earn_no_reward(domain, difficulty, capsys):
     fooled = (code_rate if domain == "code" else swe_rate)(difficulty)
     rate = len(fooled) / TASKS
-    print(f"\n{domain} difficulty {difficulty}: a trivial wrong answer earns reward on {len(fooled)} of "
-          f"{TASKS} tasks ({100 * rate:.2f}%)")
+    with capsys.disabled():  # the rate is a report, shown on every run
+        print(f"\n{domain} difficulty {difficulty}: a trivial wrong answer earns reward on {len(fooled)} of "
+              f"{TASKS} tasks ({100 * rate:.2f}%)")
     assert rate < MAX_RATE, fooled[:3]
 
 

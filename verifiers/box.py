@@ -8,17 +8,17 @@ it dies. As root it then builds the box, in this order, each step before any mod
 
 1. unshare(NEWNS | NEWIPC | NEWNET | NEWPID): private mounts, private SysV IPC (shared memory,
    queues, semaphores die with the box), a network with nothing but a down loopback, and a process
-   namespace; one cgroup per controller (memory, pids, cpuacct) for the box as a whole; then fork.
-   The forked child is PID 1 of the namespace; when it dies the kernel kills and reaps everything
-   the model started in there, setsid() or not. This process stays outside as the *keeper*: it
-   kills PID 1 when the box's CPU time (all its processes) passes cpu_s, or on SIGTERM (from the
-   parent, or from the kernel when the parent dies); then it reaps it, removes the cgroups and
-   exits, so the parent knows the box is empty the moment the keeper is reaped.
-2. The child joins the cgroups and dies with the keeper (PR_SET_PDEATHSIG). A new root: one tmpfs
-   of file_mb MB, mounted over /tmp in the private mount namespace, holding /work (the box's files,
-   read from a memfd), /tmp, and read-only binds of the standard library and the shared libraries,
-   then chroot into it. The model sees no repository, no data files, no /proc, no /root, no
-   binaries to exec; all it writes is in that tmpfs and dies with it.
+   namespace; then fork, inside the cgroups the parent made for this box (memory, pids, cpuacct:
+   limits on all of its processes together). The forked child is PID 1 of the namespace; when it
+   dies the kernel kills and reaps everything the model started in there, setsid() or not. This
+   process stays outside as the *keeper*: it kills PID 1 when the box's CPU time (all processes)
+   passes cpu_s, or on SIGTERM (from the parent, or from the kernel when the parent dies); then it
+   reaps it and exits, so the parent knows the box is empty the moment the keeper is reaped.
+2. The child dies with the keeper (PR_SET_PDEATHSIG). A new root: one tmpfs of file_mb MB, mounted
+   over /tmp in the private mount namespace, holding /work (the box's files, read from a memfd),
+   /tmp, and read-only binds of the standard library and the shared libraries, then chroot into
+   it. The model sees no repository, no data files, no /proc, no /root, no binaries to exec; all it
+   writes is in that tmpfs and dies with it.
 3. rlimits (CPU seconds, address space, file size, processes, open files, no core files), a
    seccomp filter without the keyring system calls (keyrings are per uid, not per namespace), then
    setgroups([]), setgid, setuid to an unprivileged id: root ignores RLIMIT_NPROC and file
@@ -308,10 +308,10 @@ def write_files(files_fd, uid, gid):
 
 # cgroups (v1): the limits of the box as a whole. RLIMITs bind each process, so ten forked processes
 # get ten times the memory and CPU; a cgroup counts all of them together. The parent makes them
-# (make_cgroups) and moves the keeper in while its interpreter starts: the first move of a process
-# between cgroups waits for an RCU grace period (~10 ms), which would otherwise add to every box.
-# The keeper forks the box inside them, then steps out, so only the box is counted (and only the
-# box can be chosen by the cgroup's OOM killer).
+# (make_cgroups) and moves the keeper in while its interpreter starts: a move between cgroups waits
+# for an RCU grace period (~10 ms) and stalls forks meanwhile, which would otherwise add to every
+# box. The keeper forks the box inside them and stays: its own few ms of CPU count against cpu_s,
+# and the box's processes are the OOM killer's first choice (oom_score_adj 1000), not the keeper.
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_PREFIX = "nanocascade-box-"
 CGROUP_CONTROLLERS = ("memory", "pids", "cpuacct")
@@ -484,9 +484,9 @@ def main():
     if child:  # the keeper: outside the box, never runs model code
         for fd in fds.values():
             os.close(fd)
-        move_to_cgroups({c: os.path.dirname(p) for c, p in cgroups.items()}, 0)  # step out
         code = keep(child, cgroups, config["limits"]["cpu_s"])
-        if os.getppid() != config["parent"]:  # the scorer is gone: nobody else will remove them
+        if os.getppid() != config["parent"] and cgroups:  # the scorer is gone: nobody else will
+            move_to_cgroups({c: os.path.dirname(p) for c, p in cgroups.items()}, 0)  # step out
             remove_cgroups(cgroups)
         os._exit(code)
 
@@ -494,6 +494,7 @@ def main():
     uid, gid = (config["uid"], config["gid"]) if root else (os.getuid(), os.getgid())
     if namespaces:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # keeper gone -> box gone
+        _write("/proc/self/oom_score_adj", 1000)  # any OOM killer picks the box's processes first
         enter_new_root(config["limits"]["file_mb"], uid, gid)
     else:
         os.setpgid(0, 0)

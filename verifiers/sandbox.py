@@ -182,7 +182,7 @@ class Box:
             # the files travel in an anonymous memory file, the output goes to an unnamed file: with
             # namespaces the box has no name on the host at all, so a scorer killed by SIGKILL
             # leaves nothing behind
-            files_fd = os.memfd_create("box-files", 0)
+            files_fd = os.memfd_create("box-files")
             opened.append(files_fd)
             os.write(files_fd, json.dumps(files).encode())
             os.lseek(files_fd, 0, os.SEEK_SET)
