@@ -9,7 +9,10 @@ machine down. After each test a fixture checks that no process of the box's uid,
 process, no box directory and no extra file descriptor of ours is left behind.
 """
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -413,9 +416,6 @@ def test_kernel_state_does_not_outlive_the_box():
 @needs_root
 def test_box_dies_with_its_scorer():
     # a scorer killed by SIGKILL can clean up nothing: its box, keeper and files must go anyway
-    import signal
-    import subprocess
-    import sys
     script = ("import sys\nfrom verifiers import coding, sandbox\n"
               f"sandbox.BOX_UID = sandbox.BOX_GID = {BOX_UID}\n"
               "coding.score('</think>\\n```python\\nimport time\\ndef f(n):\\n    time.sleep(20)\\n```',\n"

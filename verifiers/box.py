@@ -481,7 +481,7 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     child = os.fork()
-    if child:  # the keeper: outside the box, never runs model code
+    if child:  # the keeper: outside the box's namespaces (not its cgroups), never runs model code
         for fd in fds.values():
             os.close(fd)
         code = keep(child, cgroups, config["limits"]["cpu_s"])

@@ -33,13 +33,13 @@ process, a file, a SysV object or a key, outlives its verification.
 
 `Box` is one box; `run_function_tests` and `run_module_tests` are the two uses above.
 """
+import functools
+import itertools
 import json
 import os
 import select
-import functools
-import itertools
-import stat
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -168,7 +168,8 @@ class Box:
 
     `files` ({relative path: text}) are written to the box's /work. `peer_fds` = (read, write) makes
     the box talk to another box instead of to this process; `verdict` asks for one more pipe, on
-    which a tests box writes its result (self.verdict_fd, the read end)."""
+    which a tests box writes its result (self.verdict_fd, the read end). A box lives no longer than
+    the thread that made it: the kernel's parent-death signal follows the thread, not the process."""
 
     def __init__(self, role, files, limits, peer_fds=None, verdict=False, extra=None):
         namespaces = namespaces_available()
