@@ -26,8 +26,10 @@ it dies. As root it then builds the box, in this order, each step before any mod
 Without namespaces (not root, or not permitted: sandbox.namespaces_available) the box degrades to
 the rlimits, the seccomp filter, a process group and a work directory in the host's /tmp, running as
 the calling user, or as 65534 under root (say so if you rely on it: a setsid() child can then outlive
-the box, and every limit binds each process, not the box). Where cgroup v1 controllers are not
-mounted at /sys/fs/cgroup or not writable, memory, processes and CPU are bounded per process only.
+the box, and every limit binds each process, not the box); as root, the interpreter's standard
+library must then be readable by that uid, or the parent raises SandboxError. Where cgroup v1
+controllers are not mounted at /sys/fs/cgroup or not writable, memory, processes and CPU are
+bounded per process only.
 
 Roles, after the box is built:
 - "serve": load nothing yet; answer requests read from a pipe, one JSON line each: getattr of a
