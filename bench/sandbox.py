@@ -3,8 +3,8 @@
     python bench/sandbox.py              # code and swe, 1..N workers, 48 verifications each
     python bench/sandbox.py --n 96 --workers 1 2 4
 
-Each verification is a fresh box: a `python -I -S` process, new namespaces, a tmpfs root, the
-uid drop, the tests, teardown. Half of the responses are right and half wrong, as in an RL batch.
+Each verification is a fresh box: a `python -I -S` process, new mount/IPC/network/PID namespaces,
+its cgroups, a tmpfs root, the seccomp filter, the uid drop, the tests, teardown. Half of the responses are right and half wrong, as in an RL batch.
 The figure bounds how fast code/SWE RL can score rollouts on this machine; the "(python)" rows
 start a bare interpreter as often, the floor of any process-per-verification design.
 """

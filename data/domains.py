@@ -87,31 +87,68 @@ CODE_ENDS = [("the resulting list", "return the list", "xs", lambda xs: xs),
              ("their sum", "return the sum", "sum(xs)", sum),
              ("how many elements are left", "return the count", "len(xs)", len)]
 CODE_NAMES = ["solve", "f", "transform", "process", "compute", "calc", "apply_steps"]
+RANDOM_TESTS = 6  # per code task, besides the empty list, the range and the near misses' (make_code)
+
+
+def code_program(steps, end):
+    """The function a spec describes, in Python: steps [(template, k)] then the end's reduction."""
+    def run(xs):
+        for template, k in steps:
+            fn = template[3]
+            xs = [fn(x, k) for x in xs] if template in CODE_MAPS else [x for x in xs if fn(x, k)]
+        return end[3](xs)
+    return run
+
+
+def code_near_misses(steps, end):
+    """The programs one careless edit away from the spec: a step left out, a step with another
+    constant (0 to 10: the constants drawn, and one off either end) or swapped for another of its
+    kind (> for <, + for -), or the wrong reduction. The tests must tell each from the right one."""
+    for i, (template, k) in enumerate(steps):
+        yield steps[:i] + steps[i + 1:], end
+        for other in CODE_MAPS if template in CODE_MAPS else CODE_FILTERS:
+            for k2 in range(11):
+                if (other, k2) != (template, k):
+                    yield steps[:i] + [(other, k2)] + steps[i + 1:], end
+    for other_end in CODE_ENDS:
+        if other_end is not end:
+            yield steps, other_end
 
 
 def make_code(rng, hard):
-    steps = []
-    for _ in range(rng.randint(2, 3) if hard else rng.randint(1, 2)):
-        kind = rng.choice([CODE_MAPS, CODE_FILTERS])
-        steps.append((rng.choice(kind), rng.randint(1, 9), kind is CODE_MAPS))
+    steps = [(rng.choice(rng.choice([CODE_MAPS, CODE_FILTERS])), rng.randint(1, 9))
+             for _ in range(rng.randint(2, 3) if hard else rng.randint(1, 2))]
     end = rng.choice(CODE_ENDS)
     name = rng.choice(CODE_NAMES)
-    spec = ", then ".join(s[0].format(k=k) for s, k, _ in steps) + f", and returns {end[0]}"
-    lines = [f"    xs = {s[2].format(k=k)}" for s, k, _ in steps]
+    spec = ", then ".join(s[0].format(k=k) for s, k in steps) + f", and returns {end[0]}"
+    lines = [f"    xs = {s[2].format(k=k)}" for s, k in steps]
     code = f"def {name}(xs):\n" + "\n".join(lines) + f"\n    return {end[2]}\n"
+    run = code_program(steps, end)
 
-    def run(xs):
-        for (_, _, _, fn), k, is_map in steps:
-            xs = [fn(x, k) for x in xs] if is_map else [x for x in xs if fn(x, k)]
-        return end[3](xs)
-
+    # Tests: the empty list; every value of the input range, twice shuffled into lists of up to 8 (so
+    # each filter meets the values on both sides of its bound and the value it drops, and two values
+    # rarely share a list both times, which a count could not tell apart); RANDOM_TESTS random
+    # lists; then for each near miss that still passes them, the first of 30 spare random lists
+    # that catches it. A near miss that none catches computes the same function on this input range
+    # (keep x > 3 is keep x >= 4): it is not wrong.
     lo, hi = (-9, 20) if hard else (0, 9)
-    tests = [[[xs], run(xs)] for xs in ([rng.randint(lo, hi) for _ in range(rng.randint(1, 6))]
-                                        for _ in range(4))]
+    pool = [[]]
+    for _ in range(2):
+        every = rng.sample(range(lo, hi + 1), hi + 1 - lo)
+        pool += [every[i:i + 8] for i in range(0, len(every), 8)]
+    pool += [[rng.randint(lo, hi) for _ in range(rng.randint(2, 8))] for _ in range(RANDOM_TESTS)]
+    first_spare = len(pool)
+    pool += [[rng.randint(lo, hi) for _ in range(rng.randint(2, 8))] for _ in range(30)]
+    want = [run(xs) for xs in pool]
+    chosen = list(range(first_spare))
+    for miss in (code_program(*m) for m in code_near_misses(steps, end)):
+        if all(miss(pool[i]) == want[i] for i in chosen):
+            chosen += [i for i in range(first_spare, len(pool)) if miss(pool[i]) != want[i]][:1]
+    tests = [[[pool[i]], want[i]] for i in sorted(set(chosen))]
     if len({json.dumps(t[1]) for t in tests}) < 2:  # e.g. "keep x < 1, then keep x > 7": always []
         return make_code(rng, hard)  # tests that a constant passes would teach nothing: redraw
     prompt = f"Write a Python function `{name}(xs)` that takes a list of integers, {spec}."
-    trace = "; ".join(s[1].format(k=k) for s, k, _ in steps) + f"; {end[1]}."
+    trace = "; ".join(s[1].format(k=k) for s, k in steps) + f"; {end[1]}."
     return item(f"{name}: {spec}", prompt, {"entry_point": name, "tests": tests},
                 [reply(trace, f"```python\n{code}```")])
 
@@ -560,7 +597,7 @@ SWE_FUNCS = [  # (names, parameters, body with {k}, [(correct fragment, buggy fr
 
 def _swe_args(rng, params, k):
     if params == "xs":
-        return ([rng.randint(0, 2 * k + 3) for _ in range(rng.randint(2, 5))],)
+        return ([rng.randint(0, 2 * k + 3) for _ in range(rng.randint(2, 8))],)
     return tuple(rng.randint(-3, 12) for _ in params.split(", "))
 
 
@@ -585,15 +622,28 @@ def make_swe(rng, hard):
     bad_src, bad_fn = _define(name, params, body.format(k=k).replace(good, bad, 1))
     line_good = next(ln for ln in good_src.splitlines() if good in ln)
     line_bad = line_good.replace(good, bad, 1)
-    failing = next((a for a in (_swe_args(rng, params, k) for _ in range(200)) if good_fn(*a) != bad_fn(*a)), None)
+    # the bug shows on the call the prompt names and on five more: a patch that keeps the bug and
+    # special-cases that call, or returns its expected value always, fails the tests; a list
+    # function also gets every value of its range in one list, so another bound fails too
+    showing = []
+    for _ in range(200):
+        a = _swe_args(rng, params, k)
+        if good_fn(*a) != bad_fn(*a) and a not in showing:
+            showing.append(a)
+            if len(showing) == 6:
+                break
     rng.shuffle(funcs)
     module = "\n\n".join(bad_src if f[0] == name else f[2] for f in funcs)
-    if failing is None or module.count(line_bad) != 1 or len({f[0] for f in funcs}) < len(funcs):
-        return make_swe(rng, hard)  # no input shows the bug, or the patch would be ambiguous: redraw
+    if (len(showing) < 6 or len({repr(good_fn(*a)) for a in showing}) < 2 or module.count(line_bad) != 1
+            or len({f[0] for f in funcs}) < len(funcs)):
+        return make_swe(rng, hard)  # the bug shows too rarely, or the patch would be ambiguous: redraw
+    failing = showing[0]
     tests = []
     for fname, fparams, _, fn, fk, _ in funcs:
-        cases = [failing] if fname == name else []
-        cases += [_swe_args(rng, fparams, fk) for _ in range(2)]
+        cases = list(showing) if fname == name else []
+        cases += [_swe_args(rng, fparams, fk) for _ in range(4 if fname == name else 2)]
+        if fname == name and fparams == "xs":
+            cases.append((rng.sample(range(2 * fk + 4), 2 * fk + 4),))
         asserts = "\n".join(f"    assert {fname}({', '.join(map(repr, a))}) == {fn(*a)!r}" for a in cases)
         tests.append(f"def test_{fname}():\n{asserts}\n")
     test_src = f"from module import {', '.join(sorted(f[0] for f in funcs))}\n\n\n" + "\n\n".join(tests)

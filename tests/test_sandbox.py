@@ -9,13 +9,16 @@ machine down. After each test a fixture checks that no process of the box's uid,
 process, no box directory and no extra file descriptor of ours is left behind.
 """
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 import verifiers
-from verifiers import coding, sandbox, swe
+from verifiers import box as box_module, coding, sandbox, swe
 from verifiers.sandbox import Limits, run_function_tests
 
 LIMITS = Limits(wall_s=3, cpu_s=1, memory_mb=512)
@@ -56,10 +59,23 @@ def our_children():
     return children
 
 
+def box_uid_kernel_objects():
+    """SysV shared memory, message queues and semaphores owned by the box uid (this IPC namespace),
+    and whether the kernel holds keys for that uid (/proc/key-users: one line per uid with keys)."""
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header, *rows = [line.split() for line in f]
+        found += [f"{kind} {row[1]}" for row in rows if int(row[header.index("uid")]) == BOX_UID]
+    with open("/proc/key-users") as f:
+        found += [f"keys of uid {BOX_UID}" for line in f if line.split(":")[0].strip() == str(BOX_UID)]
+    return found
+
+
 def host_state():
     tmp = {e for e in os.listdir("/tmp") if e.startswith(f"nanocascade-box-{os.getpid()}-")}
     return {"uid_procs": box_uid_processes(), "children": our_children(), "tmp": tmp,
-            "fds": len(os.listdir("/proc/self/fd"))}
+            "fds": len(os.listdir("/proc/self/fd")), "kernel": box_uid_kernel_objects()}
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +89,7 @@ def host_unchanged(monkeypatch):
     assert after["children"] <= before["children"], "child processes survived"
     assert after["tmp"] <= before["tmp"], "temporary files or directories survived"
     assert after["fds"] == before["fds"], "file descriptors leaked"
+    assert after["kernel"] == [], f"kernel objects of the box survived: {after['kernel']}"
 
 
 def code_score(source, meta=META):
@@ -275,3 +292,161 @@ def test_pool_under_attack():
     responses = [f"</think>\n```python\n{p}\n```" for p in programs]
     assert verifiers.score_many(["code"] * len(programs), responses, [META] * len(programs), workers=3) \
         == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------ the box as a whole (issue 21)
+# Each program below did its damage before the box had whole-box limits, a private IPC namespace, a
+# tmpfs of its own and a keeper that follows its scorer: it returns the right answer exactly when the
+# damage is done, and bounds it (a few forks, under 2 GB, under 100 MB of files, seconds of CPU).
+
+WIDE = Limits(wall_s=10, cpu_s=1, memory_mb=512)  # room enough that only the whole-box limit can bind
+ONE = {"entry_point": "f", "tests": [[[2], 17]]}
+
+
+def wide_score(source):
+    return coding.score(f"</think>\n```python\n{source}\n```", ONE, WIDE)
+
+
+FORK_AND_CHECK = ("import os, time\ndef f(n):\n    kids = []\n    for _ in range({kids}):\n        pid = os.fork()\n"
+                  "        if pid == 0:\n            try:\n{work}\n            except BaseException:\n"
+                  "                os._exit(1)\n            os._exit(0)\n        kids.append(pid)\n"
+                  "    ok = [os.waitpid(p, 0)[1] == 0 for p in kids]\n    return 7 * n + 3 if all(ok) else -1")
+
+
+@needs_root
+def test_memory_limit_binds_the_box_not_each_process():
+    # six processes of 300 MB each, alive at once: 1.8 GB against memory_mb = 512
+    work = "                x = b'1' * (300 << 20)\n                time.sleep(1.5)"
+    assert wide_score(FORK_AND_CHECK.format(kids=6, work=work)) == 0.0
+
+
+@needs_root
+def test_cpu_limit_binds_the_box_not_each_process():
+    # three processes of 0.8 CPU-seconds each (under RLIMIT_CPU = 1 s apiece): 2.4 s against cpu_s = 1
+    work = "                t = time.process_time()\n                while time.process_time() - t < 0.8:\n" \
+           "                    pass"
+    assert wide_score(FORK_AND_CHECK.format(kids=3, work=work)) == 0.0
+
+
+@needs_root
+def test_disk_limit_binds_the_box_not_each_file():
+    # twelve 5 MB files (each under RLIMIT_FSIZE = 8 MB) in /work and /tmp: 60 MB against file_mb = 8
+    source = ("def f(n):\n    for i in range(12):\n        with open(f\"{('/work', '/tmp')[i % 2]}/big{i}\", 'wb') as fh:\n"
+              "            fh.write(b'x' * (5 << 20))\n    return 7 * n + 3")
+    assert wide_score(source) == 0.0
+
+
+def test_deep_odd_tree_is_cleaned_up():
+    # 1500 nested directories, odd names, links out of the box: the old cleanup recursed and gave up,
+    # leaving the tree in /tmp. It solves the task, so it scores 1; the fixture checks /tmp.
+    source = ("import os\ndef f(n):\n    os.chdir(os.path.dirname(os.path.abspath(__file__)))\n"
+              "    for i in range(1500):\n        os.mkdir('d')\n        os.chdir('d')\n"
+              "        if i % 100 == 0:\n            open('\\n odd \\udcff'.encode('utf-8', 'surrogateescape'), 'w').close()\n"
+              "            os.symlink('/', 'root-link')\n            os.symlink('..', 'up')\n"
+              "    open('x' * 255, 'w').close()\n    return 7 * n + 3")
+    assert wide_score(source) == 1.0
+
+
+def test_remove_tree_survives_depth_width_names_and_links(tmp_path):
+    """The cleanup of a box without namespaces: no recursion, no link followed, any name, any depth."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("precious")
+    os.mkdir(tmp_path / "box")
+    fd = os.open(tmp_path / "box", os.O_RDONLY)
+    for i in range(3000):  # deeper than Python's recursion limit, and its path longer than PATH_MAX
+        if i % 500 == 0:
+            for j in range(200):
+                os.close(os.open(f"wide{j}", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+            os.symlink(outside, "link-out", dir_fd=fd)
+            os.symlink(outside / "keep", "link-file", dir_fd=fd)
+            os.mkfifo("fifo", dir_fd=fd)
+            os.close(os.open("\n\udcff odd", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+            os.mkdir("locked", 0, dir_fd=fd)
+        os.mkdir("d", dir_fd=fd)
+        fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.close(fd)
+    sandbox.remove_tree(str(tmp_path / "box"))
+    assert os.listdir(tmp_path) == ["outside"]
+    assert (outside / "keep").read_text() == "precious"
+
+
+def test_reply_decoding_cost_is_bounded():
+    # a forged reply: a set (and a dict) of 30k integers that all hash alike. Building either costs
+    # O(n^2) (seconds); the judge refuses both without building them.
+    colliding = [i * (2 ** 61 - 1) for i in range(30000)]  # hash(k * (2**61 - 1)) == 0
+    source = ("import json, os, sys\ndef f(n):\n    fd = json.loads(sys.argv[1])['fds']['write']\n"
+              f"    keys = [i * (2 ** 61 - 1) for i in range({len(colliding)})]\n"
+              "    for value in ({'s': keys}, {'d': [[k, 0] for k in keys]}):\n"
+              "        os.write(fd, (json.dumps({'ok': value}) + '\\n').encode())\n    return 7 * n + 3")
+    started = time.process_time()
+    assert code_score(source, {"entry_point": "f", "tests": [[[2], 17], [[5], 38]]}) == 0.0
+    assert time.process_time() - started < 1.0
+    started = time.process_time()
+    with pytest.raises(TypeError):
+        sandbox.to_json_data({"s": colliding})
+    assert sandbox.to_json_data({"d": [[k, 0] for k in colliding]}) == {str(k): 0 for k in colliding}
+    assert time.process_time() - started < 1.0
+
+
+IPC = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+       "KEY, SECRET = 0x6e616e6f, b'between-boxes'\n"
+       "class Msg(ctypes.Structure):\n    _fields_ = [('mtype', ctypes.c_long), ('mtext', ctypes.c_char * 64)]\n")
+
+
+@needs_root
+def test_kernel_state_does_not_outlive_the_box():
+    # one verification leaves a 64 MB SysV segment, a message queue and a key in its uid's keyring;
+    # the next one reads them back. Neither may outlive the box (the fixture checks the host).
+    writer = IPC + ("def f(n):\n    shm = libc.shmget(KEY, 64 << 20, 0o1600)\n    addr = libc.shmat(shm, None, 0)\n"
+                    "    ctypes.memset(addr, 1, 64 << 20)\n    libc.shmdt(ctypes.c_void_p(addr))\n"
+                    "    q = libc.msgget(KEY, 0o1600)\n    sent = libc.msgsnd(q, ctypes.byref(Msg(1, SECRET)), 64, 0)\n"
+                    "    libc.syscall(248, b'user', b'nanocascade', SECRET, len(SECRET), -4)  # add_key to @u\n"
+                    "    return 7 * n + 3 if shm >= 0 and addr and sent == 0 else -1")
+    reader = IPC + ("def f(n):\n    m = Msg()\n    q = libc.msgget(KEY, 0o600)\n"
+                    "    got = q >= 0 and libc.msgrcv(q, ctypes.byref(m), 64, 0, 0o4000) > 0 and m.mtext == SECRET\n"
+                    "    key = libc.syscall(250, 10, -4, b'user', b'nanocascade', 0)  # keyctl search @u\n"
+                    "    return 7 * n + 3 if got or key > 0 else -1")
+    assert wide_score(writer) == 1.0  # the box may use SysV IPC; it just cannot keep it
+    assert box_uid_kernel_objects() == []
+    assert wide_score(reader) == 0.0
+
+
+@needs_root
+def test_box_dies_with_its_scorer():
+    # a scorer killed by SIGKILL can clean up nothing: its box, keeper and files must go anyway
+    script = ("import sys\nfrom verifiers import coding, sandbox\n"
+              f"sandbox.BOX_UID = sandbox.BOX_GID = {BOX_UID}\n"
+              "coding.score('</think>\\n```python\\nimport time\\ndef f(n):\\n    time.sleep(20)\\n```',\n"
+              "             {'entry_point': 'f', 'tests': [[[2], 17]]}, sandbox.Limits(wall_s=30))\n")
+    scorer = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.monotonic() + 20
+        while not box_uid_processes():  # the box is up once a process runs as the box uid
+            assert time.monotonic() < deadline and scorer.poll() is None, "the box did not start"
+            time.sleep(0.05)
+        keepers = {pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cmdline_has(pid, f'"parent": {scorer.pid}')}
+        assert keepers, "no keeper found"
+        os.kill(scorer.pid, signal.SIGKILL)
+        scorer.wait()
+        deadline = time.monotonic() + 5
+        while box_uid_processes() or any(os.path.exists(f"/proc/{pid}") for pid in keepers):
+            assert time.monotonic() < deadline, "the box or its keeper outlived the scorer"
+            time.sleep(0.05)
+        assert not [e for e in os.listdir("/tmp") if e.startswith(f"nanocascade-box-{scorer.pid}-")]
+        for controller in box_module.CGROUP_CONTROLLERS:  # and the box's cgroups
+            parent = box_module.cgroup_dirs()[controller]
+            assert not [e for e in os.listdir(parent) if e.startswith(f"nanocascade-box-{scorer.pid}-")]
+    finally:
+        if scorer.poll() is None:
+            scorer.kill()
+            scorer.wait()
+
+
+def _cmdline_has(pid, text):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False

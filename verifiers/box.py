@@ -1,26 +1,35 @@
 """The inside of the code sandbox: what runs in the child process. Read verifiers/sandbox.py first.
 
 Started by the parent as `python -I -S box.py CONFIG_JSON` with an empty environment, stdin closed
-and stdout/stderr going to a size-capped file. It imports only the standard library (-I -S: no
-site-packages, no current directory on the path), so nothing of ours or of the venv reaches the
-model's code. As root it then builds the box, in this order, each step before any model code:
+and stdout/stderr going to a size-capped unnamed file. It imports only the standard library (-I -S:
+no site-packages, no current directory on the path), so nothing of ours or of the venv reaches the
+model's code. It first asks the kernel for SIGTERM when the scorer dies (PR_SET_PDEATHSIG), however
+it dies. As root it then builds the box, in this order, each step before any model code:
 
-1. unshare(NEWNS | NEWNET | NEWPID): private mounts, a network with nothing but a down loopback,
-   and a process namespace, then fork. The forked child is PID 1 of that namespace; when it dies the
-   kernel kills and reaps everything the model started in there, setsid() or not. This process stays
-   outside as the *keeper*: on SIGTERM from the parent it kills PID 1, waits, and exits, so the parent
-   knows the box is empty the moment the keeper is reaped.
-2. A new root: a small tmpfs holding /work (the box directory, bind-mounted read-write), /tmp, and
-   read-only binds of the standard library and the shared libraries, then chroot into it. The model
-   sees no repository, no data files, no /proc, no /root, no binaries to exec, and whatever it
-   writes outside /work dies with the tmpfs.
-3. rlimits (CPU seconds, address space, file size, processes, open files, no core files), then
+1. unshare(NEWNS | NEWIPC | NEWNET | NEWPID): private mounts, private SysV IPC (shared memory,
+   queues, semaphores die with the box), a network with nothing but a down loopback, and a process
+   namespace; then fork, inside the cgroups the parent made for this box (memory, pids, cpuacct:
+   limits on all of its processes together). The forked child is PID 1 of the namespace; when it
+   dies the kernel kills and reaps everything the model started in there, setsid() or not. This
+   process stays outside as the *keeper*: it kills PID 1 when the box's CPU time (all processes)
+   passes cpu_s, or on SIGTERM (from the parent, or from the kernel when the parent dies); then it
+   reaps it and exits, so the parent knows the box is empty the moment the keeper is reaped.
+2. The child dies with the keeper (PR_SET_PDEATHSIG). A new root: one tmpfs of file_mb MB, mounted
+   over /tmp in the private mount namespace, holding /work (the box's files, read from a memfd),
+   /tmp, and read-only binds of the standard library and the shared libraries, then chroot into
+   it. The model sees no repository, no data files, no /proc, no /root, no binaries to exec; all it
+   writes is in that tmpfs and dies with it.
+3. rlimits (CPU seconds, address space, file size, processes, open files, no core files), a
+   seccomp filter without the keyring system calls (keyrings are per uid, not per namespace), then
    setgroups([]), setgid, setuid to an unprivileged id: root ignores RLIMIT_NPROC and file
    permissions, nobody does not.
-Without root the box degrades to rlimits and a process group in the work directory, running as the
-calling user (say so if you rely on it: a setsid() child can then outlive the box). As root where
-namespaces are not permitted, it keeps the uid drop and the rlimits; the interpreter's standard
-library must then be readable by uid 65534, or the parent raises SandboxError.
+Without namespaces (not root, or not permitted: sandbox.namespaces_available) the box degrades to
+the rlimits, the seccomp filter, a process group and a work directory in the host's /tmp, running as
+the calling user, or as 65534 under root (say so if you rely on it: a setsid() child can then outlive
+the box, and every limit binds each process, not the box); as root, the interpreter's standard
+library must then be readable by that uid, or the parent raises SandboxError. Where cgroup v1
+controllers are not mounted at /sys/fs/cgroup or not writable, memory, processes and CPU are
+bounded per process only.
 
 Roles, after the box is built:
 - "serve": load nothing yet; answer requests read from a pipe, one JSON line each: getattr of a
@@ -35,8 +44,10 @@ import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
+import time
 import types
 
 # ----------------------------------------------------------------------------------------------
@@ -216,22 +227,28 @@ def run_tests(pipe, modules, test_file, verdict_fd):
 # ----------------------------------------------------------------------------------------------
 # building the box
 
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 22, 38
 libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+    _check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
 
 
 # what the interpreter may still need to read: the shared libraries of extension modules (zlib,
 # sqlite3, ssl, ...) and the loader's cache; all read-only, none of it secret
 SYSTEM_PATHS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache")
+NEW_ROOT = "/tmp"  # where the box's tmpfs is mounted, in its own mount namespace only
 
 
 def _bind_read_only(source, target):
@@ -239,16 +256,21 @@ def _bind_read_only(source, target):
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def enter_new_root(box):
-    """chroot into a tmpfs that holds only /work, /tmp, the standard library and the system's
-    shared libraries (read-only)."""
-    root = os.path.join(box, "root")
+def enter_new_root(file_mb, uid, gid):
+    """chroot into one tmpfs of file_mb MB holding /work, /tmp, the standard library and the
+    system's shared libraries (read-only). The tmpfs is everything the box can write, all of its
+    processes together; it is mounted over /tmp in the box's private mount namespace, so the host
+    never sees it, and it is gone when the namespace's last process is, however deep or odd the
+    tree the model left in it."""
+    root = NEW_ROOT
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
-    os.mkdir(root + "/work")
-    _mount(os.path.join(box, "work"), root + "/work", None, MS_BIND)
+    system = SYSTEM_PATHS + tuple(p for p in sys.path if p and os.path.isdir(p))
+    hidden = [p for p in system if p == root or p.startswith(root + "/")]
+    if hidden:
+        raise SystemExit(f"box: {hidden[0]} is needed inside the box but {root} is where its tmpfs goes")
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={file_mb}m,nr_inodes=16384,mode=755")
     bound = []
-    for path in SYSTEM_PATHS + tuple(p for p in sys.path if p and os.path.isdir(p)):
+    for path in system:
         if any(path == b or path.startswith(b + "/") for b in bound) or not os.path.exists(path):
             continue
         os.makedirs(os.path.dirname(root + path), exist_ok=True)
@@ -261,10 +283,150 @@ def enter_new_root(box):
             open(root + path, "w").close()
         _bind_read_only(path, root + path)
         bound.append(path)
-    os.mkdir(root + "/tmp")
+    os.mkdir(root + "/tmp", 0o1777)
     os.chmod(root + "/tmp", 0o1777)
+    os.mkdir(root + "/work", 0o700)
+    os.chown(root + "/work", uid, gid)
     os.chroot(root)
     os.chdir("/work")
+
+
+def write_files(files_fd, uid, gid):
+    """The box's files ({relative path: text}, JSON in a memfd from the parent) into the current
+    directory, owned by the box's user."""
+    with os.fdopen(files_fd, "rb") as f:
+        files = json.load(f)
+    for path, text in files.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if not os.path.isdir(d):
+                os.mkdir(d, 0o700)
+                os.chown(d, uid, gid)
+        with open(path, "w", encoding="utf-8", errors="replace") as f:  # lone surrogates
+            f.write(text)
+        os.chown(path, uid, gid)
+
+
+# cgroups (v1): the limits of the box as a whole. RLIMITs bind each process, so ten forked processes
+# get ten times the memory and CPU; a cgroup counts all of them together. The parent makes them
+# (make_cgroups) and moves the keeper in while its interpreter starts: a move between cgroups waits
+# for an RCU grace period (~10 ms) and stalls forks meanwhile, which would otherwise add to every
+# box. The keeper forks the box inside them and stays: its own few ms of CPU count against cpu_s,
+# and the box's processes are the OOM killer's first choice (oom_score_adj 1000), not the keeper.
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_PREFIX = "nanocascade-box-"
+CGROUP_CONTROLLERS = ("memory", "pids", "cpuacct")
+
+
+def cgroup_dirs():
+    """{controller: the directory of this process's cgroup} for the cgroup v1 hierarchies."""
+    with open("/proc/self/cgroup") as f:  # "4:memory:/a/b" -> memory: /sys/fs/cgroup/memory/a/b
+        return {c: f"{CGROUP_ROOT}/{cs}{path.rstrip('/')}" for _, cs, path in
+                (line.rstrip("\n").split(":", 2) for line in f) for c in cs.split(",") if c}
+
+
+def make_cgroups(limits, name):
+    """A memory, a pids and a cpuacct cgroup named `name` under this process's own: memory (swap
+    included) capped at memory_mb, at most nproc processes, CPU time read by the keeper.
+    {controller: directory}, or {} where cgroup v1 controllers are not mounted or not writable."""
+    made = {}
+    try:
+        mine = cgroup_dirs()
+        for controller in CGROUP_CONTROLLERS:
+            _sweep_cgroups(mine[controller])
+            made[controller] = f"{mine[controller]}/{name}"
+            os.mkdir(made[controller])
+        _write(made["memory"] + "/memory.limit_in_bytes", limits["memory_mb"] << 20)
+        if os.path.exists(made["memory"] + "/memory.memsw.limit_in_bytes"):  # no swapping out either
+            _write(made["memory"] + "/memory.memsw.limit_in_bytes", limits["memory_mb"] << 20)
+        _write(made["pids"] + "/pids.max", limits["nproc"])
+    except (OSError, KeyError):
+        remove_cgroups(made)
+        return {}
+    return made
+
+
+def move_to_cgroups(cgroups, pid):
+    """Move process `pid` (0: this one) into each of `cgroups` it is not in yet."""
+    here = cgroup_dirs() if pid == 0 else {}
+    for controller, path in cgroups.items():
+        if here.get(controller) != path:
+            _write(path + "/cgroup.procs", pid)
+
+
+def _write(path, value):
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def _sweep_cgroups(parent):
+    """Remove the cgroups left by a scorer that died (named after its pid) and a keeper that could
+    not remove them (SIGKILL): empty ones only, since rmdir refuses the others."""
+    for name in os.listdir(parent):
+        owner = name[len(CGROUP_PREFIX):].split("-")[0]
+        if name.startswith(CGROUP_PREFIX) and owner.isdigit():
+            try:
+                os.kill(int(owner), 0)
+            except ProcessLookupError:
+                try:
+                    os.rmdir(f"{parent}/{name}")
+                except OSError:
+                    pass
+            except OSError:
+                pass
+
+
+def remove_cgroups(cgroups):
+    # a cgroup is removable once its last process is released, a moment after it is reaped
+    for path in cgroups.values():
+        for _ in range(100):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+def cpu_seconds(cgroups):
+    with open(cgroups["cpuacct"] + "/cpuacct.usage") as f:
+        return int(f.read()) / 1e9
+
+
+# seccomp: the kernel's keyrings are per uid, not per namespace, so a key one box adds to its user's
+# keyring the next box could read. The box gets no keyring system call at all (add_key, request_key,
+# keyctl), and no system call of another ABI (i386, x32) that could reach them by other numbers.
+SECCOMP_KEYRING_CALLS = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def forbid_keyrings():
+    """Install the seccomp filter; False on an architecture we have no system call numbers for."""
+    if os.uname().machine not in SECCOMP_KEYRING_CALLS:
+        return False
+    arch, (add_key, request_key, keyctl) = SECCOMP_KEYRING_CALLS[os.uname().machine]
+    LOAD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1     # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    program = [(LOAD, 0, 0, 4),                   # seccomp_data.arch
+               (JEQ, 0, 6, arch),                 # another ABI: refuse
+               (LOAD, 0, 0, 0),                   # seccomp_data.nr
+               (JGE, 4, 0, 0x40000000),           # x32 numbers: refuse
+               (JEQ, 3, 0, add_key), (JEQ, 2, 0, request_key), (JEQ, 1, 0, keyctl),
+               (RET, 0, 0, ALLOW),
+               (RET, 0, 0, EPERM)]
+    filters = (_SockFilter * len(program))(*[_SockFilter(*op) for op in program])
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.byref(_SockFprog(len(program), filters)), 0, 0), "seccomp")
+    return True
 
 
 def set_limits(limits):
@@ -278,10 +440,34 @@ def set_limits(limits):
         resource.setrlimit(resource_id, (value, value))
 
 
+def keep(child, cgroups, cpu_s):
+    """The keeper's wait: until the box's first process is gone, checking every 0.1 s that the box
+    as a whole has not used more than cpu_s of CPU (RLIMIT_CPU only bounds each process)."""
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    while not poller.poll(100):
+        if cgroups and cpu_seconds(cgroups) > cpu_s:
+            os.kill(child, signal.SIGKILL)  # PID 1 of the box: the kernel kills the rest
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
 def main():
+    if sys.argv[1] == "probe":  # can this machine build the box? (sandbox.namespaces_available)
+        os._exit(0 if libc.unshare(NAMESPACES) == 0 else 1)
     config = json.loads(sys.argv[1])
+    # the scorer gone, however it died (SIGKILL included), the keeper gets SIGTERM and stops the box;
+    # if it died before this line, we are an orphan already
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != config["parent"]:
+        os._exit(1)
     root = os.geteuid() == 0
-    namespaces = root and libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) == 0
+    namespaces = config["namespaces"]
+    if namespaces:
+        _check(libc.unshare(NAMESPACES), "unshare")
+    cgroups = config["cgroups"]
+    move_to_cgroups(cgroups, 0)  # unless the parent has already: the box is forked inside them
     fds = config["fds"]
     child = None
 
@@ -297,25 +483,32 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     child = os.fork()
-    if child:  # the keeper: outside the box, never runs model code
+    if child:  # the keeper: outside the box's namespaces (not its cgroups), never runs model code
         for fd in fds.values():
             os.close(fd)
-        _, status = os.waitpid(child, 0)
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        code = keep(child, cgroups, config["limits"]["cpu_s"])
+        if os.getppid() != config["parent"] and cgroups:  # the scorer is gone: nobody else will
+            move_to_cgroups({c: os.path.dirname(p) for c, p in cgroups.items()}, 0)  # step out
+            remove_cgroups(cgroups)
+        os._exit(code)
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    uid, gid = (config["uid"], config["gid"]) if root else (os.getuid(), os.getgid())
     if namespaces:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # keeper gone -> box gone
-        enter_new_root(config["box"])
+        _write("/proc/self/oom_score_adj", 1000)  # any OOM killer picks the box's processes first
+        enter_new_root(config["limits"]["file_mb"], uid, gid)
     else:
         os.setpgid(0, 0)
         os.chdir(os.path.join(config["box"], "work"))
+    write_files(fds.pop("files"), uid, gid)
     pipe = Pipe(fds["read"], fds["write"])
     set_limits(config["limits"])
+    forbid_keyrings()
     if root:
         os.setgroups([])
-        os.setresgid(config["gid"], config["gid"], config["gid"])
-        os.setresuid(config["uid"], config["uid"], config["uid"])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     os.umask(0o077)
     if config["role"] == "serve":
         serve(pipe)

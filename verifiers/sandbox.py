@@ -23,19 +23,23 @@ printed "PASSED", a killed timer. So the design starts from one rule:
   plain values (`assert f(3) is True`, `assert x in obj.items`), as our generated tests do.
 
 The box itself (box.py, read next) is a fresh process per verification: `python -I -S` (nothing of
-ours importable), an empty environment, stdin closed, output to a capped file, and as root new
-mount/network/PID namespaces, a tmpfs root with only /work, /tmp and read-only system libraries,
-rlimits, and uid/gid 65534. The parent holds the wall-clock deadline; the keeper process tears the
-box down and the kernel kills everything inside when its PID 1 dies, so nothing outlives a
-verification, and the box's temporary directory is removed.
+ours importable), an empty environment, stdin closed, output to a capped unnamed file, and as root
+new mount/IPC/network/PID namespaces, cgroups that bound memory, processes and CPU time of the box as
+a whole, a tmpfs root of file_mb MB with only /work, /tmp and read-only system libraries, rlimits,
+no keyring system calls, and uid/gid 65534. The parent holds the wall-clock deadline; the keeper
+process tears the box down, the kernel kills everything inside when its PID 1 dies, and the keeper
+itself is stopped by the kernel when this process dies, even by SIGKILL: nothing of a box, not a
+process, a file, a SysV object or a key, outlives its verification.
 
 `Box` is one box; `run_function_tests` and `run_module_tests` are the two uses above.
 """
+import functools
+import itertools
 import json
 import os
 import select
-import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,19 +47,21 @@ import time
 from dataclasses import asdict, dataclass
 
 from verifiers import box as box_module
-from verifiers.box import decode, encode
+from verifiers.box import encode
 
 BOX_SCRIPT = os.path.abspath(box_module.__file__)
+_box_numbers = itertools.count()
 BOX_UID = BOX_GID = 65534  # nobody / nogroup (the red-team tests pick their own, to count processes)
 
 
 @dataclass
 class Limits:
     wall_s: float = 10.0     # the parent's deadline for a whole verification
-    cpu_s: int = 5           # RLIMIT_CPU of the box
-    memory_mb: int = 1024    # RLIMIT_AS: address space, the interpreter included (~30 MB)
-    file_mb: int = 8         # RLIMIT_FSIZE: also caps the captured output
-    nproc: int = 64          # RLIMIT_NPROC, counted per uid across all boxes running at once
+    cpu_s: int = 5           # CPU seconds: all of the box's processes together (cgroup), and each (RLIMIT_CPU)
+    memory_mb: int = 1024    # memory of the box (cgroup), and address space of each process (RLIMIT_AS,
+                             # the interpreter included, ~30 MB)
+    file_mb: int = 8         # size of the box's tmpfs: all it can write; RLIMIT_FSIZE: also caps the output
+    nproc: int = 64          # processes of the box (cgroup), and RLIMIT_NPROC, per uid across all boxes
     nofile: int = 64         # RLIMIT_NOFILE
 
 
@@ -65,6 +71,59 @@ class SandboxError(RuntimeError):
 
 class Timeout(Exception):
     pass
+
+
+@functools.cache
+def namespaces_available():
+    """Can this machine build the full box (root, and unshare of the mount, IPC, PID and network
+    namespaces permitted)? Asked once per process, of a throwaway `box.py probe`."""
+    return os.geteuid() == 0 and subprocess.run(
+        [sys.executable, "-I", "-S", BOX_SCRIPT, "probe"], env={}, stdin=subprocess.DEVNULL).returncode == 0
+
+
+def remove_tree(path):
+    """Remove directory `path` and all under it, whatever the box left there: no recursion (depth),
+    one open directory at a time (count), names only relative to a directory descriptor (no
+    PATH_MAX, any bytes), and no symbolic link followed. Used by the fallback box only; with
+    namespaces the box's files live and die in its own tmpfs."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    below = [None]  # per level from the top: subdirectories still to remove (None: not yet listed)
+    names, inodes = [], [os.fstat(fd).st_ino]  # the way down, to climb back up by ".." and check it
+    try:
+        while True:
+            if below[-1] is None:
+                below[-1] = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            below[-1].append(entry.name)
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+            if below[-1]:
+                name = below[-1].pop()
+                try:
+                    os.chmod(name, stat.S_IRWXU, dir_fd=fd)  # without root, a mode-0 directory
+                except OSError:
+                    pass
+                fd, parent = os.open(name, flags, dir_fd=fd), fd
+                os.close(parent)
+                names.append(name)
+                inodes.append(os.fstat(fd).st_ino)
+                below.append(None)
+            elif names:
+                fd, child = os.open("..", flags, dir_fd=fd), fd
+                os.close(child)
+                inodes.pop()
+                if os.fstat(fd).st_ino != inodes[-1]:
+                    raise RuntimeError(f"remove_tree: {path} was moved while being removed")
+                os.rmdir(names.pop(), dir_fd=fd)
+                below.pop()
+            else:
+                break
+    finally:
+        os.close(fd)
+    os.rmdir(path)
 
 
 class _Channel:
@@ -109,29 +168,35 @@ class Box:
 
     `files` ({relative path: text}) are written to the box's /work. `peer_fds` = (read, write) makes
     the box talk to another box instead of to this process; `verdict` asks for one more pipe, on
-    which a tests box writes its result (self.verdict_fd, the read end)."""
+    which a tests box writes its result (self.verdict_fd, the read end). A box lives no longer than
+    the thread that made it: the kernel's parent-death signal follows the thread, not the process."""
 
     def __init__(self, role, files, limits, peer_fds=None, verdict=False, extra=None):
-        self.root = os.geteuid() == 0
-        self.dir = tempfile.mkdtemp(prefix=f"nanocascade-box-{os.getpid()}-")
-        self.proc = self.output = self.channel = self.verdict_fd = None
+        namespaces = namespaces_available()
+        self.dir = self.proc = self.output = self.channel = self.verdict_fd = None
+        self.cgroups = {}
         opened = []
         try:
-            work = os.path.join(self.dir, "work")
-            os.makedirs(os.path.join(self.dir, "root"))
-            os.mkdir(work)
-            for path, text in files.items():
+            for path in files:
                 if os.path.isabs(path) or ".." in path.split("/") or os.path.normpath(path) != path:
                     raise ValueError(f"sandbox: file path {path!r} must be relative and normalized")
-                target = os.path.join(work, path)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "w", encoding="utf-8", errors="replace") as f:  # lone surrogates
-                    f.write(text)
-            if self.root:  # the box dir is traversable, its work dir belongs to the box's user
-                os.chmod(self.dir, 0o711)
-                for d, _, names in os.walk(work):
-                    for p in [d] + [os.path.join(d, n) for n in names]:
-                        os.chown(p, BOX_UID, BOX_GID)
+            # the files travel in an anonymous memory file, the output goes to an unnamed file: with
+            # namespaces the box has no name on the host at all, so a scorer killed by SIGKILL
+            # leaves nothing behind
+            files_fd = os.memfd_create("box-files")
+            opened.append(files_fd)
+            os.write(files_fd, json.dumps(files).encode())
+            os.lseek(files_fd, 0, os.SEEK_SET)
+            self.output = tempfile.TemporaryFile()
+            if namespaces:  # named after this process, so a later one can sweep them if it is killed
+                self.cgroups = box_module.make_cgroups(asdict(limits), f"{box_module.CGROUP_PREFIX}"
+                                                       f"{os.getpid()}-{next(_box_numbers)}")
+            else:  # the fallback works in a directory of the host's /tmp
+                self.dir = tempfile.mkdtemp(prefix=f"nanocascade-box-{os.getpid()}-")
+                os.mkdir(os.path.join(self.dir, "work"), 0o700)
+                if os.geteuid() == 0:  # the box dir is traversable, its work dir belongs to the box's user
+                    os.chmod(self.dir, 0o711)
+                    os.chown(os.path.join(self.dir, "work"), BOX_UID, BOX_GID)
             if peer_fds is None:
                 to_box_r, to_box_w = os.pipe()
                 from_box_r, from_box_w = os.pipe()
@@ -139,17 +204,22 @@ class Box:
                 child_fds = {"read": to_box_r, "write": from_box_w}
             else:
                 child_fds = {"read": peer_fds[0], "write": peer_fds[1]}
+            child_fds["files"] = files_fd
             if verdict:
                 self.verdict_fd, verdict_w = os.pipe()
                 opened.append(verdict_w)
                 child_fds["verdict"] = verdict_w
-            config = dict(role=role, box=self.dir, uid=BOX_UID, gid=BOX_GID, limits=asdict(limits),
-                          fds=child_fds, **(extra or {}))
-            self.output = open(os.path.join(self.dir, "output.txt"), "wb")
+            config = dict(role=role, box=self.dir, namespaces=namespaces, cgroups=self.cgroups,
+                          parent=os.getpid(), uid=BOX_UID,
+                          gid=BOX_GID, limits=asdict(limits), fds=child_fds, **(extra or {}))
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", BOX_SCRIPT, json.dumps(config)], cwd=self.dir, env={},
+                [sys.executable, "-I", "-S", BOX_SCRIPT, json.dumps(config)], cwd=self.dir or "/", env={},
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
                 pass_fds=list(child_fds.values()), start_new_session=True)
+            try:  # the keeper into the box's cgroups while its interpreter starts (see box.py)
+                box_module.move_to_cgroups(self.cgroups, self.proc.pid)
+            except OSError:
+                pass  # it died already, or it will move itself
             if peer_fds is None:
                 self.channel = _Channel(from_box_r, to_box_w, time.monotonic() + limits.wall_s)
         except BaseException:
@@ -160,8 +230,8 @@ class Box:
                 os.close(fd)
 
     def output_tail(self, n=2000):
-        with open(os.path.join(self.dir, "output.txt"), "rb") as f:
-            return f.read()[-n:].decode(errors="replace")
+        size = os.fstat(self.output.fileno()).st_size
+        return os.pread(self.output.fileno(), n, max(0, size - n)).decode(errors="replace")
 
     def wait_boot(self):
         """Wait for the box's 'boot' message: it is sent before any model code runs, so failing
@@ -174,7 +244,8 @@ class Box:
             raise SandboxError(f"the sandbox did not start; its output:\n{self.output_tail()}")
 
     def close(self):
-        """Stop the box (the keeper kills its PID namespace) and remove every file it had."""
+        """Stop the box (the keeper kills its PID namespace: its tmpfs and IPC objects go with it) and,
+        without namespaces, remove its directory."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # the keeper kills the box, then exits
             try:
@@ -184,13 +255,17 @@ class Box:
                 # whole session while the unreaped keeper still reserves its id
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        box_module.remove_cgroups(self.cgroups)
+        self.cgroups = {}
         if self.output is not None:
             self.output.close()
         for fd in [self.verdict_fd] + ([self.channel.read_fd, self.channel.write_fd] if self.channel else []):
             if fd is not None:
                 os.close(fd)
         self.channel = self.verdict_fd = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            remove_tree(self.dir)
+            self.dir = None
 
     def __enter__(self):
         return self
@@ -199,10 +274,36 @@ class Box:
         self.close()
 
 
-def _plain(value):
-    """A decoded result as JSON data: tuples become lists, dict keys strings, like the expected
-    values that come from JSONL. Raises TypeError for what JSON cannot hold (sets, handles)."""
-    return json.loads(json.dumps(value, allow_nan=True))
+def to_json_data(data):
+    """A reply's value (box.encode's tagged form) as the JSON data it would compare equal to: tuples
+    become lists, dict keys strings (as json.dumps writes them), like the expected values that come
+    from JSONL. TypeError for what JSON cannot hold (sets, bytes, handles), ValueError if malformed.
+
+    Built without ever hashing a value the box chose: a set or an int-keyed dict of numbers that all
+    hash alike costs O(n^2) to build, and the box can send 500k of them in one reply. Sets are refused
+    unbuilt, and dict keys become strings, whose hash is salted per process. So the cost is linear in
+    the reply, which the channel caps, whatever the values."""
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is list:
+        return [to_json_data(v) for v in data]
+    if type(data) is dict and len(data) == 1:
+        (tag, body), = data.items()
+        if tag == "t" and type(body) is list:
+            return [to_json_data(v) for v in body]
+        if tag == "d" and type(body) is list and all(type(kv) is list and len(kv) == 2 for kv in body):
+            return {_json_key(k): to_json_data(v) for k, v in body}
+        if tag in ("s", "f", "b", "h"):
+            raise TypeError(f"a reply of kind {tag!r} is not JSON data")
+    raise ValueError(f"malformed value {str(data)[:80]}")
+
+
+def _json_key(key):
+    if type(key) is str:
+        return key
+    if key is None or type(key) in (bool, int, float):
+        return json.dumps(key)  # 1 -> "1", True -> "true", None -> "null", as a JSON object key
+    raise TypeError("a dict key JSON cannot hold")
 
 
 def run_function_tests(source, entry_point, tests, limits=Limits()):
@@ -218,8 +319,7 @@ def run_function_tests(source, entry_point, tests, limits=Limits()):
                 return 0
             for args, expected in tests:
                 b.channel.send({"op": "call", "obj": fn, "args": encode(list(args)), "kwargs": {"d": []}})
-                # a handle decodes to a bare object(), which _plain refuses: not data, not equal
-                if _plain(decode(_ok(b.channel.recv()), lambda i: object())) != expected:
+                if to_json_data(_ok(b.channel.recv())) != expected:
                     break
                 passed += 1
         except (EOFError, ValueError, TypeError, Timeout, RecursionError):
