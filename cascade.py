@@ -54,6 +54,7 @@ import torch.distributed as dist
 import data
 import grpo
 import mopd
+import report
 import rl
 import rlhf
 import sft
@@ -70,7 +71,7 @@ TOP_KEYS = {"name": str, "model": str, "init": str, "data": str, "build": dict, 
             "fsdp": bool, "eval": dict, "stage": list}
 EVAL_KEYS = {"limit": int, "max_new_tokens": int, "thinking": bool, "domains": list}
 BUILD_KEYS = {"preset": str, "sizes": dict, "vocab_size": int, "doc_lines": int}  # data.build's arguments
-STAGE_KEYS = {"name": str, "script": str, "args": dict}
+STAGE_KEYS = {"name": str, "script": str, "args": dict, "control": dict}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
 SET_BY_CASCADE = {"init", "out", "data", "teachers", "config", "device", "fsdp", "seed"}  # the cascade sets these
 
@@ -183,6 +184,19 @@ def load_recipe(path, steps_scale=1.0):
                     mopd.check_window(st["ns"])
             except ValueError as e:
                 bad(f"{where}{e}")
+        if "control" in st:   # MOPD's GRPO control: MOPD's arguments that grpo.py has, then its own
+            if st["script"] != "mopd" or not st["ns"].eval_every:
+                bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
+            grpo_parser = grpo.build_parser()
+            grpo_parser.exit_on_error, grpo_parser.allow_abbrev = False, False
+            shared = {k: v for k, v in args.items() if k in vars(grpo_parser.parse_known_args(wired[:6])[0])}
+            st["control_argv"] = to_argv({**shared, **st["control"]})
+            try:
+                _, unknown = grpo_parser.parse_known_args(wired[:6] + st["control_argv"])
+            except argparse.ArgumentError as e:
+                bad(f"{where}control: {e}")
+            if unknown:
+                bad(f"{where}control: {' '.join(unknown)!r} is not an argument of grpo.py")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -200,19 +214,20 @@ def eval_columns(settings):
 
 
 def evaluate(ckpt, data_dir, settings, dd):
-    """-> {"scores": {column: mean}, "chat_judge": [judge score per chat prompt], ...}: rl.evaluate
-    (greedy, the multi-turn tool loop of training) on each column's prompts, one batch per column
-    (similar lengths, less padding)."""
+    """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge":
+    [judge score per chat prompt], ...}: rl.evaluate (greedy, the multi-turn tool loop of training)
+    on each column's prompts, one batch per column (similar lengths, less padding). Every prompt's
+    score is kept: the report compares stages prompt by prompt (report.py)."""
     t0 = time.time()
     tok, engine = data.load_tokenizer(ckpt), Engine(load_checkpoint(ckpt, device=dd.device)[0])
-    out = {"scores": {}, "chat_judge": None, "checkpoint": ckpt}
+    out = {"scores": {}, "per_prompt": {}, "chat_judge": None, "checkpoint": ckpt}
     for column, domain, thinking in eval_columns(settings):
         rows = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl", domain)[:settings["limit"]]
         scores = rl.evaluate(engine, tok, [dict(r, thinking=thinking) for r in rows], settings["max_new_tokens"], dd)
         if column == "chat":
             out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
         else:
-            out["scores"][column] = sum(scores) / max(1, len(scores))
+            out["scores"][column], out["per_prompt"][column] = sum(scores) / max(1, len(scores)), scores
     engine.release()
     return {**out, "eval_s": round(time.time() - t0, 1)}
 
@@ -230,6 +245,18 @@ def table(rows, order, reference):
         ref = rows.get(reference, {}).get("chat_judge")
         if rows[name]["chat_judge"] is not None and ref is not None:
             out[name]["chat"] = win_rate(rows[name]["chat_judge"], ref)
+    return out
+
+
+def per_prompt_table(rows, order, reference):
+    """{row name: {column: [per-prompt score]}}, chat as each prompt's verdict against `reference`
+    (1 win, 1/2 tie, 0 loss): table()'s numbers, prompt by prompt, for report.py's statistics."""
+    out = {}
+    for name in [n for n in order if n in rows]:
+        out[name] = dict(rows[name].get("per_prompt", {}))
+        ref = rows.get(reference, {}).get("chat_judge")
+        if rows[name]["chat_judge"] is not None and ref is not None:
+            out[name]["chat"] = verifiers.chat.wins(rows[name]["chat_judge"], ref)
     return out
 
 
@@ -429,22 +456,30 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
                     "--device", recipe["device"]]
             argv += ["--fsdp"] if recipe.get("fsdp") else []
+            curves = []   # held-out scores every --eval_every steps: the table's prompts, in its chat mode
             if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
                 best = teacher_registry(rows, candidates[:candidates.index(name)], ref)
                 wanted = st["ns"].domains.split(",")
                 if set(wanted) - set(best):
                     raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
+                before = table(rows, order, ref)[order[i]]   # the stage before this one (its row)
+                behind = [d for d in wanted if before[d] < best[d]["score"]] or wanted   # what MOPD must recover
+                curves = ["--eval_prompts", str(settings["limit"]), "--eval_domains", ",".join(behind),
+                          "--eval_thinking", "on" if settings["thinking"] else "off"] if st["ns"].eval_every else []
             if not finished and is_main():   # what it runs with, for note_changed_args
                 os.makedirs(out, exist_ok=True)
                 write_json(os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]})
             print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()
-            summary = SCRIPTS[st["script"]].main(argv + st["argv"])
+            summary = SCRIPTS[st["script"]].main(argv + st["argv"] + curves)
             stage_s = None if finished else round(time.time() - t0, 1)   # (a resumed stage: its last run)
             kill_point(f"stage_returned:{name}")
+            extra = {}
+            if "control" in st:   # a comparison, not a stage: the next stage starts from MOPD's final
+                extra["control"] = run_control(st, argv, curves, run, best, table(rows, order, ref)[order[i]])
             record(name, final, {**evaluate(final, data_dir, settings, dd), "stage_s": stage_s,
-                                 "summary": summary or {}})
+                                 "summary": summary or {}, **extra})
         prev = final
     if is_main():
         write_report(run, recipe, settings, rows, order, ref, candidates)
@@ -452,42 +487,64 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     return table(rows, order, ref)
 
 
+def run_control(st, argv, curves, run, best, before):
+    """The paper's efficiency claim, measured: GRPO from MOPD's own start, on the same prompts (same
+    --seed, --domains, --mix, --prompts_per_step) for the same steps, scored on the same held-out
+    prompts every --eval_every steps. RUN/controls/<stage> is not in the cascade: nothing starts from
+    it and no teacher comes from it. -> each domain's start, teacher, and both held-out curves."""
+    out = os.path.join(run, "controls", st["name"])
+    control = [a if a != os.path.join(run, "stages", st["name"]) else out for a in argv[:argv.index("--teachers")]]
+    print0(f"=== control of {st['name']}: python grpo.py {' '.join(control + st['control_argv'] + curves)}")
+    t0 = time.time()
+    grpo.main(control + st["control_argv"] + curves)
+    domains = curves[curves.index("--eval_domains") + 1].split(",")
+    return {"domains": domains, "start": {d: before[d] for d in domains},
+            "teacher": {d: best[d]["score"] for d in domains}, "control_s": round(time.time() - t0, 1),
+            "mopd": heldout_curves(os.path.join(run, "stages", st["name"]), domains, before),
+            "grpo": heldout_curves(out, domains, before)}
+
+
+def heldout_curves(out, domains, before):
+    """{domain: [[updates done, held-out score], ...]} from a stage's metrics (eval/<domain> in the row
+    of step s is the score after s + 1 updates), starting at the table's score of the stage before."""
+    log = read_metrics(os.path.join(out, "metrics.jsonl"))
+    return {d: [[0, before[d]]] + [[r["step"] + 1, r[f"eval/{d}"]] for r in log if f"eval/{d}" in r] for d in domains}
+
+
 # ----------------------------------------------------------------------------------------------
 # The report: the stage x domain table, wall times, teachers, PNG curves where matplotlib is
 
 
 def write_report(run, recipe, settings, rows, order, ref, candidates):
-    scores, cols = table(rows, order, ref), [c for c, _, _ in eval_columns(settings)]
-    values = {c: [s[c] for s in scores.values() if c in s] for c in cols}
-    best = {c: max(v) for c, v in values.items() if v and max(v) > min(v)}  # a flat column has none
-    lines = [f"# nanocascade: {recipe['name']}", "",
-             f"Held-out score per domain after each stage: greedy decoding, {settings['limit']} prompts "
-             f"per domain, math with and without thinking, chat = the hidden judge's win rate against "
-             f"`{ref}`. **Bold**: the best in its column (when there is one).", "",
-             "| stage | " + " | ".join(cols) + " | stage s | eval s |", "|---" * (len(cols) + 3) + "|"]
-    for name, s in scores.items():
-        cells = ["-" if c not in s else f"**{s[c]:.3f}**" if s[c] == best.get(c) else f"{s[c]:.3f}" for c in cols]
-        lines.append(f"| {name} | {' | '.join(cells)} | {rows[name].get('stage_s') or '-'} | {rows[name]['eval_s']} |")
-    total = sum((r.get("stage_s") or 0) + r["eval_s"] for r in rows.values())
-    lines += ["", f"Stages and evaluations took {total / 60:.1f} min in all (a resumed stage counts its last "
-              "run only). Teachers, the best checkpoint per domain (ties keep the earlier): " + ", ".join(
-                  f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
+    per_prompt, cols = per_prompt_table(rows, order, ref), [c for c, _, _ in eval_columns(settings)]
+    total = sum((r.get("stage_s") or 0) + r["eval_s"] + r.get("control", {}).get("control_s", 0) for r in rows.values())
+    times = ["| stage | stage s | eval s |", "|---|---|---|"] + [
+        f"| {name} | {rows[name].get('stage_s') or '-'} | {rows[name]['eval_s']} |" for name in per_prompt]
+    lines = [*times, "", f"Stages, controls and evaluations took {total / 60:.1f} min in all (a resumed stage counts "
+             "its last run only). Teachers, the best checkpoint per domain (ties keep the earlier): " + ", ".join(
+                 f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
+    for name in [n for n in order if "control" in rows.get(n, {})]:
+        lines += report.control_lines(name, rows[name]["control"])
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        lines += plot_curves(plt, run, recipe["stage"], rows, scores, candidates, ref)
+        lines += plot_curves(plt, run, recipe["stage"], rows, table(rows, order, ref), candidates, ref)
     except ImportError:
         lines.append("(matplotlib is not installed: no PNG curves)")
-    with open(os.path.join(run, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    intro = (f"Held-out score per domain after each stage (mean ± standard error over {settings['limit']} "
+             f"prompts per domain): greedy decoding, math with and without thinking, chat = the hidden "
+             f"judge's win rate against `{ref}` (a tie counts 1/2).")
+    report.write_report(run, f"nanocascade: {recipe['name']}", intro, per_prompt, cols, lines)
 
 
 def plot_curves(plt, run, stages, rows, scores, candidates, ref):
     """curves.png: each stage's training reward per domain (SFT: its loss), then each MOPD stage's
-    held-out score per domain next to its teachers' and its starting point's."""
+    held-out score per domain next to its teachers' and its starting point's, then MOPD's held-out
+    curves against its GRPO control's."""
     mopds = [i for i, st in enumerate(stages) if st["script"] == "mopd" and st["name"] in scores]
-    n = len(stages) + len(mopds)
+    controls = [i for i in mopds if "control" in rows[stages[i]["name"]]]
+    n = len(stages) + len(mopds) + len(controls)
     fig, axes = plt.subplots((n + 3) // 4, min(4, n), figsize=(12, 2.6 * ((n + 3) // 4)), squeeze=False)
     for ax, st in zip(axes.flat, stages):
         path = os.path.join(run, "stages", st["name"], "metrics.jsonl")
@@ -505,6 +562,15 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
             ax.bar([j + 0.27 * (k - 1) for j in range(len(doms))], [s[d] for d in doms], 0.27, label=name)
         ax.set_xticks(range(len(doms)), doms, fontsize=7)
         ax.set_title(f"{stages[i]['name']} against its teachers (held-out)", fontsize=9)
+        ax.legend(fontsize=5)
+    for ax, i in zip(axes.flat[len(stages) + len(mopds):], controls):   # MOPD against its GRPO control
+        ctl = rows[stages[i]["name"]]["control"]
+        for d, color in zip(ctl["domains"], "bgrcmyk"):
+            for method, style in (("mopd", "-"), ("grpo", "--")):
+                ax.plot(*zip(*ctl[method][d]), style, color=color, marker="o", ms=2, lw=1, label=f"{d} {method}")
+            ax.axhline(0.9 * ctl["teacher"][d], color=color, lw=0.5, ls=":")
+        ax.set_title(f"{stages[i]['name']} vs GRPO (held-out; dotted: 90% of teacher)", fontsize=8)
+        ax.set_xlabel("updates", fontsize=7)
         ax.legend(fontsize=5)
     for ax in axes.flat[n:]:
         ax.axis("off")

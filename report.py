@@ -70,6 +70,22 @@ def change_table(scores, cols, z_mark=3.0):
     return lines
 
 
+def control_lines(name, ctl):
+    """The MOPD-vs-GRPO table: for each domain MOPD must recover, its start and teacher scores and
+    the updates each method needed to reach 90% of the teacher (the paper's claim: MOPD, far fewer)."""
+    lines = [f"MOPD stage `{name}` against its GRPO control (same start, prompts and steps; held-out "
+             f"score after n updates):", "",
+             "| domain | start | teacher | 90% | MOPD reaches it at | GRPO reaches it at | MOPD curve | GRPO curve |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in ctl["domains"]:
+        target = 0.9 * ctl["teacher"][d]
+        at = [steps_to_reach(ctl[m][d], target) for m in ("mopd", "grpo")]
+        curve = [" ".join(f"{s}:{fmt(v)}" for s, v in ctl[m][d]) for m in ("mopd", "grpo")]
+        lines.append(f"| {d} | {fmt(ctl['start'][d])} | {fmt(ctl['teacher'][d])} | {fmt(target)} | "
+                     + " | ".join("not reached" if s is None else str(s) for s in at) + f" | {curve[0]} | {curve[1]} |")
+    return lines + [""]
+
+
 def write_report(path, title, intro, scores, cols, extra_lines=()):
     """report.md: the scores with SEs, the paired changes, then what the caller adds (timings, the
     teacher registry, the MOPD-vs-control curves)."""

@@ -53,7 +53,7 @@ def toy_run(model, domains=DOMAINS):
                   domains=list(domains), mix=[], bf16=False, logger=None)
 
 
-ARGS = argparse.Namespace(micro_batch=2, epochs=1, clip_low=0.2, clip_high=0.28, freeze_router=True,
+ARGS = argparse.Namespace(out="toy", micro_batch=2, epochs=1, clip_low=0.2, clip_high=0.28, freeze_router=True,
                           temperature=1.0, grad_clip=0.0, mismatch_low=0.0, mismatch_high=1e9)
 
 

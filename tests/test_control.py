@@ -1,0 +1,78 @@
+"""MOPD's GRPO control (cascade.py, a MOPD stage's `control` table): it starts where MOPD starts, draws
+the same prompts for the same steps, is scored on the same held-out prompts, and stays out of the
+cascade: no row in the table, no teacher, and the next stage starts from MOPD's checkpoint."""
+import json
+
+import pytest
+
+import cascade
+import grpo
+import mopd
+import report
+from test_cascade import CONFIG, write_recipe
+from test_run_dir import RL, data_dir  # noqa: F401  (a module fixture: the small built-in data)
+
+
+def control_recipe(path, data_dir, **mopd_args):
+    return write_recipe(path, {
+        "model": CONFIG, "data": data_dir, "device": "cpu",
+        "eval": {"limit": 2, "max_new_tokens": 4, "domains": ["math", "if"]},
+        "stage": [{"name": "sft", "script": "sft", "args": {"steps": 2, "batch_size": 2, "seq_len": 256}},
+                  {"name": "rl", "script": "grpo", "args": dict(RL, steps=1, domains=["if"])},
+                  {"name": "mopd", "script": "mopd", "args": dict(RL, steps=2, domains=["math", "if"], **mopd_args),
+                   "control": {"lr": 1e-3, "group_size": 2}},
+                  {"name": "after", "script": "grpo", "args": dict(RL, steps=1)}]})
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  # noqa: F811
+    calls = {"grpo": [], "mopd": []}
+    real_grpo, real_mopd = grpo.main, mopd.main
+    monkeypatch.setattr(grpo, "main", lambda argv: calls["grpo"].append(argv) or real_grpo(argv))
+    monkeypatch.setattr(mopd, "main", lambda argv: calls["mopd"].append(argv) or real_mopd(argv))
+    run = tmp_path / "run"
+    table = cascade.main(["--recipe", control_recipe(tmp_path / "r.toml", data_dir, eval_every=1), "--run_dir", str(run)])
+
+    (m,), (rl, control, after) = calls["mopd"], calls["grpo"]
+    assert flag(control, "--out") == str(run / "controls" / "mopd")
+    for name in ("--init", "--seed", "--domains", "--steps", "--prompts_per_step", "--max_new_tokens",
+                 "--eval_every", "--eval_prompts", "--eval_domains", "--eval_thinking"):
+        assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
+    assert flag(control, "--lr") == "0.001" and "--teachers" not in control
+    assert flag(m, "--init") == str(run / "stages" / "rl" / "final")
+    assert flag(after, "--init") == str(run / "stages" / "mopd" / "final")   # the cascade goes on from MOPD
+
+    rows = json.loads((run / "eval.json").read_text())["rows"]
+    assert list(rows) == list(table) == ["start", "sft", "rl", "mopd", "after"]   # no row for the control
+    registry = json.loads((run / "teachers.json").read_text())
+    assert all("controls" not in t["checkpoint"] for t in registry.values())
+    ctl = rows["mopd"]["control"]
+    for d in ctl["domains"]:
+        assert ctl["start"][d] == table["rl"][d]   # both curves start at the table's score of the stage before
+        for method in ("mopd", "grpo"):
+            assert [s for s, _ in ctl[method][d]] == [0, 1, 2]   # --eval_every 1, 2 steps
+            assert ctl[method][d][0][1] == table["rl"][d]
+        assert ctl["mopd"][d][-1][1] == table["mopd"][d]   # MOPD's last point is its row in the table
+    assert "against its GRPO control" in (run / "report.md").read_text()
+
+
+def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: F811
+    with pytest.raises(cascade.RecipeError, match="control: only for a mopd stage whose args set eval_every"):
+        cascade.main(["--recipe", control_recipe(tmp_path / "r.toml", data_dir), "--run_dir", str(tmp_path / "run")])
+    bad = control_recipe(tmp_path / "b.toml", data_dir, eval_every=1)
+    with open(bad) as f:
+        text = f.read().replace("control = {lr = 0.001, group_size = 2}", "control = {lr = 0.001, groupsize = 2}")
+    with open(bad, "w") as f:
+        f.write(text)
+    with pytest.raises(cascade.RecipeError, match="control: .*groupsize"):
+        cascade.main(["--recipe", bad, "--run_dir", str(tmp_path / "run")])
+
+
+def test_control_table_reads_the_steps_to_the_target():
+    ctl = {"domains": ["if"], "start": {"if": 0.2}, "teacher": {"if": 0.5},
+           "mopd": {"if": [[0, 0.2], [3, 0.46], [6, 0.5]]}, "grpo": {"if": [[0, 0.2], [3, 0.3], [6, 0.44]]}}
+    row = report.control_lines("mopd", ctl)[4]
+    assert row.startswith("| if | .200 | .500 | .450 | 3 | not reached |")
