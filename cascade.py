@@ -14,13 +14,15 @@ A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
      (ties count 1/2; ArenaHard is a judged win rate too); cached in RUN/eval.json, so the same
      command run again after a kill recomputes nothing;
   3. keeps the teacher registry RUN/teachers.json, the best checkpoint per domain so far (ties keep
-     the earlier one): a MOPD stage gets its --teachers from it.
+     the earlier one): a MOPD stage gets its --teachers from it. A MOPD stage with a `control`
+     table also has a GRPO run from its start on its prompts (run_control), scored beside it.
 The run directory has one writer at a time (RUN/.lock), no temporaries from a kill (swept at start),
 and records that name its checkpoints relative to it (a run can be copied or moved).
 The whole recipe is checked first: every key, its value's type, and each stage's arguments by that
 stage's own argparse parser (no abbreviations).
-RUN/report.md has the stage x domain table (the paper's results table in miniature), wall times and,
-with matplotlib, PNG curves. Dropped: the paper's benchmarks (our domains' held-out prompts stand
+RUN/report.md has the stage x domain table (the paper's results table in miniature) with standard
+errors, each stage's paired change with its z, wall times, MOPD against its control and, with
+matplotlib, PNG curves (report.py). Dropped: the paper's benchmarks (our domains' held-out prompts stand
 in) and its separate RLHF-tuned branch as MOPD's chat teacher (ours: the best checkpoint so far).
 
 Distributed: every rank runs every stage (the stages split batches over ranks and sum gradients;
