@@ -468,6 +468,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 before = table(rows, order, ref)[order[i]]   # the stage before this one (its row)
                 behind = [d for d in wanted if before[d] < best[d]["score"]] or wanted   # what MOPD must recover
                 curves = ["--eval_prompts", str(settings["limit"]), "--eval_domains", ",".join(behind),
+                          "--eval_max_new_tokens", str(settings["max_new_tokens"]),
                           "--eval_thinking", "on" if settings["thinking"] else "off"] if st["ns"].eval_every else []
             if not finished and is_main():   # what it runs with, for note_changed_args
                 os.makedirs(out, exist_ok=True)

@@ -23,10 +23,10 @@ What we drop: DAPO refills the batch after filtering (we train on the groups tha
 overlong penalty (we mask truncated responses, or give them reward 0); the separate inference
 server (rollout.Engine runs the training weights).
 
-The file: the update (step 5 of the loop), then the loop, then the arguments; group_advantages and
-policy_loss, the objective, live in rl.py because rlhf.py optimizes the same one. Off the paper's
-recipe, marked in the arguments: --epochs (several steps per batch, where the PPO clip binds) and
---overlong (what a truncated response gets).
+The file: the objective J (policy_loss), the update (step 5 of the loop), the loop, the arguments.
+A_i (group_advantages) lives in rl.py, because rlhf.py uses it too. Off the paper's recipe, marked
+in the arguments: --epochs (several steps per batch, where the PPO clip binds) and --overlong (what
+a truncated response gets).
 
 Run: python grpo.py --init runs/sft/final --data runs/data --out runs/grpo --domains math   (or
 torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its share of the prompts)
@@ -40,9 +40,29 @@ import torch
 import common
 import rl
 import verifiers
-from rl import group_advantages, policy_loss   # the objective, shared with rlhf.py (docs/paper.md, GRPO)
+from rl import group_advantages   # A_i, shared with rlhf.py (docs/paper.md, GRPO)
 
 
+# ---- the objective J ------------------------------------------------------------------------------
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, num_tokens=None):
+    """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
+    logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
+    generated tokens); advantages: [B] or [B, T]. num_tokens: unmasked tokens of the *global* batch
+    (rl.global_token_count), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
+    on-policy) the ratio is 1 and the gradient is REINFORCE's. Returns (loss to minimize,
+    clipped_B_T: 1 where the min picked the clipped term, never when strictly on-policy)."""
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    ratio = torch.exp(logprobs - old_logprobs)
+    # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), docs/paper.md's J with rho = pi/pi_old
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    # J = (1 / sum_i |o_i|) sum_i sum_t ...: sum over every token, divided by the global token count
+    loss = -(torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
+    return loss, ((clipped < unclipped) * mask).detach()
+
+
+# ---- the update and the loop ------------------------------------------------------------------------
 def update(run, args, samples, advantages_N, keep):
     """One rollout batch -> --epochs optimizer steps (1, the paper's: strictly on-policy) on the kept
     samples, minimizing -J, the token-level mean of the PPO surrogate of A_i over the global batch
@@ -79,14 +99,10 @@ def train(args):
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's prompts, from the policy itself
-        t0 = time.time()
-        rows = rl.draw_prompts(run, args, step)
-        samples, texts = rl.sample_groups(run.engine, run.tok, rows, G, sampling, rl.rollout_seed(run, args, step))
-        rollout_s, t0 = time.time() - t0, time.time()
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, sampling)
         # 2. reward: each domain's verifier
-        domains_N = [r["domain"] for r in rows for _ in range(G)]
-        rewards_N = torch.tensor(verifiers.score_many(domains_N, texts, [r["meta"] for r in rows for _ in range(G)]),
-                                 dtype=torch.float64)
+        domains_N = [r["domain"] for r in rows_N]
+        rewards_N = torch.tensor(verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N]), dtype=torch.float64)
         truncated_N = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool)
         if args.overlong == "penalize":
             rewards_N[truncated_N] = 0.0
@@ -96,12 +112,14 @@ def train(args):
         filtered_N = ~rl.has_signal(rewards_N, G) if args.filter_groups == "on" else torch.zeros_like(truncated_N)
         keep_N = ~filtered_N & ~truncated_N if args.overlong == "mask" else ~filtered_N
         # 5. the update
+        t0 = time.time()
         tally, grad_norm = update(run, args, samples, advantages_N, keep_N.nonzero().squeeze(1).tolist())
+        train_s = time.time() - t0
         # 6. the log
         tally.per_sample("filtered", filtered_N)
         tally.per_sample("truncated", truncated_N)
         row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
-                             rollout_s=rollout_s, train_s=time.time() - t0)
+                             rollout_s=rollout_s, train_s=train_s)
         row.update(filtered_frac=g["filtered"] / g["samples"], truncated_frac=g["truncated"] / g["samples"],
                    clip_frac=g["clipped"] / max(g["tokens"], 1))
         rl.end_step(run, args, row, t_start)

@@ -18,10 +18,8 @@ small groups (4 rollouts a prompt), one update per batch, constant LR after a sh
 weight decay, grad clip 1.0, MoE router frozen and its aux loss off (the teachers share the
 student's architecture, and re-learning routing would fight the distillation).
 
-What we keep: all of that. Rollouts, batching, the training forward, resume and gradient sync are
-rl.py's, as for every RL stage; this file holds what MOPD alone does: the advantage, the weights,
-the teachers, and its update and loop, which read like grpo.py's where the methods agree and differ
-where they do. Logged per domain: the
+What we keep: all of that (rollouts, batching, the training forward, resume: rl.py's). Logged per
+domain: the
 reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
 verifiers' mean reward; with --eval_every, the held-out scores of the student (eval/<domain>) and,
 in the first step's row, of each domain's teacher (teacher_eval/<domain>).
@@ -52,10 +50,7 @@ from common import print0
 from rollout import Engine
 
 
-# ----------------------------------------------------------------------------------------------
-# The math
-
-
+# ---- the math --------------------------------------------------------------------------------
 @torch.no_grad()
 def mopd_advantages(teacher_logprobs, student_logprobs, mask):
     """a_t = sg(log pi_teacher(y_t|s_t) - log pi_train(y_t|s_t)) on the masked tokens, 0 elsewhere."""
@@ -86,10 +81,7 @@ def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, h
     return loss, adv_B_T, w_B_T
 
 
-# ----------------------------------------------------------------------------------------------
-# The teachers
-
-
+# ---- the teachers ----------------------------------------------------------------------------
 def load_teachers(spec, domains, tok_path, device):
     """'math=DIR,if=DIR' -> {domain: frozen model}, for the domains of --domains. A directory named for
     several domains is loaded once. Teachers must share the student's tokenizer: a token id has to
@@ -126,10 +118,7 @@ def load_teachers(spec, domains, tok_path, device):
     return teachers
 
 
-# ----------------------------------------------------------------------------------------------
-# The update and the loop
-
-
+# ---- the update and the loop -----------------------------------------------------------------
 def update(run, args, samples, domains_N, teachers):
     """One optimizer step on a rollout batch: every sampled token's advantage from its domain's
     teacher, weighted by the mismatch window (docs/paper.md, MOPD). Micro-batches hold one domain
@@ -149,7 +138,7 @@ def update(run, args, samples, domains_N, teachers):
         loss.backward()
         tally.trained(b, logprobs_B_T, entropy_B_T)
         tally.add(b, advantage=adv_B_T, dropped=(w_B_T == 0).float())
-    return tally, rl.optimizer_step(run, args) if num_tokens else None
+    return tally, (rl.optimizer_step(run, args) if num_tokens else None)
 
 
 def check_window(args):
@@ -163,30 +152,31 @@ def train(args):
     check_window(args)
     if (summary := common.finished_summary(args.out)) is not None:
         return summary
-    run = rl.setup(args, freeze_router=True)   # router frozen, aux loss off
+    run = rl.setup(args, freeze_router=True, resume_keys=("mismatch_low", "mismatch_high"))   # router frozen
     teachers = load_teachers(args.teachers, run.domains, run.tok_path, run.dist.device)
     teacher_eval = {}
     if run.heldout and run.step == 0:   # how close to its teacher does each domain get, and how fast?
-        for dom in dict.fromkeys(r["domain"] for r in run.heldout):
-            rows = [r for r in run.heldout if r["domain"] == dom]
-            teacher_eval.update(rl.heldout_scores(Engine(teachers[dom]), run.tok, rows, args, run.dist))
+        for teacher in {id(t): t for t in teachers.values()}.values():   # each distinct teacher once
+            rows = [r for r in run.heldout if teachers[r["domain"]] is teacher]
+            engine = Engine(teacher)
+            teacher_eval.update(rl.heldout_scores(engine, run.tok, rows, args, run.dist) if rows else {})
+            engine.release()
         print0("teacher held-out scores:", teacher_eval)
-    G, t_start = args.group_size, time.time()
+    t_start = time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's prompts, from the student at temperature 1
-        t0 = time.time()
-        rows = rl.draw_prompts(run, args, step)
-        samples, texts = rl.sample_groups(run.engine, run.tok, rows, G, dict(
-            temperature=1.0, max_new_tokens=args.max_new_tokens), rl.rollout_seed(run, args, step))
-        rollout_s, t0 = time.time() - t0, time.time()
-        domains_N = [r["domain"] for r in rows for _ in range(G)]
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
+                                                                            max_new_tokens=args.max_new_tokens))
+        domains_N = [r["domain"] for r in rows_N]
         # 2. the update: the teachers score the student's tokens (no reward is trained on)
+        t0 = time.time()
         tally, grad_norm = update(run, args, samples, domains_N, teachers)
+        train_s = time.time() - t0
         # 3. the log; the verifiers' rewards are a side metric, to rise toward the teachers'
-        rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows for _ in range(G)])
+        rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N])
         row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
-                             rollout_s=rollout_s, train_s=time.time() - t0)
+                             rollout_s=rollout_s, train_s=train_s)
         for dom in run.domains:
             if g[f"{dom}/tokens"]:
                 # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it

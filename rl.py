@@ -1,11 +1,11 @@
 """
-On-policy RL: what every RL stage (grpo.py, mopd.py, rlhf.py) runs that is no one method's idea, in
-the order a stage's loop calls it: setup (the policy, or OUT/last when resuming; its optimizer, the
-prompts, the rollout engine on its weights), draw_prompts, sample_groups (G responses a prompt),
-micro_batches, global_token_count, token_logprobs (log pi_train of the sampled tokens),
-optimizer_step, and the log: Tally, step_row, end_step, finish. Also here: the policy-gradient
-objective GRPO and RLHF share (group_advantages, policy_loss: docs/paper.md, GRPO), the one greedy
-evaluation (evaluate: the cascade's, MOPD's and RLHF's judge's), the arguments of every RL stage.
+On-policy RL: what every RL stage (grpo.py, mopd.py, rlhf.py) runs that is no one method's idea. A
+stage's loop calls, in order: set_lr; rollout (the step's prompts, G responses to each from the
+policy's own weights); the stage's own reward and advantage; its update, built from micro_batches,
+global_token_count, token_logprobs and optimizer_step; then step_row and end_step (the log, held-out
+scores, OUT/last) and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming from
+OUT/last. Also here: GRPO's group advantage, which RLHF uses too, and the one greedy evaluation
+(evaluate: the cascade's table, every stage's --eval_every, RLHF's judge).
 
 The global token mean, one rule for every stage (sft.py's too): each rank divides its loss by the
 trained tokens of the *global* batch, and gradients are summed over ranks, never averaged
@@ -31,7 +31,7 @@ from rollout import Engine, SamplingParams
 from verifiers.tool import ToolEnv
 
 
-# ---- the policy-gradient objective (GRPO's; RLHF's too) -------------------------------------------
+# ---- the group advantage (GRPO's and RLHF's) and the k3 estimator -------------------------------
 def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
     """rewards [N] in groups of `group_size` consecutive samples of one prompt -> advantages [N]:
     A_i = (r_i - mean_group) / (std_group + eps), the same for every token of response i.
@@ -48,24 +48,6 @@ def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
         centered_P_G = centered_P_G / (r_P_G.std(dim=1, unbiased=False, keepdim=True) + eps)
     spread_P_1 = r_P_G.amax(dim=1, keepdim=True) - r_P_G.amin(dim=1, keepdim=True)
     return torch.where(spread_P_1 > 0, centered_P_G, 0.0).reshape(-1)
-
-
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, num_tokens=None):
-    """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
-    logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
-    generated tokens); advantages: [B] or [B, T]. num_tokens: unmasked tokens of the *global* batch
-    (global_token_count), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
-    on-policy) the ratio is 1 and the gradient is REINFORCE's. Returns (loss to minimize,
-    clipped_B_T: 1 where the min picked the clipped term, never when strictly on-policy)."""
-    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    ratio = torch.exp(logprobs - old_logprobs)
-    # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), docs/paper.md's J with rho = pi/pi_old
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    # J = (1 / sum_i |o_i|) sum_i sum_t ...: sum over every token, divided by the global token count
-    loss = -(torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
-    return loss, ((clipped < unclipped) * mask).detach()
 
 
 def has_signal(rewards_N, group_size):
@@ -124,9 +106,14 @@ def draw_prompts(run, args, step):
     return rows[run.dist.rank::run.dist.world_size]
 
 
-def rollout_seed(run, args, step):
-    """The engine's seed for a step's rollout: distinct for every (seed, step, rank)."""
-    return (args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank
+def rollout(run, args, step, sampling):
+    """Step 1 of every RL stage: the step's prompts (this rank's share), --group_size responses to
+    each from the policy, with an engine seed distinct for every (seed, step, rank).
+    -> (rows_N: each sample's prompt row, samples, texts, seconds it took)"""
+    t0, rows = time.time(), draw_prompts(run, args, step)
+    seed = (args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank
+    samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling, seed)
+    return [r for r in rows for _ in range(args.group_size)], samples, texts, time.time() - t0
 
 
 def sample_groups(engine, tok, rows, group_size, params, seed):
@@ -155,7 +142,7 @@ def sample_groups(engine, tok, rows, group_size, params, seed):
 
 @torch.no_grad()
 def evaluate(engine, tok, rows, max_new_tokens, dd):
-    """The one evaluation (cascade.py, MOPD's --eval_every, RLHF's judge): greedy answers to `rows`
+    """The one evaluation (cascade.py's table, every stage's --eval_every, RLHF's judge): greedy answers to `rows`
     (each with its "thinking" mode), scored by their domains' verifiers -> [score per row], in row
     order, on every rank. Rank r answers rows r, r + W, ...; every rank must call it."""
     mine = rows[dd.rank::dd.world_size]
@@ -269,7 +256,7 @@ class Run:
     bf16: bool
     logger: common.MetricsLogger
     step: int = 0                 # steps done when this process started (resume point)
-    current: int = 0              # the step under way (set_lr)
+    current: int = 0              # the step under way (set_lr): what a divergence names
     history: list = field(default_factory=list)
     heldout: list = field(default_factory=list)   # the prompts of --eval_every (heldout_rows)
 
@@ -336,7 +323,7 @@ def heldout_rows(args, domains):
 
 def heldout_scores(engine, tok, rows, args, dd):
     """{domain: mean greedy score} of `engine`'s model on `rows` (heldout_rows)."""
-    scores = evaluate(engine, tok, rows, args.max_new_tokens, dd)
+    scores = evaluate(engine, tok, rows, args.eval_max_new_tokens or args.max_new_tokens, dd)
     return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
             for d in dict.fromkeys(r["domain"] for r in rows)}
 
@@ -384,12 +371,12 @@ def step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm, **times
     grad_norm: None when nothing was trained; times: rollout_s, train_s (this rank's seconds)."""
     local = dict(samples=len(samples), gen_tokens=sum(sum(s.gen_mask) for s in samples),
                  resp_tokens=sum(len(s.token_ids) for s in samples), fwd_tokens=tally.fwd_tokens, **times)
+    index = {dom: [i for i, x in enumerate(domains_N) if x == dom] for dom in run.domains}
+    local.update({f"{dom}/n": len(ix) for dom, ix in index.items()})
     for name in tally.names + ("reward",):
         values = tally.sums[name] if name != "reward" else torch.as_tensor(rewards_N, dtype=torch.float64)
         local[name] = values.sum().item()
-        for dom in run.domains:
-            rows = [i for i, x in enumerate(domains_N) if x == dom]
-            local[f"{dom}/{name}"], local[f"{dom}/n"] = values[rows].sum().item(), len(rows)
+        local.update({f"{dom}/{name}": values[ix].sum().item() for dom, ix in index.items()})
     g = common.global_sums(local, run.dist.device)
     n, world = max(g["tokens"], 1), run.dist.world_size
     row = dict(step=step, lr=run.optimizer.param_groups[0]["lr"],
@@ -466,6 +453,7 @@ def add_rl_args(p, lr, group_size, min_group=1):
       help="greedy score on held-out prompts (DATA/eval) every N steps and at the end (0: off)")
     a("--eval_prompts", type=common.pos_int, default=64, help="held-out prompts per domain")
     a("--eval_domains", default="", help="comma-separated domains to score (default: --domains)")
+    a("--eval_max_new_tokens", type=common.nonneg_int, default=0, help="held-out answers' cap (0: --max_new_tokens)")
     a("--eval_thinking", default="off", choices=["on", "off"], help="chat mode of the held-out prompts "
       "(math always thinks, as in cascade.py's table)")
     return p

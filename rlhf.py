@@ -14,8 +14,8 @@ evaluation would.
 What we change, and why: a generative pairwise judge is far beyond a tiny model. We use the
 classic Bradley-Terry reward model: the same transformer (initialized from --init) with a scalar
 head on the hidden state of the last token, trained with -log sigma(r_chosen - r_rejected). The RL
-phase is GRPO's objective (rl.group_advantages, rl.policy_loss) with the reward model's score in
-place of a verifier, strictly on-policy; group normalization makes the score's offset and scale
+phase is GRPO's objective (rl.group_advantages; strictly on-policy, so J is REINFORCE) with the
+reward model's score in place of a verifier; group normalization makes the score's offset and scale
 irrelevant (r and 5r + 3 give the same advantages), so only the spacing of the scores inside a group
 matters. Every response trains, a truncated one too: judging a cut-off answer is the reward model's
 job (GRPO's verifier stages mask them instead). The KL penalty (rl.k3) is off by default;
@@ -49,10 +49,7 @@ def bradley_terry_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# The reward model
-
-
+# ---- the reward model ------------------------------------------------------------------------
 class RewardModel(nn.Module):
     """The transformer (no LM head used) plus a linear scalar head on the last token's hidden state."""
 
@@ -165,10 +162,7 @@ def load_reward_model(path, device):
     return rm, common.read_json(os.path.join(path, "rm_stats.json"))
 
 
-# ----------------------------------------------------------------------------------------------
-# RL against the reward model
-
-
+# ---- rL against the reward model -------------------------------------------------------------
 def update(run, args, samples, advantages_N, keep, ref):
     """One optimizer step on the kept samples: REINFORCE with A_i as a token-level mean over the
     global batch (the GRPO objective, strictly on-policy: pi_old = pi, the ratio is 1), plus
@@ -180,8 +174,8 @@ def update(run, args, samples, advantages_N, keep, ref):
     for b in batches:
         with run.autocast():
             logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b)
-        loss, _ = rl.policy_loss(logprobs_B_T, logprobs_B_T.detach(), advantages_N[b.index], b.mask_B_T,
-                                 0.0, 0.0, num_tokens)
+        # strictly on-policy (pi_old = pi, the ratio is 1): GRPO's J is REINFORCE with A_i, a token mean
+        loss = -(advantages_N[b.index, None] * logprobs_B_T * b.mask_B_T).sum() / num_tokens
         if ref is not None:
             with torch.no_grad(), run.autocast():
                 ref_B_T = rl.token_logprobs(ref, b)[0]
@@ -192,7 +186,7 @@ def update(run, args, samples, advantages_N, keep, ref):
         loss = loss + run.model.config.router_aux_loss_coef * aux * b.mask_B_T.sum() / num_tokens
         loss.backward()
         tally.trained(b, logprobs_B_T, entropy_B_T)
-    return tally, rl.optimizer_step(run, args) if num_tokens else None
+    return tally, (rl.optimizer_step(run, args) if num_tokens else None)
 
 
 def train_policy(args, rm):
@@ -207,36 +201,34 @@ def train_policy(args, rm):
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's chat prompts
-        t0 = time.time()
-        rows = rl.draw_prompts(run, args, step)
-        samples, texts = rl.sample_groups(run.engine, run.tok, rows, G, dict(
-            temperature=1.0, max_new_tokens=args.max_new_tokens), rl.rollout_seed(run, args, step))
-        rollout_s, t0 = time.time() - t0, time.time()
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
+                                                                            max_new_tokens=args.max_new_tokens))
         # 2. reward: the reward model's score of each final answer (never the hidden judge's)
-        rows_N = [r for r in rows for _ in range(G)]
         seqs = [rm_ids(run.tok, r["messages"], chat.parse_response(t)["answer"]) for r, t in zip(rows_N, texts)]
         rewards_N = rm_scores(rm, seqs, run.pad_id, run.dist.device).double().cpu()
         # 3. advantage: A_i, group-normalized (docs/paper.md, GRPO); groups of equal scores drop out
         advantages_N = rl.group_advantages(rewards_N, G).float().to(run.dist.device)
         signal_N = rl.has_signal(rewards_N, G)
         # 4. the update
+        t0 = time.time()
         tally, grad_norm = update(run, args, samples, advantages_N, signal_N.nonzero().squeeze(1).tolist(), ref)
+        train_s = time.time() - t0
         # 5. the log
         tally.per_sample("filtered", ~signal_N)
         row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally, rewards_N, grad_norm,
-                             rollout_s=rollout_s, train_s=time.time() - t0)
-        row.update(filtered_frac=g["filtered"] / g["samples"], kl_ref=g["kl"] / max(g["tokens"], 1))
+                             rollout_s=rollout_s, train_s=train_s)
+        row["filtered_frac"] = g["filtered"] / g["samples"]
+        if ref is not None:
+            row["kl_ref"] = g["kl"] / max(g["tokens"], 1)
         rl.end_step(run, args, row, t_start)
     return rl.finish(run, args)
 
 
-# ----------------------------------------------------------------------------------------------
-# The judge's verdict: win rate against the starting checkpoint
-
-
+# ---- the judge's verdict: win rate against the starting checkpoint ---------------------------
 def judge_win_rate(args, tok, d, final_path):
     """Greedy answers of --init and of the final policy to the first --eval_prompts held-out chat
-    prompts, each judged by the hidden judge (the chat domain's verifier); a win counts 1, a tie 1/2."""
+    prompts (in thinking mode unless --thinking off), each judged by the hidden judge (the chat
+    domain's verifier); a win counts 1, a tie 1/2."""
     rows = rl.load_prompts(args.data, ["chat"], split="eval")["chat"][:args.eval_prompts]
     rows = [dict(r, thinking=args.thinking != "off") for r in rows]
     scores = [rl.evaluate(Engine(common.load_checkpoint(path, d.device)[0]), tok, rows, args.max_new_tokens, d)
@@ -246,10 +238,7 @@ def judge_win_rate(args, tok, d, final_path):
                 judge_init=sum(scores[0]) / n, judge_final=sum(scores[1]) / n)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-
-
+# ---- main ------------------------------------------------------------------------------------
 def build_parser():
     p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8,
                        min_group=2)
@@ -269,7 +258,6 @@ def main(argv=None):
     if summary is not None and "judge_win_rate" in summary:   # done, judge's verdict included
         return summary
     d = common.init_distributed(args.device)
-    common.set_seed(args.seed)
     tok_path = os.path.join(args.init, "tokenizer.json")
     tok = data.load_tokenizer(tok_path)
     metrics, rm_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "reward_model")

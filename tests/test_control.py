@@ -39,7 +39,7 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     (m,), (rl, control, after) = calls["mopd"], calls["grpo"]
     assert flag(control, "--out") == str(run / "controls" / "mopd")
     for name in ("--init", "--seed", "--domains", "--steps", "--prompts_per_step", "--max_new_tokens",
-                 "--eval_every", "--eval_prompts", "--eval_domains", "--eval_thinking"):
+                 "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking"):
         assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
     assert flag(control, "--lr") == "0.001" and "--teachers" not in control
     assert flag(m, "--init") == str(run / "stages" / "rl" / "final")

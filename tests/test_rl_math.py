@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rl import group_advantages, k3, policy_loss
+from grpo import policy_loss
+from rl import group_advantages, k3
 from mopd import mismatch_weights, mopd_advantages, mopd_loss
 from rlhf import bradley_terry_loss
 
