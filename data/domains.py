@@ -419,27 +419,34 @@ def make_tool(rng, hard):
         city = rng.choice(sorted(WEATHER))
         args = {"city": city}
         ask = rng.choice(["What is the weather in {c}?", "How is the weather in {c} today?",
-                          "Tell me the weather in {c}.", "Is it nice outside in {c}?"]).format(c=city)
+                          "Tell me the weather in {c}.", "Is it nice outside in {c}?",
+                          "What is the weather like in {c}?", "Check the weather in {c} for me.",
+                          "Should I take an umbrella in {c}?", "How does the sky look in {c}?"]).format(c=city)
         answer = f"The weather in {city} is {{r}}."
     elif kind == "get_price":
         thing = rng.choice(sorted(PRICES))
         args = {"item": thing}
         ask = rng.choice(["How much does {i} cost?", "What is the price of {i}?",
-                          "Tell me the price of {i}.", "I want to buy {i}. What does it cost?"]).format(i=thing)
+                          "Tell me the price of {i}.", "I want to buy {i}. What does it cost?",
+                          "Look up the price of {i}.", "What would {i} cost me?",
+                          "Is {i} expensive? Give me its price.", "Find the price of {i}, please."]).format(i=thing)
         answer = f"{thing.capitalize()} costs {{r}} dollars."
     elif kind == "get_capital":
         country = rng.choice(sorted(CAPITALS))
         args = {"country": country}
         ask = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?",
-                          "Name the capital of {c}.", "Tell me the capital city of {c}."]).format(c=country)
+                          "Name the capital of {c}.", "Tell me the capital city of {c}.",
+                          "Look up the capital of {c}.", "What city is {c} governed from?",
+                          "I am visiting {c}. What is its capital?", "Find the capital of {c}."]).format(c=country)
         answer = f"The capital of {country} is {{r}}."
     else:
         unit = rng.choice(["km", "kg", "c"])
         value = rng.randint(1, 500 if hard else 100)
         args = {"value": value, "unit": unit}
         words = {"km": ("km", "miles"), "kg": ("kg", "pounds"), "c": ("degrees C", "degrees F")}[unit]
-        ask = rng.choice(["Convert {v} {a} to {b}.", "How many {b} is {v} {a}?",
-                          "What is {v} {a} in {b}?"]).format(v=value, a=words[0], b=words[1])
+        ask = rng.choice(["Convert {v} {a} to {b}.", "How many {b} is {v} {a}?", "What is {v} {a} in {b}?",
+                          "Turn {v} {a} into {b}.", "I have {v} {a}. How many {b} is that?",
+                          "Express {v} {a} in {b}."]).format(v=value, a=words[0], b=words[1])
         answer = f"{value} {words[0]} is {{r}} {words[1]}."
     result = ToolEnv().run(kind, args)
     assert not result.startswith("error"), (kind, args, result)
@@ -516,8 +523,9 @@ CHAT_TOPICS = {  # topic -> (request phrase, keywords, sentences; the polite one
 }
 CHAT_REQUESTS = ["Give me some advice about {t}.", "Do you have any tips for {t}?", "How do I get better at {t}?",
                  "What should I know about {t}?", "Help me with {t}, please."]
-CHAT_OPENERS = ["", "Hi! ", "Hello. ", "Quick question. ", "I need help. ", "Hey there. "]
-CHAT_CLOSERS = ["", " Thanks!", " Be brief."]
+CHAT_OPENERS = ["", "Hi! ", "Hello. ", "Quick question. ", "I need help. ", "Hey there. ", "Good morning. ",
+                "Hi again. ", "One more thing. ", "Sorry to bother you. ", "I am curious. ", "Hello there! "]
+CHAT_CLOSERS = ["", " Thanks!", " Be brief.", " Thank you.", " Keep it short.", " Any ideas?"]
 CHAT_LENGTH = [20, 80]
 
 
@@ -578,20 +586,20 @@ def preference_pair(rng, it):
 # ---------------------------------------------------------------------------------------------
 # swe: a small module with one planted bug and tests; the fix is a SEARCH/REPLACE patch
 
-SWE_FUNCS = [  # (names, parameters, body with {k}, [(correct fragment, buggy fragment)]); k in 2..49
-    (["scale", "times", "multiply"], "x", "return x * {k}", [("x * {k}", "x + {k}"), ("x * {k}", "x * {k1}")]),
-    (["shift", "offset", "add_k"], "x", "return x + {k}", [("x + {k}", "x - {k}"), ("x + {k}", "x + {k1}")]),
-    (["at_least", "clamp_low", "floor_at"], "x", "return max(x, {k})", [("max(", "min(")]),
-    (["count_above", "num_greater"], "xs", "return len([x for x in xs if x > {k}])", [(" > ", " < "), (" > ", " >= ")]),
-    (["keep_below", "small_ones"], "xs", "return [x for x in xs if x < {k}]", [(" < ", " > "), (" < ", " <= ")]),
-    (["total", "sum_all"], "xs", "s = 0\n    for x in xs:\n        s += x\n    return s", [("s = 0", "s = 1"), ("+=", "-=")]),
-    (["is_even", "even"], "x", "return x % 2 == 0", [("==", "!=")]),
-    (["sum_to", "triangle"], "n", "return sum(range(n + 1))", [("n + 1", "n")]),
-    (["diff", "minus"], "a, b", "return a - b", [("a - b", "b - a"), ("a - b", "a + b")]),
-    (["area", "product"], "a, b", "return a * b", [("a * b", "a + b")]),
-    (["bigger", "max_of"], "a, b", "return max(a, b)", [("max(", "min(")]),
-    (["last", "final"], "xs", "return xs[-1]", [("xs[-1]", "xs[0]")]),
-    (["head", "take"], "xs", "return xs[:{k}]", [("xs[:{k}]", "xs[:{k1}]")]),  # k in 1..4
+SWE_FUNCS = [  # (names, parameters, body with {k}, [(correct fragment, buggy fragment)]); k in 2..99
+    (["scale", "times", "multiply", "scaled", "mul_k", "grow", "stretch", "boost"], "x", "return x * {k}", [("x * {k}", "x + {k}"), ("x * {k}", "x * {k1}")]),
+    (["shift", "offset", "add_k", "plus_k", "bump", "raise_by", "nudge", "move_up"], "x", "return x + {k}", [("x + {k}", "x - {k}"), ("x + {k}", "x + {k1}")]),
+    (["at_least", "clamp_low", "floor_at", "min_bound", "not_below", "lower_clip"], "x", "return max(x, {k})", [("max(", "min(")]),
+    (["count_above", "num_greater", "count_big", "how_many_above", "tally_over", "n_above"], "xs", "return len([x for x in xs if x > {k}])", [(" > ", " < "), (" > ", " >= ")]),
+    (["keep_below", "small_ones", "under_k", "filter_small", "only_low", "below_k"], "xs", "return [x for x in xs if x < {k}]", [(" < ", " > "), (" < ", " <= ")]),
+    (["total", "sum_all", "add_up", "list_sum", "summed", "grand_total"], "xs", "s = 0\n    for x in xs:\n        s += x\n    return s", [("s = 0", "s = 1"), ("+=", "-=")]),
+    (["is_even", "even", "even_check", "has_no_rest", "divides_two", "parity_ok"], "x", "return x % 2 == 0", [("==", "!=")]),
+    (["sum_to", "triangle", "gauss", "tri_num", "running_sum", "sum_upto"], "n", "return sum(range(n + 1))", [("n + 1", "n")]),
+    (["diff", "minus", "subtract", "gap", "take_away", "sub"], "a, b", "return a - b", [("a - b", "b - a"), ("a - b", "a + b")]),
+    (["area", "product", "mult", "times_two_args", "rect_area", "prod"], "a, b", "return a * b", [("a * b", "a + b")]),
+    (["bigger", "max_of", "larger", "pick_max", "top_of_two", "greater"], "a, b", "return max(a, b)", [("max(", "min(")]),
+    (["last", "final", "tail_item", "end_item", "last_one", "ultimate"], "xs", "return xs[-1]", [("xs[-1]", "xs[0]")]),
+    (["head", "take", "first_k", "prefix", "front", "leading"], "xs", "return xs[:{k}]", [("xs[:{k}]", "xs[:{k1}]")]),  # k in 1..4
 ]
 
 
@@ -613,7 +621,7 @@ def make_swe(rng, hard):
     funcs = []  # (name, params, correct source, correct function, k, template index)
     for i in picks:
         names, params, body, muts = SWE_FUNCS[i]
-        k = 0 if "{k}" not in body else rng.randint(1, 4) if "xs[:" in body else rng.randint(2, 49)
+        k = 0 if "{k}" not in body else rng.randint(1, 4) if "xs[:" in body else rng.randint(2, 99)
         name = rng.choice(names)
         funcs.append((name, params, *_define(name, params, body.format(k=k)), k, i))
     name, params, good_src, good_fn, k, i = funcs[0]  # the first pick gets the bug
