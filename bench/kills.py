@@ -1,7 +1,7 @@
 """Does a cascade killed at random moments end exactly where an uninterrupted one does?
 
     python bench/kills.py                                   # recipes/tiny.toml, shortened, 10 kills
-    python bench/kills.py --steps_scale 0.25 --eval_limit 8 --kills 10 --seed 1
+    python bench/kills.py --steps_scale 0.25 --eval_limit 8 --save_every 1 --kills 10 --seed 1
 
 Runs the recipe twice into bench/out/kills/: once uninterrupted (the reference), once killed with
 SIGKILL, the whole process group (the cascade, its sandboxes), at --kills random moments and run
@@ -12,11 +12,12 @@ again after each, the same command, until it finishes. Then it checks what a use
     bitwise equal to the reference's;
   - RUN/metrics.jsonl has each (event, stage) once;
   - no temporary is left (*.tmp-*, *.tmp, *.tmp<pid>, *.old), and no stage keeps last/ beside final/.
-Kill moments: attempt i is killed after U(lo, hi) x the reference's wall time (--window); each
-kill is reported with the stage it interrupted (the attempt's last progress line). --steps_scale and
---eval_limit shorten the run (cascade.py's flags); --save_every sets every stage's save_every (the
-recipe's `save_every = N`s) so that kills also land between intermediate checkpoints (0: as they
-are). Exit status 1 on a mismatch.
+Kill moments: --kills points drawn uniformly over the reference's timeline; attempt i is killed
+when it reaches point i (placed there by its progress lines, which every run prints alike), so the
+kills spread over every part of the run: data, start, each stage's steps, saves and evaluation.
+--steps_scale and --eval_limit shorten the run (cascade.py's flags); --save_every sets every
+stage's save_every (the recipe's `save_every = N`s) so that kills also land between intermediate
+checkpoints (0: as they are). Exit status 1 on a mismatch.
 """
 import argparse
 import hashlib
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,18 +52,50 @@ def with_save_every(path, out, save_every):
     return f.name
 
 
-def start(recipe, run, args, log):
+def start(recipe, run, args):
     cmd = [sys.executable, "cascade.py", "--recipe", recipe, "--run_dir", run, "--steps_scale", str(args.steps_scale),
            "--eval_limit", str(args.eval_limit)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def last_progress(log_path):
-    """The attempt's last line that says where the cascade was."""
-    lines = [line.strip() for line in open(log_path, errors="replace")]
-    marks = [line for line in lines if line.startswith(("=== stage", "eval ", "step ", "rm step", "SFT done"))]
-    return (marks[-1][:90] if marks else "(before the first stage: data, start checkpoint, start eval)")
+class Progress:
+    """Where a run is, read off its output: the progress lines (a stage's start, its steps, an
+    evaluation's result) are the same in every run, so each marks a moment of the reference's
+    timeline; between two, the run is where its last one was, plus the time since."""
+
+    def __init__(self):
+        self.stage, self.mark, self.at, self.line = None, None, time.time(), "(nothing yet)"
+
+    def key(self, line):
+        if m := re.match(r"=== stage (\S+):", line):
+            self.stage = m[1]
+            return ("start", self.stage)
+        if m := re.match(r"eval (\S+):", line):
+            return ("eval", m[1])
+        if m := re.match(r"(rm )?step (\d+)[/ ]", line):
+            return (self.stage, m[1] or "", int(m[2]))
+        return None
+
+
+def follow(proc, log, progress, reference=None):
+    """Read the run's output in a thread: each line to the log; with `reference` ({key: moment}), the
+    run's place on the reference's timeline updated as progress lines come. Without, the lines'
+    moments are recorded (-> the reference's {key: moment})."""
+    moments, t0 = {}, time.time()
+
+    def read():
+        for line in proc.stdout:
+            log.write(line)
+            key = progress.key(line.strip())
+            if key is not None:
+                if reference is None:
+                    moments.setdefault(key, time.time() - t0)
+                elif key in reference:
+                    progress.mark, progress.at, progress.line = reference[key], time.time(), line.strip()
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, moments
 
 
 def comparable(row):
@@ -117,8 +151,6 @@ def main():
     p.add_argument("--eval_limit", type=int, default=4, help="cascade.py --eval_limit: eval prompts per domain")
     p.add_argument("--save_every", type=int, default=2, help="every stage's save_every (0: the recipe's)")
     p.add_argument("--kills", type=int, default=10, help="how many times the run is killed")
-    p.add_argument("--window", type=float, nargs=2, default=(0.03, 0.25), metavar=("LO", "HI"),
-                   help="each attempt is killed after U(LO, HI) x the reference's wall time")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "kills"))
     args = p.parse_args()
@@ -129,32 +161,42 @@ def main():
 
     t0 = time.time()
     with open(os.path.join(args.out, "reference.log"), "w") as log:
-        if start(recipe, ref, args, log).wait() != 0:
+        proc = start(recipe, ref, args)
+        thread, reference = follow(proc, log, Progress())
+        if proc.wait() != 0:
             sys.exit(f"the reference run failed: see {log.name}")
+        thread.join()
     ref_s = time.time() - t0
     print(f"reference: {ref_s:.0f} s (--steps_scale {args.steps_scale}, --eval_limit {args.eval_limit}, "
-          f"save_every {args.save_every or 'as in the recipe'})", flush=True)
+          f"save_every {args.save_every or 'as in the recipe'}); {len(reference)} progress lines", flush=True)
 
-    rng, attempt, killed_s = random.Random(args.seed), 0, time.time()
-    print(f"{'kill':>4} {'after s':>8}  interrupted", flush=True)
+    # the kill moments: uniform over the reference's timeline, in order; attempt i is killed when it
+    # reaches moment i (its first progress line places it; before one, the time since its start)
+    rng = random.Random(args.seed)
+    moments = sorted(rng.uniform(0.02, 0.98) * ref_s for _ in range(args.kills))
+    attempt, killed_s = 0, time.time()
+    print(f"{'kill':>4} {'moment s':>9}  the attempt's last progress line", flush=True)
     while True:
         attempt += 1
         log_path = os.path.join(args.out, f"attempt{attempt}.log")
         with open(log_path, "w") as log:
-            proc = start(recipe, run, args, log)
-            if attempt <= args.kills:
-                delay = rng.uniform(*args.window) * ref_s
-                try:
-                    rc = proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
+            proc, progress = start(recipe, run, args), Progress()
+            thread, _ = follow(proc, log, progress, reference)
+            target = moments[attempt - 1] if attempt <= args.kills else None
+            while proc.poll() is None:
+                now = time.time()
+                at = (progress.mark + now - progress.at) if progress.mark is not None else now - progress.at
+                if target is not None and at >= target:
                     os.killpg(proc.pid, signal.SIGKILL)   # the cascade and every process it started
                     proc.wait()
-                    print(f"{attempt:>4} {delay:>8.1f}  {last_progress(log_path)}", flush=True)
-                    continue
-            else:
-                rc = proc.wait()
-        if rc != 0:
-            sys.exit(f"attempt {attempt} failed (exit status {rc}): see {log_path}")
+                    break
+                time.sleep(0.05)
+            thread.join()
+        if proc.returncode == -signal.SIGKILL:
+            print(f"{attempt:>4} {target:>9.1f}  {progress.line[:100]}", flush=True)
+            continue
+        if proc.returncode != 0:
+            sys.exit(f"attempt {attempt} failed (exit status {proc.returncode}): see {log_path}")
         break
     print(f"killed run: {attempt - 1} kills, finished on attempt {attempt}, {time.time() - killed_s:.0f} s in all")
     problems = check(ref, run)
