@@ -177,10 +177,11 @@ def clip_grad_norm(params, max_norm, where="a training step"):
     return norm
 
 
-# Weights this large are a blow-up, not training: trained transformers keep every weight far below
-# 1e3 (norm gains near 1, matrices near 1/sqrt(width)), while Adam moves each weight by about the
-# learning rate per step, so an --lr a million times too large lands near 1e6 in one step. The
-# scores of such a model are 0, and the NaN comes a stage later, where it would be blamed.
+# Weights this large are a blow-up, not training: a transformer's weights are of order 1 or less
+# (norm gains near 1, matrices near 1/sqrt(width)), and 1e4 leaves a wide margin for outliers, while
+# Adam moves each weight by about the learning rate per step: SFT at --lr 1e6 reaches max |w| 1e6
+# in one step (tests/test_run_dir.py). Such a model scores 0, and the NaN comes a stage later, where
+# it would be blamed.
 WEIGHT_LIMIT = 1e4
 
 
@@ -189,8 +190,11 @@ def check_weights(model, where):
     happened, naming itself and the step (`where`), before a rollout samples from NaN logits or a
     checkpoint keeps the weights for every rerun to resume from. Every rank calls it (under FSDP each
     checks its shard; the verdict is all-reduced, so every rank raises together)."""
-    local = [(p.to_local() if isinstance(p, DTensor) else p).detach() for p in model.parameters()]
-    worst = torch.stack([w.abs().amax().float() for w in local if w.numel()]).amax()   # (NaN wins)
+    worst = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        w = (p.to_local() if isinstance(p, DTensor) else p).detach()
+        if w.numel():   # (a rank's shard of a small tensor can be empty)
+            worst = torch.maximum(worst, w.abs().amax().float())   # (NaN wins)
     worst = torch.where(torch.isfinite(worst), worst, torch.inf)   # (a MAX all-reduce keeps inf)
     if dist.is_initialized():
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -200,9 +204,9 @@ def check_weights(model, where):
 
 
 def kill_point(name):
-    """Fault injection for the kill tests (tests/test_run_dir.py) and bench/kills.py: with
-    NANOCASCADE_KILL_AT=<name> in the environment the process SIGKILLs itself here, as a power cut
-    or `kill -9` would, at a moment chosen to the line."""
+    """Fault injection for the kill tests (tests/test_run_dir.py): with NANOCASCADE_KILL_AT=<name> in
+    the environment the process SIGKILLs itself here, as a power cut or `kill -9` would, at a moment
+    chosen to the line. (bench/kills.py kills at random moments instead.)"""
     if os.environ.get("NANOCASCADE_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 

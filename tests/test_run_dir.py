@@ -206,10 +206,11 @@ def test_a_stage_that_diverges_names_itself_and_the_step(sft_args, tmp_path, dat
         sft.main(sft_args + ["--lr", "1e30", "--steps", "3"])
     # in RL the next rollout would sample from NaN logits: the weights are checked after each step
     init = tmp_path / "init"
-    common.save_checkpoint(str(init), Transformer(ModelConfig.from_json(CONFIG)), os.path.join(data_dir, "tokenizer.json"))
+    common.save_checkpoint(str(init), Transformer(ModelConfig.from_json(CONFIG)),
+                           os.path.join(data_dir, "tokenizer.json"))
     rl = ["--init", str(init), "--data", data_dir, "--out", str(tmp_path / "stages" / "rl"), "--lr", "1e30",
-          "--warmup", "0", "--steps", "3", "--save_every", "1", "--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "8",
-          "--filter_groups", "off", "--overlong", "none", "--thinking", "off"]
+          "--warmup", "0", "--steps", "3", "--save_every", "1", "--prompts_per_step", "2", "--group_size", "4",
+          "--max_new_tokens", "8", "--filter_groups", "off", "--overlong", "none", "--thinking", "off"]
     with pytest.raises(FloatingPointError, match=r"stages/rl: step 0: the weights blew up \(max \|w\| 1e\+30"):
         grpo.main(rl)
     assert not (tmp_path / "stages" / "rl" / "last").exists()
