@@ -74,5 +74,8 @@ def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: 
 def test_control_table_reads_the_steps_to_the_target():
     ctl = {"domains": ["if"], "start": {"if": 0.2}, "teacher": {"if": 0.5},
            "mopd": {"if": [[0, 0.2], [3, 0.46], [6, 0.5]]}, "grpo": {"if": [[0, 0.2], [3, 0.3], [6, 0.44]]}}
-    row = report.control_lines("mopd", ctl)[4]
-    assert row.startswith("| if | .200 | .500 | .450 | 3 | not reached |")
+    lines = report.control_lines("mopd", ctl)
+    assert lines[4].startswith("| if | .200 | .500 | .450 | 3 | not reached |")
+    assert not any("nothing to recover" in line for line in lines)
+    ctl["start"]["if"] = 0.46   # already within 90% of the teacher
+    assert any("nothing to recover" in line for line in report.control_lines("mopd", ctl))
