@@ -327,13 +327,13 @@ TEMPORARY = re.compile(r"\.tmp(-.*|\d*)$")
 
 def remove_stale_temporaries(run):
     """Delete the temporaries in what the cascade writes (RUN's files, RUN/start, RUN/data,
-    RUN/stages/...): with the lock held, no writer is alive to own one. (Nothing else under a
-    --run_dir that holds other things too.)"""
+    RUN/stages/..., RUN/controls/...): with the lock held, no writer is alive to own one. (Nothing
+    else under a --run_dir that holds other things too.)"""
     for root, dirs, files in os.walk(run):
         for name in [n for n in dirs + files if TEMPORARY.search(n)]:
             path = os.path.join(root, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        dirs[:] = [d for d in dirs if not TEMPORARY.search(d) and (root != run or d in ("start", "data", "stages"))]
+        dirs[:] = [d for d in dirs if not TEMPORARY.search(d) and (root != run or d in ("start", "data", "stages", "controls"))]
 
 
 def in_run(run, path):

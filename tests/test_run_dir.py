@@ -258,9 +258,10 @@ def test_stale_temporaries_are_removed_at_start(finished_run, tmp_path):
     recipe, run = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    stale = ["stages/mopd/last.tmp-k3j2", "stages/sft/final.tmp-x9", "stages/sft/last.tmp-removed"]
+    stale = ["stages/mopd/last.tmp-k3j2", "stages/sft/final.tmp-x9", "stages/sft/last.tmp-removed",
+             "controls/mopd/last.tmp-77aa"]   # (a MOPD stage's GRPO control writes there)
     for d in stale:
-        (copy / d).mkdir()
+        (copy / d).mkdir(parents=True)
         (copy / d / "model.safetensors").write_text("half")
     files = ["stages/rl/final/model.safetensors.tmp", "data/eval/math.jsonl.tmp4242", "eval.json.tmp",
              "stages/rlhf/final/trainer_state.json.tmp"]
