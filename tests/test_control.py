@@ -36,7 +36,7 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     run = tmp_path / "run"
     table = cascade.main(["--recipe", control_recipe(tmp_path / "r.toml", data_dir, eval_every=1), "--run_dir", str(run)])
 
-    (m,), (rl, control, after) = calls["mopd"], calls["grpo"]
+    (m,), (_, control, after) = calls["mopd"], calls["grpo"]   # (the stage before MOPD, its control, the stage after)
     assert flag(control, "--out") == str(run / "controls" / "mopd")
     for name in ("--init", "--seed", "--domains", "--steps", "--prompts_per_step", "--max_new_tokens",
                  "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking"):

@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import cascade
 import common

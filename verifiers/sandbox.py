@@ -347,7 +347,7 @@ def run_module_tests(files, test_source, limits=Limits()):
     a_r, a_w = os.pipe()  # tests -> serve
     b_r, b_w = os.pipe()  # serve -> tests
     try:
-        with Box("serve", files, limits, peer_fds=(a_r, b_w)) as serve_box, \
+        with Box("serve", files, limits, peer_fds=(a_r, b_w)), \
                 Box("tests", {"tests.py": test_source}, limits, peer_fds=(b_r, a_w), verdict=True,
                     extra={"modules": sorted(modules), "test_file": "tests.py"}) as tests_box:
             for fd in (a_r, a_w, b_r, b_w):
