@@ -45,9 +45,7 @@ from model import Block, Transformer
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
-    is_main: bool
 
 
 def init_distributed(device="auto"):
@@ -66,7 +64,7 @@ def init_distributed(device="auto"):
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    return Dist(rank, world, local_rank, dev, rank == 0)
+    return Dist(rank, world, dev)
 
 
 def is_main():
@@ -105,16 +103,16 @@ def set_seed(seed):
 # FSDP2 (--fsdp): for a model whose training state does not fit on one GPU. Every rank keeps 1/W of
 # each parameter, of its gradient and of its AdamW moments (16 bytes per parameter in fp32 become
 # 16/W); a transformer block's full weights exist only while it runs (all-gathered just before its
-# forward and its backward; its gradient reduce-scattered right after). The gradients are summed
-# over ranks, not averaged, as sync_grads does without FSDP: the stages divide each rank's
-# loss by the *global* token count. Only trained models are sharded; frozen ones (MOPD teachers,
-# the KL reference, the reward model during RL, evaluation) stay plain modules, and rollouts
-# gather the policy's full weights (full_parameters), so the weights themselves must fit.
+# forward and its backward; its gradient reduce-scattered right after). Only trained models are
+# sharded; frozen ones (MOPD teachers, the KL reference, the reward model during RL, evaluation)
+# stay plain modules, and rollouts gather the policy's full weights (full_parameters), so the
+# weights themselves must fit.
 
 
 def shard(model, device):
     """Shard a model in place with FSDP2: each transformer Block is one all-gather unit, the root
-    (embeddings, final norm, LM head, a reward head) another. Returns the model."""
+    (embeddings, final norm, LM head, a reward head) another; gradients summed over ranks, as
+    sync_grads sums them without FSDP. Returns the model."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block, mesh=mesh)
@@ -352,7 +350,6 @@ def write_json(path, obj):
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """-> (model, trainer_state dict)."""
-    _recover(path)
     if not checkpoint_exists(path):
         raise FileNotFoundError(f"{path}: no checkpoint here (config.json missing)")
     model = Transformer.from_pretrained(path, device=device, dtype=dtype)

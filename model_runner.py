@@ -7,10 +7,7 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
 (vLLM and nano-vllm split their engines the same way, into a scheduler and a model runner.)
 
 1. The pool: k_cache and v_cache, each [layers, num_blocks, block_size, Hkv, D], zeros (a masked-out
-   position still multiplies its 0 weight with V, and NaN * 0 = NaN). Its size is the engine's
-   num_blocks if given; else what the largest request so far needed, capped on a GPU at half the
-   free memory (it grows, never shrinks; `release` hands it back). Block 0 is never handed out: the
-   padding rows of a CUDA graph write their junk there.
+   position still multiplies its 0 weight with V, and NaN * 0 = NaN), sized by `prepare`.
 
 2. A scheduled step (`forward`): the N new tokens of S sequences, flattened into one [1, N] row with
    per-token positions, single-token sequences first. The model runs with an explicit `attention`
@@ -20,25 +17,20 @@ and block tables, and gives back logits, or the tokens a `sampler` function it i
    on the GPU), multi-token chunks written through their slots, then padded into one masked SDPA
    call over their context, gathered through the block tables (model.causal_attention).
 
-3. Decode steps on the device (`decode_step`). A burst of decode steps (rollout.py's docstring, 7) keeps its
-   inputs in device buffers, a `DecodeState`: each row's token, position, last position and block
-   table. A step feeds them, samples the next token into row j of the burst's outputs, and moves its
-   inputs on (that token, position + 1, capped at the last), so k steps run back to back with
-   nothing from the host. `start` picks a burst's buffers (a graph's, captured if new, or fresh
-   ones) and copies its inputs in; `launch` enqueues the burst: the block tables copied in, k
-   steps, the tokens copied back. Every copy is asynchronous (pinned host memory), so the host runs ahead of
-   the GPU, and `done` is the event the host waits on before it reads the tokens.
+3. Decode bursts (rollout.py's docstring, 7). `decode_step` runs one decode step wholly on the
+   device, from and into the buffers of a `DecodeState`, so k of them run back to back with nothing
+   from the host. `start` fills a burst's buffers, `launch` enqueues its steps and the copy of its
+   tokens back, all asynchronous (from pinned host memory): the host runs ahead of the GPU until it
+   waits on the event `done`.
 
 4. CUDA graphs (GPU only). A decode step does the same work for any batch of the same size, so the
    whole of it is captured once per padded batch size (1, 2, 4, 8, ...) and sampling setting, and
    replayed: one launch instead of a hundred and more small kernels. The sampler can live in a
    graph because on the GPU its draw is one Triton kernel whose random key, `philox_2` = [seed,
    step], is read from device memory and moved on inside the graph (kernels/sampling.py); top-k and
-   top-p, when set, are plain torch ops before it, captured with it. Graphs stay
-   valid while the parameters keep their storage (optimizers update in place); if parameters are
-   reallocated, we capture again. A forward that cannot be captured (one that syncs with the host,
-   say) is an error that says to pass cuda_graphs=False: a capture that failed midway can leave
-   CUDA's state broken for the rest of the process, so it is not something to carry on from.
+   top-p, when set, are plain torch ops before it, captured with it. Graphs stay valid while the
+   parameters keep their storage (optimizers update in place); if parameters are reallocated, we
+   capture again. A forward that cannot be captured is an error (`_capture` says why).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -95,8 +87,7 @@ class ModelRunner:
         # for the CUDA graphs to read
         self.philox_2 = torch.zeros(2, dtype=torch.long, device=self.device)
 
-    def release(self):
-        """Give the pool and the CUDA graphs back to the allocator (e.g. before a training phase)."""
+    def release(self):   # (Engine.release)
         self.k_cache = self.v_cache = None
         self.graphs, self.graph_pool = {}, None
 
@@ -204,8 +195,7 @@ class ModelRunner:
         return attention
 
     # ==== the optimisation on top: decode bursts on the device (docstring, 3; rollout.py's 7) =====
-    # The engine's mechanism needs only the pool and `forward` above; what follows runs k decode
-    # steps per host sync, and (4) captures each one as a CUDA graph.
+    # The engine's mechanism needs only the pool and `forward` above.
 
     def new_state(self, n: int, width: int, steps: int) -> DecodeState:
         """Zeroed buffers for n rows with block tables up to `width` wide and outputs for `steps`
@@ -278,11 +268,7 @@ class ModelRunner:
         logprobs = torch.empty(k, S, pin_memory=pin)
         tokens.copy_(st.tokens_k_n[:k, :S], non_blocking=True)
         logprobs.copy_(st.logprobs_k_n[:k, :S], non_blocking=True)
-        done = None
-        if pin:
-            done = torch.cuda.Event()
-            done.record()
-        return tokens, logprobs, done
+        return tokens, logprobs, torch.cuda.current_stream(self.device).record_event() if pin else None
 
     def _pinned(self, array: np.ndarray) -> Tensor:
         """A host array as a tensor a non-blocking copy can read from: pinned on a GPU (torch's caching

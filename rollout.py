@@ -11,12 +11,11 @@ this one first and `self.runner`'s methods on trust.
 1. Paged KV cache. Attention needs the keys and values of every earlier token. Instead of one
    [max_len, Hkv, D] buffer per sequence (which wastes memory on sequences that stop early and cannot
    share), the runner preallocates ONE pool per layer of fixed-size blocks, [num_blocks, block_size,
-   Hkv, D] (ModelRunner.k_cache/v_cache[layer]). A sequence owns a *block table*, the list of its block
-   ids: its token at position p lives in block table[p // block_size], row p % block_size, i.e. at
-   the flat *slot* table[p // block_size] * block_size + p % block_size. A free list hands out
-   blocks and takes one back when its last holder lets go of it (the sequence finished, was
-   preempted, or copied the block on write, 2). Block 0 is never handed out: it is the
-   "null block" that padded rows of a CUDA graph write their junk into.
+   Hkv, D]. A sequence owns a *block table*, the list of its block ids: its token at position p lives
+   in block table[p // block_size], row p % block_size, i.e. at the flat *slot* table[p // block_size]
+   * block_size + p % block_size. A free list hands out blocks and takes one back when its last
+   holder lets go of it (the sequence finished, was preempted, or copied the block on write, 2).
+   Block 0 is never handed out: it is the "null block" that padded rows of a CUDA graph write into.
 
 2. Prefix sharing with reference counts. The G samples of one prompt share its prompt: the prompt is
    prefilled once (by sample 0), then samples 1..G-1 are *forked*: they copy sample 0's block table
@@ -27,8 +26,7 @@ this one first and `self.runner`'s methods on trust.
    that block's k/v and lets go of the shared one. We chose this over "start each sample's own
    block at the first generated token" because it keeps one rule, slot = f(position), for every
    token of every sequence, so attention and the kernel never need to know about holes; the price
-   is at most G - 1 block copies per prompt (the last writer finds the block its own; none when the
-   prompt fills its last block), nothing next to a prefill. (nano-vllm's Block also
+   is at most G - 1 block copies per prompt, nothing next to a prefill. (nano-vllm's Block also
    carries a hash of its tokens to reuse prefixes *across* requests; we only share inside a group,
    where the fork tells us exactly what is shared, so no hash is needed.)
 
@@ -36,24 +34,19 @@ this one first and `self.runner`'s methods on trust.
    `num_cached` have k/v in the cache. A step feeds each scheduled sequence its uncached tokens
    (a whole prompt, a chunk of one, an environment's tool response, or, in steady state, the one
    token sampled last step) under a cap of max_batch_tokens, and the runner runs them as one
-   forward (model_runner.py, 2). Sequences join when there is room and leave as soon as they
-   stop, so the batch stays full. When the pool runs out, the newest sequence is preempted: its
-   blocks are freed, and it is later recomputed from its prompt + tokens so far (the same tokens,
-   so the same result). In steady state every step is pure decode, and the engine runs such steps
-   in bursts (7).
+   forward. Sequences join when there is room and leave as soon as they stop, so the batch stays
+   full. When the pool runs out, the newest sequence is preempted: its blocks are freed, and it is
+   later recomputed from its prompt + tokens so far (the same tokens, so the same result).
 
-4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> log_softmax ->
-   draw (kernels.draw: torch.multinomial with a torch.Generator seeded by `seed`; on the GPU one
-   Triton kernel, Gumbel-max with Philox numbers keyed by the same seed). The logprob returned for
-   a token is its log-probability under exactly that truncated, renormalized distribution. At
-   temperature 1 with no truncation it equals log_softmax of the training forward's logits, up to
-   the train/inference mismatch that GRPO logs and MOPD's weights act on. temperature == 0 is greedy
-   (argmax); since the point mass it samples from has logprob 0, we return log_softmax of the raw
-   logits instead, the useful number. Same seed, prompts, parameters and engine settings -> same
-   samples on the same device (the order of random draws depends on the schedule, which is
-   deterministic). A sequence stops ("stop") at a stop token or when its text comes to contain a
-   stop string (decoding only its last few tokens), or at max_new_tokens ("length"); the stopping
-   token is kept, with its logprob.
+4. Sampling and logprobs (`sample`): logits -> / temperature -> top-k -> top-p -> kernels.draw. The
+   logprob returned for a token is its log-probability under exactly that truncated, renormalized
+   distribution. At temperature 1 with no truncation it equals log_softmax of the training forward's
+   logits, up to the train/inference mismatch that GRPO logs and MOPD's weights act on. temperature
+   0 is greedy, and since the point mass it samples from has logprob 0, its logprob is that of the
+   raw logits instead, the useful number. Same seed, prompts, parameters and engine settings -> same
+   samples on the same device (the schedule, hence the order of random draws, is deterministic). A
+   sequence stops ("stop") at a stop token or when its text comes to contain a stop string, or at
+   max_new_tokens ("length"); the stopping token is kept, with its logprob.
 
 5. Multi-turn environments. When a sequence samples one of `hook_token_ids` (say </tool_call>),
    `env_hook(prompt_index, sample_index, response_ids_so_far)` may return tokens (a tool response)
@@ -67,21 +60,18 @@ this one first and `self.runner`'s methods on trust.
    full weights once, for the whole call (common.full_parameters; so every rank must call it), and
    by default decodes eagerly (FSDP's hooks run in every forward, which a CUDA graph cannot replay).
 
-7. Decode bursts (`decode_burst`, default 16). A step as in 3 costs the host a few microseconds
-   per sequence (schedule, tables, reading the sampled tokens back, appending them): at batch
-   2048, several milliseconds, far more than the GPU needs for the step. So when every running
-   sequence just decodes and no waiting one could join, the engine reserves blocks for the next k
-   tokens of each, has the runner run k steps back to back on the device (model_runner.py, 3 and
-   4), and reads the k x S tokens back once. Each sequence keeps its tokens up to its first stop,
-   tool call or max_new_tokens; one that ended early decoded junk into its own blocks for the rest
-   of the burst (at most k - 1 steps; k is cut to the longest remaining response). decode_burst=1
-   syncs after every step. On a GPU (`overlap`), the engine launches the next burst (`_follow`)
-   before it reads the last, from the inputs the last left on the device, as if every sequence
-   went on, so the host appends tokens while the GPU computes the next ones. Rows whose sequence
-   ended or called a tool are junk in the next burst, and the host drops them (`_take`); the
-   pipeline drains and the batch re-forms when such a row exists, a waiting sequence could join,
-   or the pool would have to preempt. Greedy samples are the same for any decode_burst; sampled
-   ones draw their random numbers in another order, so they differ, with the same distribution.
+7. Decode bursts (`decode_burst`, default 16), the optimisation at the end of the class. A step as in
+   3 costs the host a few microseconds per sequence (schedule, tables, reading the sampled tokens
+   back, appending them): at batch 2048, several milliseconds, far more than the GPU needs for the
+   step. So when every running sequence just decodes and no waiting one could join, the engine
+   reserves blocks for the next k tokens of each, has the runner run k steps back to back on the
+   device, and reads the k x S tokens back once. Each sequence keeps its tokens up to its first
+   stop, tool call or max_new_tokens; one that ended early decoded junk into its own blocks for the
+   rest of the burst. On a GPU (`overlap`), the engine launches the next burst before it reads the
+   last, as if every sequence went on, so the host appends tokens while the GPU computes the next
+   ones; the pipeline drains when a row ended or called a tool, a waiting sequence could join, or
+   the pool would have to preempt. Greedy samples are the same for any decode_burst; sampled ones
+   draw their random numbers in another order, so they differ, with the same distribution.
 """
 import gc
 from collections import deque
@@ -173,11 +163,6 @@ def sample(logits_R_V: Tensor, params: SamplingParams, generator: torch.Generato
     return draw(logits_R_V, temperature, generator, philox_2)
 
 
-def sampling_key(params: SamplingParams) -> tuple:
-    """What `sample` reads of params: a CUDA graph captured with one setting serves only that one."""
-    return params.temperature, params.top_k, params.top_p
-
-
 def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode) -> bool:
     """Does the last token complete one of params.stop_strings, i.e. does one occur in the text and
     end inside that token's text? Occurrences already there before it (say, in a tool response the
@@ -190,16 +175,11 @@ def ends_in_stop_string(response_ids: list[int], params: SamplingParams, decode)
 
 class Engine:
     """block_size: tokens per KV block. num_blocks: pool size (None: what the largest request so far
-    needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one
-    step. max_seqs: cap on running sequences. cuda_graphs: capture decode steps (default: on a
-    GPU, unless the model is FSDP-sharded (docstring, 6) or the block size does not suit the Triton
-    attention kernel, a power of two >= 16 (kernels/paged_attention.kernel_fits); never under
-    autocast, where bursts run eagerly: ModelRunner.start). decode_burst: decode steps per host
-    sync (docstring, 7; 1: one). overlap: launch each burst before the host reads the last
-    (docstring, 7; default: on a GPU).
-    After each generate, `stats` holds steps, forward_tokens, preemptions, graph_steps,
-    peak_blocks, bursts, and ahead (bursts launched before the host had read the one before them).
-    Pass the bare module, not a DDP wrapper."""
+    needed, on a GPU at most half the free memory). max_batch_tokens: cap on the tokens of one step.
+    max_seqs: cap on running sequences. cuda_graphs: capture decode steps (default: on a GPU, unless
+    the model is FSDP-sharded (docstring, 6) or the Triton attention kernel does not take the block
+    size (kernels/paged_attention.kernel_fits); never under autocast: ModelRunner.start).
+    decode_burst, overlap: docstring, 7 (overlap's default: on a GPU). `stats`: the last generate's."""
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 8192, max_seqs: int = 512, cuda_graphs: bool | None = None,
@@ -308,16 +288,14 @@ class Engine:
                 return []
         if n < 1 or n > self.max_seqs:
             raise ValueError(f"rollout.py: n={n} must be in [1, max_seqs={self.max_seqs}]")
-        sp = params
-        if sp.max_new_tokens < 1 or sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+        if params.max_new_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ValueError(f"rollout.py: bad {params}: need max_new_tokens >= 1, temperature >= 0, "
                              "0 < top_p <= 1, top_k >= 0")
         if params.stop_strings and (decode is None or not all(params.stop_strings)):
             raise ValueError("rollout.py: stop_strings need generate(..., decode=tokenizer's ids -> text), "
                              f"and must not be empty: {params.stop_strings!r}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("rollout.py: empty prompt at index "
-                             f"{next(i for i, p in enumerate(prompts) if len(p) == 0)}")
+        if empty := [i for i, p in enumerate(prompts) if not p]:
+            raise ValueError(f"rollout.py: empty prompt at index {empty[0]}")
         longest = max(len(p) for p in prompts) + params.max_new_tokens
         if longest > self.max_len:
             raise ValueError(f"rollout.py: prompt + max_new_tokens = {longest} > the model's "
@@ -446,9 +424,7 @@ class Engine:
 
     # ==== the optimisation on top of the mechanism: decode bursts (docstring, 7) =================
     # Everything above is the engine, complete: with every step taken by _step it generates the
-    # same greedy samples. Everything below only makes it faster, by running k decode steps per host
-    # sync when every running sequence just decodes (and, with overlap, launching the next k before
-    # the host reads the last). Its parts on the device are model_runner.py's sections 3 and 4.
+    # same greedy samples. Everything below only makes it faster (on the device: model_runner.py, 3, 4).
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
         """Every running sequence decodes (one uncached token each) and no waiting one could join
@@ -484,8 +460,9 @@ class Engine:
         # response's last token is sampled, never fed)
         inputs_3_S = np.array([[seq.tokens[-1] for seq in seqs], [seq.num_cached for seq in seqs],
                                [seq.num_prompt + params.max_new_tokens - 2 for seq in seqs]], dtype=np.int64)
+        # what `sample` reads of params: a CUDA graph captured with one setting serves only that one
         st = self.runner.start(inputs_3_S, self.tables.shape[1], self.decode_burst, sampler,
-                               sampling_key(params))
+                               (params.temperature, params.top_k, params.top_p))
         return self._launch(Burst(seqs, [seq.num_cached for seq in seqs], k, st), sampler)
 
     def _follow(self, burst: "Burst", waiting: deque, running: list, alloc: BlockAllocator,
