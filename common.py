@@ -176,10 +176,9 @@ def clip_grad_norm(params, max_norm, where="a training step"):
 
 
 # Weights this large are a blow-up, not training: a transformer's weights are of order 1 or less
-# (norm gains near 1, matrices near 1/sqrt(width)), and 1e4 leaves a wide margin for outliers, while
-# Adam moves each weight by about the learning rate per step: SFT at --lr 1e6 reaches max |w| 1e6
-# in one step (tests/test_run_dir.py). Such a model scores 0, and the NaN comes a stage later, where
-# it would be blamed.
+# (norm gains near 1, matrices near 1/sqrt(width)), while Adam moves each weight by about the learning
+# rate per step (SFT at --lr 1e6 reaches max |w| 1e6 in one step: tests/test_run_dir.py). Such a
+# model scores 0, and the NaN comes a stage later, where it would be blamed.
 WEIGHT_LIMIT = 1e4
 
 

@@ -1,23 +1,20 @@
 """The model: a Qwen3-MoE-compatible decoder-only transformer, written out by hand.
 
 Read top to bottom:
-  1. ModelConfig   the Hugging Face Qwen3-MoE `config.json` keys (their checks, with clear errors,
-                   are at the end of the file: parse_config).
+  1. ModelConfig   the Hugging Face Qwen3-MoE `config.json` keys (checked at the end of the file).
   2. RMSNorm, RoPE the two small pieces every modern decoder shares.
   3. Attention     grouped-query attention (GQA) with RMSNorm on q and k per head before RoPE
                    (Qwen3's "QK-norm"). Causal, and block-diagonal when several documents are
                    packed into one row (SFT). An `attention` callable can replace the core, which
                    is how the rollout engine runs these very layers over its paged KV cache
-                   (model_runner.py). On the GPU, QK-norm + RoPE then run as one kernel
-                   (kernels/qk_norm_rope.py).
+                   (model_runner.py).
   4. MoE block     router -> top-k routing -> SwiGLU experts as two grouped GEMMs over the token
-                   copies sorted by expert (when decoding, on the GPU, the SwiGLU runs inside the
-                   first) -> weighted sum back in token order; plus the Switch/Qwen3-MoE
-                   load-balancing loss. Some layers may be dense SwiGLU MLPs.
+                   copies sorted by expert -> weighted sum back in token order; plus the
+                   Switch/Qwen3-MoE load-balancing loss. Some layers may be dense SwiGLU MLPs.
   5. Transformer   embeddings, the blocks, final norm, LM head; last, save/load in the Hugging Face
                    layout (config.json + model.safetensors) so that `transformers` loads what we
                    save and we load what it saves (tests/test_model.py checks both ways).
-model.py imports nothing of the project but kernels/: common.py's checkpoints build on it.
+model.py imports nothing of the project but kernels/.
 
 Submodule names mirror Hugging Face's, so state_dict keys map 1:1, except for two fusions: each
 attention's q, k and v projections are one `self_attn.qkv_proj` (rows q | k | v) and each MoE
@@ -240,14 +237,11 @@ class MoE(nn.Module):
         # A training loss: not computed in eval mode (the rollout engine's decode steps).
         if not self.training:
             return out_N_H.view(B, T, H), None
-        if valid_N is None:
-            f_E, P_E = r.counts_E.float() / N, r.probs_N_E.mean(dim=0)
-        else:
-            # (counted by an index_add of 0s and 1s, exact: a boolean index or bincount syncs the GPU)
-            valid = valid_N.float()
-            n = valid.sum().clamp(min=1)
-            f_E = valid.new_zeros(self.E).index_add_(0, r.experts_N_K.flatten(), valid.repeat_interleave(self.K)) / n
-            P_E = (r.probs_N_E * valid[:, None]).sum(dim=0) / n
+        # (counted by an index_add of 0s and 1s, exact: a boolean index or bincount syncs the GPU)
+        valid = r.probs_N_E.new_ones(N) if valid_N is None else valid_N.float()
+        n = valid.sum().clamp(min=1)
+        f_E = valid.new_zeros(self.E).index_add_(0, r.experts_N_K.flatten(), valid.repeat_interleave(self.K)) / n
+        P_E = (r.probs_N_E * valid[:, None]).sum(dim=0) / n
         aux = self.E * (f_E * P_E).sum()
         return out_N_H.view(B, T, H), aux
 

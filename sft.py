@@ -30,19 +30,19 @@ warmup (recipes/ set them).
 
 What we drop, and why:
 - 256K-token rows: our models have short contexts; --seq_len sets the row length.
-- Sequence/context parallelism: our rows are short. Data parallelism replicates the model and sums
-  the gradients over ranks once per step (common.sync_grads, one all-reduce after the backward, as
-  in the RL stages: one rule for the global token mean everywhere), or with --fsdp FSDP2 shards the
-  weights, gradients and AdamW state over the ranks (common.shard). DDP would overlap that
-  all-reduce with the backward; at our sizes the one rule is worth more than the overlap.
+- Sequence/context parallelism: our rows are short.
+- DDP's overlap of the gradient all-reduce with the backward: the gradients are summed over ranks
+  once per step (common.sync_grads), as in the RL stages, one rule for the global token mean
+  everywhere, which at our sizes is worth more than the overlap.
 - Repacking every epoch: we pack once (after a seeded shuffle) and shuffle the rows every epoch,
   which keeps the data position a simple (epoch, index) pair for resuming.
 
 Distributed: the global batch (--batch_size rows) is split into equal contiguous slices, one per
-rank, each cut into --grad_accum microbatches. Every rank holds the packed data and draws the same
+rank, each cut into --grad_accum microbatches; every rank holds the packed data and draws the same
 seeded permutation per epoch, so N ranks with G microbatches each compute what one process with N*G
-microbatches computes (up to float rounding). The only randomness is (seed) for the init and
-(seed, epoch) for the data order, so a resumed run continues bit-exactly.
+microbatches computes (up to float rounding). With --fsdp the weights, gradients and AdamW state
+are sharded over the ranks (common.shard). The only randomness is (seed) for the init and (seed,
+epoch) for the data order, so a resumed run continues bit-exactly.
 
     python -m data.build --out runs/data --preset tiny                           # the built-in data
     python sft.py --config configs/tiny.json --data runs/data --out runs/sft     # from scratch, CPU

@@ -1,16 +1,13 @@
-"""The one place that chooses between the Triton kernels and their plain-torch references.
+"""Where the Triton kernels or their plain-torch references run, by one rule: `use_triton`.
 
     from kernels import route, grouped_mm, grouped_swiglu, combine, draw, Routing, use_triton
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
-torch references run: they are the same math, slower, and work on any device. Both paths return the
-same values (in fp32; in bf16 up to rounding, as the kernels accumulate in fp32), so model code calls
-these functions and never asks which one it got. One exception is
-`draw`, the sampler: its two paths draw from the same distribution and return the same logprobs,
-but from different random numbers (kernels/sampling.py). The rule itself is `use_triton`, which two
-other callers ask too: model.py, for the forward-only QK-norm + RoPE kernel (kernels/qk_norm_rope.py,
-taken only when decoding through a KV cache without gradients), and kernels/paged_attention.py.
+torch references run: the same math, slower, on any device. Both paths return the same values (in
+bf16 up to rounding: the kernels accumulate in fp32), so model code never asks which one it got;
+`draw`'s two paths draw from the same distribution with other random numbers (kernels/sampling.py).
+model.py (the QK-norm + RoPE kernel) and kernels/paged_attention.py ask use_triton themselves.
 """
 import os
 

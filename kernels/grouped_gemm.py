@@ -69,8 +69,8 @@ else:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM)
 
 
 def _fits_registers(configs, named_args, **kwargs):
-    """The tiles whose fp32 accumulators fit a thread's registers: at most 128 of the 255 a thread
-    may hold, or ptxas spills them to local memory (two accumulators with SwiGLU: gate and up)."""
+    """The tiles whose fp32 accumulators (SwiGLU: two) fit in 128 of the 255 registers a thread may
+    hold; ptxas spills larger ones to local memory."""
     tiles = 2 if kwargs.get("SWIGLU") else 1
     return [c for c in configs if tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps]
 

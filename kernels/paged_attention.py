@@ -31,8 +31,6 @@ Two implementations with the same contract:
   nothing else, which is what a memory-bound decode step wants, and its two dots run on the tensor
   cores in the pool's dtype with fp32 accumulation (fp32 pools: tf32 where torch allows it), so
   the math stays small next to those reads.
-`paged_decode_attention` picks Triton by kernels.use_triton (a GPU, or NANOCASCADE_TRITON=1) when
-the block size suits the kernel, and the torch path otherwise.
 """
 import torch
 import torch.nn.functional as F

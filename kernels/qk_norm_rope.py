@@ -16,9 +16,8 @@ in fp32, rotates, and writes q and k in the [B, T, H, D] layout the projections 
 same [B, H, T, D] views the torch path returns). Everything is computed in fp32 and rounded once,
 so in bf16 it can differ from the torch path, which rounds after each op, in the last bit.
 
-Forward only: model.py uses it when it decodes through a KV cache (an `attention` callable) with
-no gradient recorded, where Triton runs (kernels/__init__.py's rule). Training, and every forward
-without a cache, use the torch path, which is this kernel's reference (tests/test_kernels.py).
+Forward only: model.py takes it when decoding (model.decoding) where Triton runs; every other
+forward uses the torch path, which is this kernel's reference (tests/test_kernels.py).
 """
 import torch
 import triton
@@ -66,8 +65,7 @@ def qk_norm_rope_triton(q_B_T_Hq_D: Tensor, k_B_T_Hkv_D: Tensor, q_weight_D: Ten
                         k_weight_D: Tensor, cos_B_1_T_D: Tensor, sin_B_1_T_D: Tensor,
                         eps: float) -> tuple[Tensor, Tensor]:
     B, T, Hq, D = q_B_T_Hq_D.shape
-    Hkv = k_B_T_Hkv_D.shape[2]
-    assert D % 2 == 0, f"qk_norm_rope.py: RoPE needs an even head_dim, got {D}"
+    Hkv = k_B_T_Hkv_D.shape[2]   # (D is even: model.parse_config checks head_dim)
     # each token's heads contiguous, token b * T + t at one stride (the projections' views are). The
     # stride is read off the [B*T] view: with T = 1, dim 1's stride says nothing, even in a tensor
     # torch calls contiguous (which .contiguous() would return as it is)
