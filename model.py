@@ -490,9 +490,8 @@ def parse_config(d, source="<dict>"):
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             bad(key, f"asks for rope_type {rope.get('rope_type', rope.get('type'))!r}; only "
                 "'default' RoPE is implemented")
-        if "rope_theta" in rope:
-            if d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
-                bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
+        if "rope_theta" in rope and d.setdefault("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+            bad("rope_theta", f"= {d['rope_theta']!r} disagrees with {key}.rope_theta")
     for key in ("attention_bias", "use_sliding_window"):
         if d.get(key):
             bad(key, "is true; not implemented (Qwen3-MoE has no attention biases, and attends in full)")

@@ -213,7 +213,7 @@ class Engine:
         table, bs = seq.block_table, self.block_size
         start = seq.num_cached if start is None else start
         first = start // bs   # the block the first new token is written to
-        grow = (start + num_new + bs - 1) // bs - len(table)
+        grow = self._blocks_for(start + num_new) - len(table)
         copy = first < len(table) and alloc.ref_count[table[first]] > 1
         if grow <= 0 and not copy:     # most decode steps: the token fits in a block of its own
             return True
@@ -427,11 +427,9 @@ class Engine:
     # same greedy samples. Everything below only makes it faster (on the device: model_runner.py, 3, 4).
 
     def _can_burst(self, waiting: deque, running: list, alloc: BlockAllocator) -> bool:
-        """Every running sequence decodes (one uncached token each) and no waiting one could join
-        now (no seat under max_seqs, no token left in a step's budget after the decodes, or no room
-        in the pool for its whole prompt): nothing for the host to decide. A prompt with one token
-        left to prefill is no decode while it has samples to fork: _step forks them when it is
-        cached, from its logits."""
+        """Every running sequence decodes (one uncached token, and no samples left to fork: _step
+        forks them from the prompt's logits) and no waiting one could join now (a seat, a token of
+        the step's budget and the blocks of its prompt): nothing for the host to decide."""
         if not running or len(running) > self.max_batch_tokens:
             return False
         if any(len(seq.tokens) - seq.num_cached != 1 or seq.children for seq in running):
@@ -445,10 +443,9 @@ class Engine:
     def _burst(self, waiting: deque, running: list, alloc: BlockAllocator, params: SamplingParams,
                sampler) -> "Burst | None":
         """Up to decode_burst decode steps of the running sequences, launched on the device and not
-        waited for (_take reads them). Each step feeds the token the previous one sampled. A sequence
-        that stops (or calls a tool) within the burst goes on decoding junk until the end of it, into
-        its own blocks, at positions its attention never reads before they are rewritten; the host
-        keeps its tokens up to the stop."""
+        waited for (_take reads them). A sequence that stops (or calls a tool) within the burst
+        decodes junk until its end into its own blocks, at positions its attention never reads
+        before they are rewritten."""
         k, num_new = self._plan(running, [seq.num_cached for seq in running], params)
         i = 0
         while i < len(running):   # blocks for the whole burst, up front (preemption pops the newest)
@@ -467,11 +464,10 @@ class Engine:
 
     def _follow(self, burst: "Burst", waiting: deque, running: list, alloc: BlockAllocator,
                 params: SamplingParams, sampler) -> "Burst | None":
-        """The next burst of the same sequences, launched before the host has read `burst`: it assumes
-        that every sequence takes all of burst's tokens, and starts from where burst leaves its
-        inputs on the device. None when that cannot go on as it is: a sequence ended or diverged
-        before `burst` started, a waiting one could join, the responses are done, or the pool would
-        have to preempt."""
+        """The next burst of the same sequences, launched before the host has read `burst`, from the
+        inputs burst leaves on the device, as if every sequence took all its tokens. None when a
+        sequence ended or diverged before `burst` started, a waiting one could join, the responses
+        are done, or the pool would have to preempt."""
         if not (self.overlap and burst.all_live and running == burst.seqs
                 and self._can_burst(waiting, running, alloc)):
             return None

@@ -144,10 +144,11 @@ def _grouped_mm_kernel(a_ptr, b_ptr, y_ptr, offsets_ptr, gather_ptr, E,
 
 
 def _grouped_mm(a: Tensor, b_E_K_N: Tensor, offsets_E1: Tensor, gather_idx: Tensor | None,
-                M: int, swiglu: bool = False) -> Tensor:
-    """Y [M, N] = grouped A @ B; A rows are a[gather_idx] when given (then a may have != M rows).
+                swiglu: bool = False) -> Tensor:
+    """Y [M, N] = grouped A @ B; A rows are a[gather_idx] when given (then M = len(gather_idx)).
     swiglu: B is [gate | up], 2N columns, and Y = silu(A @ gate) * (A @ up)."""
     E, K, N = b_E_K_N.shape
+    M = a.shape[0] if gather_idx is None else gather_idx.shape[0]
     N = N // 2 if swiglu else N
     y = torch.empty(M, N, device=a.device, dtype=a.dtype)
     if M == 0:
@@ -236,9 +237,8 @@ def _grouped_dw(x: Tensor, dy: Tensor, offsets_E1: Tensor, gather_idx: Tensor | 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets_E1, gather_idx, copies_N_K):
-        M = x.shape[0] if gather_idx is None else gather_idx.shape[0]
         ctx.save_for_backward(x, w, offsets_E1, gather_idx, copies_N_K)
-        return _grouped_mm(x, w, offsets_E1, gather_idx, M)
+        return _grouped_mm(x, w, offsets_E1, gather_idx)
 
     @staticmethod
     def backward(ctx, dy):
@@ -247,7 +247,7 @@ class _GroupedMM(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # dX = dY @ W^T per group: the forward kernel with B = W viewed [E, N, K].
-            dx = _grouped_mm(dy, w.transpose(1, 2), offsets_E1, None, dy.shape[0])
+            dx = _grouped_mm(dy, w.transpose(1, 2), offsets_E1, None)
             if copies_N_K is not None:    # each token collects the gradients of its K copies
                 dx = dx[copies_N_K].sum(1, dtype=torch.float32).to(x.dtype)
             elif gather_idx is not None:  # any gather: the same sum, by atomic adds
@@ -298,4 +298,4 @@ def grouped_swiglu_triton(x_N_K: Tensor, w_E_K_2I: Tensor, offsets_E1: Tensor, g
     the silu and the multiply each: bf16 results can differ in the last bit."""
     x, w = _autocast(x_N_K, w_E_K_2I)
     assert w.shape[2] % 2 == 0, f"grouped_swiglu: w {tuple(w.shape)} must be [E, K, 2I]"
-    return _grouped_mm(x, w, offsets_E1, gather_idx_M, gather_idx_M.shape[0], swiglu=True)
+    return _grouped_mm(x, w, offsets_E1, gather_idx_M, swiglu=True)
