@@ -248,9 +248,8 @@ class ModelRunner:
     def launch(self, st: DecodeState, k: int, tables_S_M: np.ndarray, sampler: Callable):
         """Enqueue k steps on `st` (a graph replay each, or eager steps drawing with `sampler`) with
         these block tables (the first S rows), then the copy of their tokens back to the host, none
-        of it waited for.
-        -> host tensors tokens [k, S] and logprobs [k, S], and the event after which they are filled
-        (None on a CPU, where they already are)."""
+        of it waited for. -> host tensors tokens [k, S] and logprobs [k, S], and the event after
+        which they are filled (None on a CPU, where they already are)."""
         S, width = tables_S_M.shape
         if st.graph is None:   # eager: as wide as the burst needs (the torch attention reads every entry)
             st.width = width

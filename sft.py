@@ -200,12 +200,11 @@ def main(argv=None):
     resume = common.checkpoint_exists(last)
     fsdp = args.fsdp and world > 1
     load_to = "cpu" if fsdp else device   # FSDP: every rank loads on the CPU, keeps its shard on device
-    if resume or args.init:
+    if resume or args.init:   # (the trainer state is read only when resuming)
         model, state = common.load_checkpoint(last if resume else args.init, load_to)
-        state = state if resume else {}
     else:
         common.set_seed(args.seed)  # the same init on every rank
-        model, state = Transformer(ModelConfig.from_json(args.config)).to(load_to), {}
+        model = Transformer(ModelConfig.from_json(args.config)).to(load_to)
     cfg = model.config
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{tok_path}: tokenizer has {tok.get_vocab_size()} ids but the model's "
