@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.paged_attention import paged_decode_attention
+from kernels import paged_decode_attention
 from model import causal_attention
 
 

@@ -82,8 +82,7 @@ import torch
 from torch import Tensor
 
 from common import full_parameters, is_sharded
-from kernels import draw
-from kernels.paged_attention import kernel_fits
+from kernels import draw, kernel_fits
 from model_runner import DecodeState, ModelRunner
 
 

@@ -1,13 +1,13 @@
-"""Where the Triton kernels or their plain-torch references run, by one rule: `use_triton`.
+"""The one place that chooses between the Triton kernels and their plain-torch references.
 
-    from kernels import route, grouped_mm, grouped_swiglu, combine, draw, Routing, use_triton
+    from kernels import route, grouped_mm, grouped_swiglu, combine, draw, paged_decode_attention
 
 Triton runs when the tensors are on a GPU, or when NANOCASCADE_TRITON=1 (the tests set it together
 with TRITON_INTERPRET=1 to run the kernels on a CPU through Triton's interpreter). Otherwise the
 torch references run: the same math, slower, on any device. Both paths return the same values (in
 bf16 up to rounding: the kernels accumulate in fp32), so model code never asks which one it got;
 `draw`'s two paths draw from the same distribution with other random numbers (kernels/sampling.py).
-model.py (the QK-norm + RoPE kernel) and kernels/paged_attention.py ask use_triton themselves.
+The rule is `use_triton`, which model.py asks too, for the forward-only QK-norm + RoPE kernel.
 """
 import os
 
@@ -16,10 +16,12 @@ from torch import Tensor
 
 from kernels.grouped_gemm import (grouped_mm_reference, grouped_mm_triton, grouped_swiglu_reference,
                                   grouped_swiglu_triton)
+from kernels.paged_attention import kernel_fits, paged_decode_attention_torch, paged_decode_attention_triton
 from kernels.routing import Routing, combine_reference, combine_triton, route_reference, route_triton
 from kernels.sampling import draw_reference, draw_triton
 
-__all__ = ["Routing", "route", "grouped_mm", "grouped_swiglu", "combine", "draw", "use_triton"]
+__all__ = ["Routing", "route", "grouped_mm", "grouped_swiglu", "combine", "draw", "paged_decode_attention",
+           "kernel_fits", "use_triton"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -60,3 +62,12 @@ def draw(logits_R_V: Tensor, temperature: float, generator: torch.Generator, phi
     if philox_2 is not None and use_triton(logits_R_V):
         return draw_triton(logits_R_V, temperature, philox_2)
     return draw_reference(logits_R_V, temperature, generator)
+
+
+def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
+                           v_cache: Tensor, block_tables_S_M: Tensor, positions_S: Tensor) -> Tensor:
+    """Each sequence's new token: its k/v into the pool, its query over its cached tokens and itself.
+    The kernel where it takes the pool's block size (kernel_fits). See kernels/paged_attention.py."""
+    triton_ok = use_triton(q_S_Hq_D) and kernel_fits(k_cache.shape[1])
+    fn = paged_decode_attention_triton if triton_ok else paged_decode_attention_torch
+    return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S)

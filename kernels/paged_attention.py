@@ -2,8 +2,8 @@
 cache and whose query attends over all of it. The cache lives scattered over fixed-size blocks of
 a shared pool (see rollout.py for the block tables, model_runner.py for the pool).
 
-    out_S_Hq_D = paged_decode_attention(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache,
-                                        block_tables_S_M, positions_S)
+    out_S_Hq_D = kernels.paged_decode_attention(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache,
+                                                block_tables_S_M, positions_S)
 
     q, k, v:          the new tokens' query, key and value heads
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], one layer's slice of the pool
@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import use_triton
 from kernels.grouped_gemm import _interpreting, _precision
 
 
@@ -153,11 +152,3 @@ def paged_decode_attention_triton(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=max(64, block_size),
         PRECISION=_precision(k_cache), FP32_MATH=_interpreting())
     return out
-
-
-def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
-                           v_cache: Tensor, block_tables_S_M: Tensor, positions_S: Tensor,
-                           scale: float | None = None) -> Tensor:
-    triton_ok = use_triton(q_S_Hq_D) and kernel_fits(k_cache.shape[1])
-    fn = paged_decode_attention_triton if triton_ok else paged_decode_attention_torch
-    return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S, scale)
