@@ -67,7 +67,7 @@ def draw(logits_R_V: Tensor, temperature: float, generator: torch.Generator, phi
 def paged_decode_attention(q_S_Hq_D: Tensor, k_S_Hkv_D: Tensor, v_S_Hkv_D: Tensor, k_cache: Tensor,
                            v_cache: Tensor, block_tables_S_M: Tensor, positions_S: Tensor) -> Tensor:
     """Each sequence's new token: its k/v into the pool, its query over its cached tokens and itself.
-    The kernel where it takes the pool's block size (kernel_fits). See kernels/paged_attention.py."""
+    Triton only for a block size the kernel takes (kernel_fits). See kernels/paged_attention.py."""
     triton_ok = use_triton(q_S_Hq_D) and kernel_fits(k_cache.shape[1])
     fn = paged_decode_attention_triton if triton_ok else paged_decode_attention_torch
     return fn(q_S_Hq_D, k_S_Hkv_D, v_S_Hkv_D, k_cache, v_cache, block_tables_S_M, positions_S)
