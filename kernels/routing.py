@@ -1,15 +1,10 @@
 """Fused top-k routing for a mixture-of-experts layer (and the weighted combine that undoes it), in
 Triton, next to the plain-torch references.
 
-A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router logits [N, E] into:
-
-    probs_N_E    fp32 softmax over experts (the aux loss needs all of it)
-    weights_N_K  the top-k probabilities, renormalized to sum to 1 when norm_topk_prob (Qwen3-MoE)
-    experts_N_K  the chosen expert ids, in descending weight order
-    counts_E, offsets_E1, sort_idx, unsort_idx, token_M
-                 the permutation that groups the N*K token copies by expert, so that each expert's
-                 rows are contiguous and one grouped GEMM (kernels/grouped_gemm.py) does all experts,
-                 and the token of each sorted row, from which that GEMM gathers its input.
+A MoE layer sends each token to `top_k` of `E` experts. Routing turns the router logits [N, E] into
+a `Routing` (its fields below): the softmax, the top-k weights and experts, and the permutation that
+groups the N*K token copies by expert, so that each expert's rows are contiguous and one grouped
+GEMM (kernels/grouped_gemm.py) does all experts, gathering each sorted row from its token (token_M).
 
 Flat copy index j = token * K + k. The sort is stable, by expert then by j, so it is deterministic
 and equal to `argsort(experts_N_K.flatten(), stable=True)`: given the same experts the Triton path
