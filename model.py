@@ -165,8 +165,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_q, self.n_kv, self.d = (layer_idx, c.num_attention_heads,
                                                        c.num_key_value_heads, c.head_dim)
-        # q_proj | k_proj | v_proj as one [(Hq + 2 Hkv) D, hidden] weight: one GEMM, and q, k, v are
-        # views of its output (the checkpoint keeps the three; hf_state_dict)
+        # q | k | v in one weight (the module docstring): one GEMM, and q, k, v are views of its output
         self.qkv_proj = nn.Linear(c.hidden_size, (self.n_q + 2 * self.n_kv) * self.d, bias=False)
         self.o_proj = nn.Linear(self.n_q * self.d, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, c.rms_norm_eps)   # per head, over head_dim only
