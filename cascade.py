@@ -71,7 +71,7 @@ SCRIPTS = {"sft": sft, "grpo": grpo, "mopd": mopd, "rlhf": rlhf}
 # every key a recipe may have, and the type of its value
 TOP_KEYS = {"name": str, "model": str, "init": str, "data": str, "build": dict, "seed": int, "device": str,
             "fsdp": bool, "eval": dict, "stage": list}
-EVAL_KEYS = {"limit": int, "max_new_tokens": int, "thinking": bool, "domains": list}
+EVAL_KEYS = {"limit": int, "max_new_tokens": int, "thinking": bool, "domains": list, "samples": int, "sparse": list}
 BUILD_KEYS = {"preset": str, "sizes": dict, "vocab_size": int, "doc_lines": int}  # data.build's arguments
 STAGE_KEYS = {"name": str, "script": str, "args": dict, "control": dict}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
@@ -127,8 +127,12 @@ def load_recipe(path, steps_scale=1.0):
     for key in ("limit", "max_new_tokens"):
         if ev.get(key, 1) < 1:
             bad(f"[eval]: {key} = {ev[key]}: must be a positive integer")
+    if ev.get("samples", 0) < 0:
+        bad(f"[eval]: samples = {ev['samples']}: must be 0 (greedy) or the number of samples per prompt")
     if not ev.get("domains", data.DOMAINS) or any(d not in data.DOMAINS for d in ev.get("domains", [])):
         bad(f"[eval]: domains = {ev['domains']!r}: must be a non-empty list of {list(data.DOMAINS)}")
+    if any(d not in ev.get("domains", data.DOMAINS) for d in ev.get("sparse", [])):
+        bad(f"[eval]: sparse = {ev['sparse']!r}: must be a list of the evaluated domains")
     if ("model" in recipe) == ("init" in recipe):
         bad("give exactly one of 'model' (a config.json: train from scratch) or 'init' (a checkpoint dir)")
     if recipe.get("device", "auto") not in ("auto", "cpu", "cuda"):
@@ -215,23 +219,45 @@ def eval_columns(settings):
                                                          if d == "math" else [(d, d, settings["thinking"])])]
 
 
-def evaluate(ckpt, data_dir, settings, dd):
+def evaluate(ckpt, data_dir, settings, dd, domains=None):
     """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge":
-    [judge score per chat prompt], ...}: rl.evaluate (greedy, the multi-turn tool loop of training)
-    on each column's prompts, one batch per column (similar lengths, less padding). Every prompt's
-    score is kept: the report compares stages prompt by prompt (report.py)."""
+    [judge score per chat prompt], ...}: rl.evaluate (greedy or [eval] samples at T=1, the multi-turn
+    tool loop of training) on each column's prompts (of `domains`, default all), one batch per column
+    (similar lengths, less padding). Every prompt's score is kept: the report compares stages prompt
+    by prompt (report.py)."""
     t0 = time.time()
     tok, engine = data.load_tokenizer(ckpt), Engine(load_checkpoint(ckpt, device=dd.device)[0])
     out = {"scores": {}, "per_prompt": {}, "chat_judge": None, "checkpoint": ckpt}
     for column, domain, thinking in eval_columns(settings):
+        if domains is not None and domain not in domains:
+            continue
         rows = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl", domain)[:settings["limit"]]
-        scores = rl.evaluate(engine, tok, [dict(r, thinking=thinking) for r in rows], settings["max_new_tokens"], dd)
+        rows = [dict(r, thinking=thinking) for r in rows]
+        scores = rl.evaluate(engine, tok, rows, settings["max_new_tokens"], dd, settings["samples"])
         if column == "chat":
             out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
         else:
             out["scores"][column], out["per_prompt"][column] = sum(scores) / max(1, len(scores)), scores
     engine.release()
     return {**out, "eval_s": round(time.time() - t0, 1)}
+
+
+def scored_domains(settings, stages, i):
+    """The domains stage i is scored on: every one after the first and the last stage; otherwise all
+    but [eval] sparse (the costly ones), plus those of the sparse ones the stage trains."""
+    st = stages[i]
+    if i in (0, len(stages) - 1) or st["script"] == "sft":
+        return None
+    trained = {"chat"} if st["script"] == "rlhf" else set(st["ns"].domains.split(","))
+    return [d for d in settings["domains"] if d not in settings["sparse"] or d in trained]
+
+
+def latest(scores, names):
+    """{column: its score in the last of `names` (table rows) that has it}: a sparse column's last value."""
+    out = {}
+    for name in names:
+        out.update(scores.get(name, {}))
+    return out
 
 
 def win_rate(mine, reference):
@@ -390,7 +416,7 @@ def start_checkpoint(recipe, run, data_dir):
 
 
 def eval_settings(recipe, data_dir, eval_limit):
-    s = {"limit": 32, "max_new_tokens": 128, "thinking": False, **recipe.get("eval", {})}
+    s = {"limit": 32, "max_new_tokens": 128, "thinking": False, "samples": 0, "sparse": [], **recipe.get("eval", {})}
     s.setdefault("domains", [d for d in data.DOMAINS if os.path.exists(os.path.join(data_dir, "eval", f"{d}.jsonl"))])
     return {**s, "limit": s["limit"] if eval_limit is None else eval_limit}
 
@@ -444,7 +470,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         scores = log_events(name)
         print0(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
-    if "start" not in rows:
+    if "start" not in rows and "init" in recipe:   # a random init answers nothing, at every token cap
         record("start", start, evaluate(start, data_dir, settings, dd))
     for name in [n for n in order if n in rows]:   # rows whose events a kill kept out of the log
         log_events(name)
@@ -467,10 +493,11 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 if set(wanted) - set(best):
                     raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
-                before = table(rows, order, ref)[order[i]]   # the stage before this one (its row)
+                before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
                 behind = [d for d in wanted if before[d] < best[d]["score"]] or wanted   # what MOPD must recover
                 curves = ["--eval_prompts", str(settings["limit"]), "--eval_domains", ",".join(behind),
                           "--eval_max_new_tokens", str(settings["max_new_tokens"]),
+                          "--eval_samples", str(settings["samples"]),
                           "--eval_thinking", "on" if settings["thinking"] else "off"] if st["ns"].eval_every else []
             if not finished and is_main():   # what it runs with, for note_changed_args
                 os.makedirs(out, exist_ok=True)
@@ -482,8 +509,9 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             kill_point(f"stage_returned:{name}")
             extra = {}
             if "control" in st:   # a comparison, not a stage: the next stage starts from MOPD's final
-                extra["control"] = run_control(st, argv, curves, run, best, table(rows, order, ref)[order[i]])
-            record(name, final, {**evaluate(final, data_dir, settings, dd), "stage_s": stage_s,
+                extra["control"] = run_control(st, argv, curves, run, best, before)
+            scored = scored_domains(settings, stages, i)
+            record(name, final, {**evaluate(final, data_dir, settings, dd, scored), "stage_s": stage_s,
                                  "summary": summary or {}, **extra})
         prev = final
     if is_main():
@@ -537,9 +565,14 @@ def write_report(run, recipe, settings, rows, order, ref, candidates):
         lines += plot_curves(plt, run, recipe["stage"], rows, table(rows, order, ref), candidates, ref)
     except ImportError:
         lines.append("(matplotlib is not installed: no PNG curves)")
+    k = settings["samples"]
+    scoring = f"each prompt's score the mean of {k} answers sampled at temperature 1" if k else "greedy decoding"
     intro = (f"Held-out score per domain after each stage (mean ± standard error over {settings['limit']} "
-             f"prompts per domain): greedy decoding, math with and without thinking, chat = the hidden "
-             f"judge's win rate against `{ref}` (a tie counts 1/2).")
+             f"prompts per domain): {scoring}, math with and without thinking, chat = the hidden judge's "
+             f"win rate against `{ref}` (a tie counts 1/2)."
+             + (" A random init is not scored (it answers nothing)." if "init" not in recipe else "")
+             + (f" Scored only after the first and last stage and a stage that trains them: "
+                f"{', '.join(settings['sparse'])}." if settings["sparse"] else ""))
     report.write_report(run, f"nanocascade: {recipe['name']}", intro, per_prompt, cols, lines)
 
 

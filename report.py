@@ -54,18 +54,22 @@ def score_table(scores, cols):
 
 
 def change_table(scores, cols, z_mark=3.0):
-    """Each stage against the one before it, prompt by prompt: 'mean d (z)', bold where |z| >= z_mark."""
+    """Each stage against the one before it, prompt by prompt: 'mean d (z)', bold where |z| >= z_mark.
+    A column the stage before did not score is compared with the last stage that did (the cell
+    names it): the change over the stages in between."""
     lines = ["| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     names = list(scores)
-    for prev, name in zip(names, names[1:]):
+    for k, name in enumerate(names[1:], 1):
         cells = []
         for c in cols:
-            if c not in scores[name] or c not in scores[prev]:
+            prev = next((p for p in reversed(names[:k]) if c in scores[p]), None)
+            if c not in scores[name] or prev is None:
                 cells.append("-")
                 continue
             m, _, z = paired(scores[name][c], scores[prev][c])
             cell = f"{'+' if m >= 0 else ''}{fmt(m)} ({z:+.1f})" if math.isfinite(z) else f"{fmt(m)} (exact)"
-            cells.append(f"**{cell}**" if abs(z) >= z_mark else cell)
+            cell = f"**{cell}**" if abs(z) >= z_mark else cell
+            cells.append(cell if prev == names[k - 1] else f"{cell} since {prev}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -141,13 +141,18 @@ def sample_groups(engine, tok, rows, group_size, params, seed):
 
 
 @torch.no_grad()
-def evaluate(engine, tok, rows, max_new_tokens, dd):
-    """The one evaluation (cascade.py's table, every stage's --eval_every, RLHF's judge): greedy answers to `rows`
-    (each with its "thinking" mode), scored by their domains' verifiers -> [score per row], in row
-    order, on every rank. Rank r answers rows r, r + W, ...; every rank must call it."""
-    mine = rows[dd.rank::dd.world_size]
-    texts = sample_groups(engine, tok, mine, 1, dict(temperature=0.0, max_new_tokens=max_new_tokens), seed=0)[1]
-    scores = verifiers.score_many([r["domain"] for r in mine], texts, [r["meta"] for r in mine])
+def evaluate(engine, tok, rows, max_new_tokens, dd, samples=0):
+    """The one evaluation (cascade.py's table, every stage's --eval_every, RLHF's judge): each row's
+    score by its domain's verifier -> [score per row], in row order, on every rank. samples = 0: the
+    greedy answer's score; k > 0: the mean score of k answers sampled at temperature 1 (the RL
+    temperature; a fixed seed, so two checkpoints are scored on the same draws). Rank r answers rows
+    r, r + W, ...; every rank must call it."""
+    mine, k = rows[dd.rank::dd.world_size], max(1, samples)
+    params = dict(temperature=1.0 if samples else 0.0, max_new_tokens=max_new_tokens)
+    texts = sample_groups(engine, tok, mine, k, params, seed=0)[1]
+    flat = verifiers.score_many([r["domain"] for r in mine for _ in range(k)], texts,
+                                [r["meta"] for r in mine for _ in range(k)])
+    scores = [sum(flat[i * k:(i + 1) * k]) / k for i in range(len(mine))]
     if dd.world_size == 1:
         return scores
     parts = [None] * dd.world_size
@@ -322,8 +327,8 @@ def heldout_rows(args, domains):
 
 
 def heldout_scores(engine, tok, rows, args, dd):
-    """{domain: mean greedy score} of `engine`'s model on `rows` (heldout_rows)."""
-    scores = evaluate(engine, tok, rows, args.eval_max_new_tokens or args.max_new_tokens, dd)
+    """{domain: mean score} of `engine`'s model on `rows` (heldout_rows), scored as cascade.py's table is."""
+    scores = evaluate(engine, tok, rows, args.eval_max_new_tokens or args.max_new_tokens, dd, args.eval_samples)
     return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
             for d in dict.fromkeys(r["domain"] for r in rows)}
 
@@ -450,7 +455,8 @@ def add_rl_args(p, lr, group_size, min_group=1):
       "over the ranks (FSDP2); rollouts gather the full weights; no effect on one process")
     a("--log_every", type=common.pos_int, default=1, help="print a progress line every N steps")
     a("--eval_every", type=common.nonneg_int, default=0,
-      help="greedy score on held-out prompts (DATA/eval) every N steps and at the end (0: off)")
+      help="score on held-out prompts (DATA/eval) every N steps and at the end (0: off)")
+    a("--eval_samples", type=common.nonneg_int, default=0, help="held-out score: 0 greedy, k: mean of k at T=1")
     a("--eval_prompts", type=common.pos_int, default=64, help="held-out prompts per domain")
     a("--eval_domains", default="", help="comma-separated domains to score (default: --domains)")
     a("--eval_max_new_tokens", type=common.nonneg_int, default=0, help="held-out answers' cap (0: --max_new_tokens)")

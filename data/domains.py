@@ -203,8 +203,8 @@ def _sentences(text):
 def make_if(rng, hard):
     topic = rng.choice(sorted(IF_TOPICS))
     bank = IF_TOPICS[topic]
-    sentences = [bank[i] for i in sorted(rng.sample(range(len(bank)), rng.randint(3, 4)))]
-    want, kinds = (rng.randint(2, 3) if hard else rng.randint(1, 2)), []
+    sentences = [bank[i] for i in sorted(rng.sample(range(len(bank)), rng.randint(2, 3)))]
+    want, kinds = (2 if hard else 1), []
     for kind in rng.sample(sorted(IF_SLOTS), len(IF_SLOTS)):
         if len(kinds) < want and not any(IF_SLOTS[kind] & IF_SLOTS[k] for k in kinds):
             kinds.append(kind)
@@ -237,7 +237,7 @@ def make_if(rng, hard):
         cons["detectable_format:number_bullet_lists"] = {"num_bullets": len(sentences)}
         notes.append(f"{len(sentences)} bullets")
     elif "length_constraints:number_paragraphs" in chosen:
-        n = rng.randint(2, 3)
+        n = rng.randint(2, len(sentences))
         cuts = [round(i * len(sentences) / n) for i in range(n + 1)]
         body = "\n***\n".join(" ".join(sentences[a:b]) for a, b in zip(cuts, cuts[1:]))
         cons["length_constraints:number_paragraphs"] = {"num_paragraphs": n}

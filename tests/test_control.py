@@ -39,14 +39,15 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     (m,), (_, control, after) = calls["mopd"], calls["grpo"]   # (the stage before MOPD, its control, the stage after)
     assert flag(control, "--out") == str(run / "controls" / "mopd")
     for name in ("--init", "--seed", "--domains", "--steps", "--prompts_per_step", "--max_new_tokens",
-                 "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking"):
+                 "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking",
+                 "--eval_samples"):
         assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
     assert flag(control, "--lr") == "0.001" and "--teachers" not in control
     assert flag(m, "--init") == str(run / "stages" / "rl" / "final")
     assert flag(after, "--init") == str(run / "stages" / "mopd" / "final")   # the cascade goes on from MOPD
 
     rows = json.loads((run / "eval.json").read_text())["rows"]
-    assert list(rows) == list(table) == ["start", "sft", "rl", "mopd", "after"]   # no row for the control
+    assert list(rows) == list(table) == ["sft", "rl", "mopd", "after"]   # no row for the control (nor the random init)
     registry = json.loads((run / "teachers.json").read_text())
     assert all("controls" not in t["checkpoint"] for t in registry.values())
     ctl = rows["mopd"]["control"]
