@@ -193,6 +193,8 @@ def load_recipe(path, steps_scale=1.0):
         if "control" in st:   # MOPD's GRPO control: MOPD's arguments that grpo.py has, then its own
             if st["script"] != "mopd" or not st["ns"].eval_every:
                 bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
+            if "chat" in st["ns"].domains.split(","):
+                bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
             grpo_parser = grpo.build_parser()
             grpo_parser.exit_on_error, grpo_parser.allow_abbrev = False, False
             shared = {k: v for k, v in args.items() if k in vars(grpo_parser.parse_known_args(wired[:6])[0])}
@@ -221,8 +223,9 @@ def eval_columns(settings):
 
 def evaluate(ckpt, data_dir, settings, dd, domains=None):
     """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge":
-    [judge score per chat prompt], ...}: rl.evaluate (greedy or [eval] samples at T=1, the multi-turn
-    tool loop of training) on each column's prompts (of `domains`, default all), one batch per column
+    [judge score per chat prompt], ...}: rl.evaluate ([eval] samples at T=1, or greedy, as for the
+    sparse domains; the multi-turn tool loop of training) on each column's prompts (of `domains`,
+    default all), one batch per column
     (similar lengths, less padding). Every prompt's score is kept: the report compares stages prompt
     by prompt (report.py)."""
     t0 = time.time()
@@ -233,7 +236,8 @@ def evaluate(ckpt, data_dir, settings, dd, domains=None):
             continue
         rows = data.load_jsonl(os.path.join(data_dir, "eval", f"{domain}.jsonl"), "rl", domain)[:settings["limit"]]
         rows = [dict(r, thinking=thinking) for r in rows]
-        scores = rl.evaluate(engine, tok, rows, settings["max_new_tokens"], dd, settings["samples"])
+        samples = 0 if domain in settings["sparse"] else settings["samples"]   # sparse: greedy, cheaper
+        scores = rl.evaluate(engine, tok, rows, settings["max_new_tokens"], dd, samples)
         if column == "chat":
             out["chat_judge"] = scores  # the column is a win rate against the reference: see table()
         else:
@@ -244,7 +248,8 @@ def evaluate(ckpt, data_dir, settings, dd, domains=None):
 
 def scored_domains(settings, stages, i):
     """The domains stage i is scored on: every one after the first and the last stage; otherwise all
-    but [eval] sparse (the costly ones), plus those of the sparse ones the stage trains."""
+    but [eval] sparse (the costly ones: tool's multi-turn loop, code's and swe's sandbox, longctx's
+    long prompts), plus those of the sparse ones the stage trains."""
     st = stages[i]
     if i in (0, len(stages) - 1) or st["script"] == "sft":
         return None
@@ -286,6 +291,16 @@ def per_prompt_table(rows, order, reference):
         if rows[name]["chat_judge"] is not None and ref is not None:
             out[name]["chat"] = verifiers.chat.wins(rows[name]["chat_judge"], ref)
     return out
+
+
+def regressed(rows, names, reference, best, domains):
+    """The domains MOPD must recover, whose curves it and its control draw: those scored lower now
+    (the last of `names` that scored them) than by their teacher with paired z <= -3; else those
+    scored lower at all; else every one."""
+    now, z = latest(per_prompt_table(rows, names, reference), names), {}
+    for d in domains:
+        z[d] = report.paired(now[d], per_prompt_table(rows, [best[d]["stage"]], reference)[best[d]["stage"]][d])[2]
+    return [d for d in domains if z[d] <= -3] or [d for d in domains if z[d] < 0] or list(domains)
 
 
 def teacher_registry(rows, candidates, reference):
@@ -494,7 +509,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                     raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
                 before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
-                behind = [d for d in wanted if before[d] < best[d]["score"]] or wanted   # what MOPD must recover
+                behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
                 curves = ["--eval_prompts", str(settings["limit"]), "--eval_domains", ",".join(behind),
                           "--eval_max_new_tokens", str(settings["max_new_tokens"]),
                           "--eval_samples", str(settings["samples"]),
@@ -571,8 +586,8 @@ def write_report(run, recipe, settings, rows, order, ref, candidates):
              f"prompts per domain): {scoring}, math with and without thinking, chat = the hidden judge's "
              f"win rate against `{ref}` (a tie counts 1/2)."
              + (" A random init is not scored (it answers nothing)." if "init" not in recipe else "")
-             + (f" Scored only after the first and last stage and a stage that trains them: "
-                f"{', '.join(settings['sparse'])}." if settings["sparse"] else ""))
+             + (f" Scored greedily, and only after the first and last stage and a stage that trains "
+                f"them (they cost the most to score): {', '.join(settings['sparse'])}." if settings["sparse"] else ""))
     report.write_report(run, f"nanocascade: {recipe['name']}", intro, per_prompt, cols, lines)
 
 

@@ -19,7 +19,7 @@ def control_recipe(path, data_dir, **mopd_args):
         "eval": {"limit": 2, "max_new_tokens": 4, "domains": ["math", "if"]},
         "stage": [{"name": "sft", "script": "sft", "args": {"steps": 2, "batch_size": 2, "seq_len": 256}},
                   {"name": "rl", "script": "grpo", "args": dict(RL, steps=1, domains=["if"])},
-                  {"name": "mopd", "script": "mopd", "args": dict(RL, steps=2, domains=["math", "if"], **mopd_args),
+                  {"name": "mopd", "script": "mopd", "args": dict(RL, steps=2, **{"domains": ["math", "if"], **mopd_args}),
                    "control": {"lr": 1e-3, "group_size": 2}},
                   {"name": "after", "script": "grpo", "args": dict(RL, steps=1)}]})
 
@@ -70,6 +70,9 @@ def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: 
         f.write(text)
     with pytest.raises(cascade.RecipeError, match="control: .*groupsize"):
         cascade.main(["--recipe", bad, "--run_dir", str(tmp_path / "run")])
+    chat = control_recipe(tmp_path / "c.toml", data_dir, eval_every=1, domains=["math", "chat"])
+    with pytest.raises(cascade.RecipeError, match="control: GRPO on chat would be rewarded by the hidden judge"):
+        cascade.main(["--recipe", chat, "--run_dir", str(tmp_path / "run")])
 
 
 def test_control_table_reads_the_steps_to_the_target():
@@ -80,3 +83,18 @@ def test_control_table_reads_the_steps_to_the_target():
     assert not any("nothing to recover" in line for line in lines)
     ctl["start"]["if"] = 0.46   # already within 90% of the teacher
     assert any("nothing to recover" in line for line in report.control_lines("mopd", ctl))
+
+
+def test_mopd_recovers_the_domains_that_fell_significantly_below_their_teachers():
+    """cascade.regressed: the curves are drawn for the domains whose latest scores are below their
+    teacher's with paired z <= -3 (here: b, 40 of 40 prompts lost; a lost 2 of 40, z -1.4);
+    with none that far down, for every domain below its teacher; with none below, for all."""
+    n = 40
+    row = lambda a, b: {"scores": {}, "per_prompt": {"a": a, "b": b}, "chat_judge": None}
+    rows = {"sft": row([1] * n, [1] * n), "rl": row([0, 0] + [1] * (n - 2), [0] * n)}
+    best = {"a": {"stage": "sft"}, "b": {"stage": "sft"}}
+    assert cascade.regressed(rows, ["sft", "rl"], "sft", best, ["a", "b"]) == ["b"]
+    rows["rl"] = row([0, 0] + [1] * (n - 2), [1] * n)
+    assert cascade.regressed(rows, ["sft", "rl"], "sft", best, ["a", "b"]) == ["a"]
+    rows["rl"] = row([1] * n, [1] * n)
+    assert cascade.regressed(rows, ["sft", "rl"], "sft", best, ["a", "b"]) == ["a", "b"]

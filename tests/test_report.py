@@ -42,3 +42,13 @@ def test_steps_to_reach_and_fmt():
     curve = [(0, 0.2), (3, 0.5), (6, 0.72), (9, 0.8)]
     assert steps_to_reach(curve, 0.7) == 6 and steps_to_reach(curve, 0.9) is None
     assert (fmt(0.1234), fmt(-0.05), fmt(1.0)) == (".123", "-.050", "1.000")
+
+
+def test_a_column_a_stage_did_not_score_pairs_with_the_last_that_did():
+    # c scored by a and c only: c's change is against a (named), b's cell is empty; x pairs as usual
+    scores = {"a": {"x": [0, 0, 0, 1], "s": [0, 0, 1, 1]}, "b": {"x": [1, 0, 0, 1]},
+              "c": {"x": [1, 0, 0, 1], "s": [1, 1, 1, 1]}}
+    b, c = change_table(scores, ["x", "s"])[-2:]
+    assert b == "| b | +.250 (+1.0) | - |"   # d = 1, 0, 0, 0: mean .25, SE sqrt(.25 / 4) = .25
+    # s: d = 1, 1, 0, 0: mean .5, sample variance 4 * .25 / 3, SE sqrt(1 / 3 / 4) = .2887, z 1.73
+    assert c == "| c | +.000 (+0.0) | +.500 (+1.7) since a |"

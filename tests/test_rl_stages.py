@@ -213,6 +213,29 @@ def test_rollout_tool_hook_runs_the_calls_of_the_last_turn(tiny_setup):
     assert appended[2] is None
 
 
+def test_evaluate_scores_greedy_or_the_mean_of_k_samples(tiny_setup):
+    """rl.evaluate: samples = 0 scores the one greedy answer; k > 0 asks for k answers at temperature
+    1 with a fixed seed and scores each prompt by their mean, in row order."""
+    import data
+    _, data_dir, _ = tiny_setup
+    tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    answers = {0: ["A", "B", "A", "C"], 1: ["D", "D", "D", "D"]}   # prompt i's k answers (answer key: A, D)
+    calls = []
+
+    def generate(prompts, params, n, seed, env_hook):
+        calls.append((params.temperature, n, seed))
+        ids = lambda letter: tok.encode(f"The answer is \\boxed{{{letter}}}.", add_special_tokens=False).ids
+        return [[Sample(p, ids(answers[i][j] if n > 1 else "B"), [], [], "stop") for j in range(n)]
+                for i, p in enumerate(prompts)]
+
+    rows = [dict(domain="mcqa", messages=[dict(role="user", content="q")], thinking=False,
+                 meta={"answer": key, "choices": ["1", "2", "3", "4"]}) for key in "AD"]
+    engine, dd = SimpleNamespace(generate=generate), SimpleNamespace(rank=0, world_size=1)
+    assert rl.evaluate(engine, tok, rows, 16, dd, samples=4) == [0.5, 1.0]
+    assert rl.evaluate(engine, tok, rows, 16, dd) == [0.0, 0.0]   # greedy: "B" for both
+    assert calls == [(1.0, 4, 0), (0.0, 1, 0)]
+
+
 COMMON = ["--steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "8", "--device", "cpu",
           "--lr", "1e-3", "--warmup", "1"]
 
