@@ -32,7 +32,6 @@ Run: python grpo.py --init runs/sft/final --data runs/data --out runs/grpo --dom
 torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its share of the prompts)
 """
 
-import argparse
 import time
 
 import torch
@@ -47,16 +46,15 @@ from rl import group_advantages   # A_i, shared with rlhf.py (docs/paper.md, GRP
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, num_tokens=None):
     """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
     logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
-    generated tokens); advantages: [B] or [B, T]. num_tokens: unmasked tokens of the *global* batch
-    (rl.global_token_count), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
+    generated tokens); advantages: [B]. num_tokens: unmasked tokens of the *global* batch
+    (rl.micro_batches), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
     on-policy) the ratio is 1 and the gradient is REINFORCE's. Returns (loss to minimize,
     clipped_B_T: 1 where the min picked the clipped term, never when strictly on-policy)."""
-    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     ratio = torch.exp(logprobs - old_logprobs)
     # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), docs/paper.md's J with rho = pi/pi_old
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    unclipped = ratio * advantages[:, None]
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages[:, None]
     # J = (1 / sum_i |o_i|) sum_i sum_t ...: sum over every token, divided by the global token count
     loss = -(torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
     return loss, ((clipped < unclipped) * mask).detach()
@@ -67,8 +65,7 @@ def update(run, args, samples, advantages_N, keep):
     """One rollout batch -> --epochs optimizer steps (1, the paper's: strictly on-policy) on the kept
     samples, minimizing -J, the token-level mean of the PPO surrogate of A_i over the global batch
     (docs/paper.md, GRPO). -> (the step's Tally, the last gradient norm, or None: nothing trained)."""
-    batches = rl.same_count(run, rl.micro_batches(run, samples, keep, args.micro_batch))
-    num_tokens = rl.global_token_count(run, batches)   # sum_i |o_i| over the global batch
+    batches, num_tokens = rl.micro_batches(run, samples, keep, args.micro_batch)   # num_tokens: sum_i |o_i|
     tally, old, grad_norm = rl.Tally(samples, "clipped"), {}, None
     for epoch in range(args.epochs if num_tokens else 0):   # (nothing kept on any rank: no step)
         run.optimizer.zero_grad(set_to_none=True)
@@ -127,8 +124,7 @@ def train(args):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8,
-                       min_group=2)
+    p = rl.rl_parser(__doc__, lr=3e-6, group_size=8, min_group=2)
     a = p.add_argument
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")

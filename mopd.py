@@ -36,7 +36,6 @@ Run: python mopd.py --init runs/mdrl/final --teachers math=runs/sft/final,if=run
         --domains math,if --mix 0.5,0.5 --data runs/data --out runs/mopd
 """
 
-import argparse
 import os
 import time
 
@@ -123,9 +122,7 @@ def update(run, args, samples, domains_N, teachers):
     """One optimizer step on a rollout batch: every sampled token's advantage from its domain's
     teacher, weighted by the mismatch window (docs/paper.md, MOPD). Micro-batches hold one domain
     each, so that one teacher scores each. -> (the step's Tally, the gradient norm or None)."""
-    batches = rl.same_count(run, [b for dom in sorted(set(domains_N)) for b in rl.micro_batches(
-        run, samples, [i for i, x in enumerate(domains_N) if x == dom], args.micro_batch, dom)])
-    num_tokens = rl.global_token_count(run, batches)   # |V| of the global batch
+    batches, num_tokens = rl.micro_batches(run, samples, range(len(samples)), args.micro_batch, domains_N)   # |V|
     tally = rl.Tally(samples, "advantage", "dropped")
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
@@ -189,7 +186,7 @@ def train(args):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=2e-6, group_size=4)
+    p = rl.rl_parser(__doc__, lr=2e-6, group_size=4)
     p.add_argument("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
     p.add_argument("--mismatch_low", type=common.nonneg_float, default=0.5,
                    help="drop tokens with pi_train/pi_inf below")

@@ -24,7 +24,6 @@ job (GRPO's verifier stages mask them instead). The KL penalty (rl.k3) is off by
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
 
-import argparse
 import json
 import os
 import random
@@ -167,8 +166,7 @@ def update(run, args, samples, advantages_N, keep, ref):
     """One optimizer step on the kept samples: REINFORCE with A_i as a token-level mean over the
     global batch (the GRPO objective, strictly on-policy: pi_old = pi, the ratio is 1), plus
     --kl_coef times the k3 penalty toward `ref` (None: off). -> (Tally, gradient norm or None)."""
-    batches = rl.same_count(run, rl.micro_batches(run, samples, keep, args.micro_batch))
-    num_tokens = rl.global_token_count(run, batches)
+    batches, num_tokens = rl.micro_batches(run, samples, keep, args.micro_batch)
     tally = rl.Tally(samples, "kl")
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
@@ -240,8 +238,7 @@ def judge_win_rate(args, tok, d, final_path):
 
 # ---- main ------------------------------------------------------------------------------------
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8,
-                       min_group=2)
+    p = rl.rl_parser(__doc__, lr=1e-6, group_size=8, min_group=2)
     p.set_defaults(domains="chat")
     a = p.add_argument
     a("--kl_coef", type=common.nonneg_float, default=0.0,
