@@ -72,8 +72,7 @@ def update(run, args, samples, advantages_N, keep):
         for i, b in enumerate(batches):
             with run.autocast():
                 logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b, args.temperature)
-            # pi_old: the trainer's own logprobs before the batch's first step, so the ratio is
-            # exactly 1 in the first epoch (REINFORCE; the clip binds only with --epochs > 1)
+            # pi_old: the trainer's own logprobs before the batch's first step (ratio 1 in epoch 0)
             old_B_T = old.setdefault(i, logprobs_B_T.detach())
             loss, clipped_B_T = policy_loss(logprobs_B_T, old_B_T, advantages_N[b.index], b.mask_B_T,
                                             args.clip_low, args.clip_high, num_tokens)

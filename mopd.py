@@ -19,8 +19,7 @@ weight decay, grad clip 1.0, MoE router frozen and its aux loss off (the teacher
 student's architecture, and re-learning routing would fight the distillation).
 
 What we keep: all of that (rollouts, batching, the training forward, resume: rl.py's). Logged per
-domain: the
-reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
+domain: the reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
 verifiers' mean reward; with --eval_every, the held-out scores of the student (eval/<domain>) and,
 in the first step's row, of each domain's teacher (teacher_eval/<domain>).
 
@@ -85,36 +84,34 @@ def load_teachers(spec, domains, tok_path, device):
     """'math=DIR,if=DIR' -> {domain: frozen model}, for the domains of --domains. A directory named for
     several domains is loaded once. Teachers must share the student's tokenizer: a token id has to
     mean the same thing (and be inside the teacher's vocabulary)."""
-    models, teachers, named = {}, {}, set()
+    paths = {}   # domain -> its teacher's directory
     for item in filter(None, (s.strip() for s in spec.split(","))):
         domain, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--teachers: '{item}' is not DOMAIN=DIR")
-        if domain in named:
+        if domain in paths:
             raise ValueError(f"--teachers: two teachers for domain '{domain}'")
-        named.add(domain)
-        path = os.path.abspath(path)
-        if domain not in domains:   # (not loaded: a teacher for a domain not drawn from)
-            continue
+        paths[domain] = os.path.abspath(path)
+    missing = [d for d in domains if d not in paths]
+    if missing:
+        raise ValueError(f"--teachers has no teacher for domain(s) {missing} (give DOMAIN=DIR for each)")
+    paths = {d: path for d, path in paths.items() if d in domains}   # (a domain not drawn from: not loaded)
+    models = {}
+    for domain, path in paths.items():
         if not common.checkpoint_exists(path):
             raise ValueError(f"--teachers {domain}={path}: no checkpoint there")
         if path not in models:
             with open(os.path.join(path, "tokenizer.json")) as f, open(tok_path) as g:
                 if f.read() != g.read():
-                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's "
-                                     f"{tok_path}")
+                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's {tok_path}")
             # bf16 weights on the GPU halve a teacher's memory; it only ever runs forward
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             models[path] = common.load_checkpoint(path, device, dtype)[0].eval().requires_grad_(False)
             if models[path].config.vocab_size < data.load_tokenizer(tok_path).get_vocab_size():
                 raise ValueError(f"--teachers {domain}={path}: vocab_size {models[path].config.vocab_size} "
                                  f"is smaller than the tokenizer's")
-        teachers[domain] = models[path]
-    missing = [d for d in domains if d not in teachers]
-    if missing:
-        raise ValueError(f"--teachers has no teacher for domain(s) {missing} (give DOMAIN=DIR for each)")
     print0(f"MOPD: {len(models)} distinct teacher checkpoint(s) for {len(domains)} domain(s)")
-    return teachers
+    return {d: models[path] for d, path in paths.items()}
 
 
 # ---- the update and the loop -----------------------------------------------------------------
@@ -159,12 +156,11 @@ def train(args):
             teacher_eval.update(rl.heldout_scores(engine, run.tok, rows, args, run.dist) if rows else {})
             engine.release()
         print0("teacher held-out scores:", teacher_eval)
-    t_start = time.time()
+    sampling, t_start = dict(temperature=1.0, max_new_tokens=args.max_new_tokens), time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's prompts, from the student at temperature 1
-        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
-                                                                            max_new_tokens=args.max_new_tokens))
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, sampling)
         domains_N = [r["domain"] for r in rows_N]
         # 2. the update: the teachers score the student's tokens (no reward is trained on)
         t0 = time.time()

@@ -3,8 +3,9 @@ On-policy RL: what every RL stage (grpo.py, mopd.py, rlhf.py) runs that is no on
 stage's loop calls, in order: set_lr; rollout (the step's prompts, G responses to each from the
 policy's own weights); the stage's own reward and advantage; its update, built from micro_batches,
 token_logprobs and optimizer_step; then step_row and end_step (the log, held-out scores, OUT/last)
-and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming from OUT/last. Also here: GRPO's group advantage, which RLHF uses too, and the one greedy evaluation
-(evaluate: the cascade's table, every stage's --eval_every, RLHF's judge).
+and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming from OUT/last. Also
+here: GRPO's group advantage, which RLHF uses too, and the one evaluation (evaluate: the cascade's
+table, every stage's --eval_every, RLHF's judge).
 
 The global token mean, one rule for every stage (sft.py's too): each rank divides its loss by the
 trained tokens of the *global* batch, and gradients are summed over ranks, never averaged
@@ -365,8 +366,7 @@ def step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm, **times
                  resp_tokens=sum(len(s.token_ids) for s in samples), fwd_tokens=tally.fwd_tokens, **times)
     index = {dom: [i for i, x in enumerate(domains_N) if x == dom] for dom in run.domains}
     local.update({f"{dom}/n": len(ix) for dom, ix in index.items()})
-    for name in tally.names + ("reward",):
-        values = tally.sums[name] if name != "reward" else torch.as_tensor(rewards_N, dtype=torch.float64)
+    for name, values in dict(tally.sums, reward=torch.as_tensor(rewards_N, dtype=torch.float64)).items():
         local[name] = values.sum().item()
         local.update({f"{dom}/{name}": values[ix].sum().item() for dom, ix in index.items()})
     g = common.global_sums(local, run.dist.device)

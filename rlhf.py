@@ -24,9 +24,9 @@ job (GRPO's verifier stages mask them instead). The KL penalty (rl.k3) is off by
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
 
-import json
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -133,8 +133,7 @@ def train_reward_model(args, tok, d, logger):
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
     logger.log(stats)
-    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, "
-           f"held-out {stats['rm_eval_acc']:.3f}")
+    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, held-out {stats['rm_eval_acc']:.3f}")
     return rm, stats
 
 
@@ -147,10 +146,8 @@ def save_reward_model(path, rm, tok_path, stats):
             rm.body.save_pretrained(tmp, part("body."))
             save_file({k: v.contiguous() for k, v in part("head.").items()},
                       os.path.join(tmp, "score_head.safetensors"))
-            with open(tok_path, "rb") as f, open(os.path.join(tmp, "tokenizer.json"), "wb") as g:
-                g.write(f.read())
-            with open(os.path.join(tmp, "rm_stats.json"), "w") as f:
-                json.dump(stats, f)
+            shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.json"))
+            common.write_json(os.path.join(tmp, "rm_stats.json"), stats)
     common.barrier()
 
 
@@ -172,7 +169,6 @@ def update(run, args, samples, advantages_N, keep, ref):
     for b in batches:
         with run.autocast():
             logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b)
-        # strictly on-policy (pi_old = pi, the ratio is 1): GRPO's J is REINFORCE with A_i, a token mean
         loss = -(advantages_N[b.index, None] * logprobs_B_T * b.mask_B_T).sum() / num_tokens
         if ref is not None:
             with torch.no_grad(), run.autocast():
@@ -195,12 +191,12 @@ def train_policy(args, rm):
     ref = None
     if args.kl_coef > 0:   # the KL reference: the stage's frozen starting checkpoint
         ref = common.load_checkpoint(args.init, run.dist.device)[0].eval().requires_grad_(False)
+    sampling = dict(temperature=1.0, max_new_tokens=args.max_new_tokens)
     G, t_start = args.group_size, time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's chat prompts
-        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
-                                                                            max_new_tokens=args.max_new_tokens))
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, sampling)
         # 2. reward: the reward model's score of each final answer (never the hidden judge's)
         seqs = [rm_ids(run.tok, r["messages"], chat.parse_response(t)["answer"]) for r, t in zip(rows_N, texts)]
         rewards_N = rm_scores(rm, seqs, run.pad_id, run.dist.device).double().cpu()
