@@ -112,9 +112,8 @@ def train(args):
         tally, grad_norm = update(run, args, samples, advantages_N, keep_N.nonzero().squeeze(1).tolist())
         train_s = time.time() - t0
         # 6. the log
-        tally.per_sample("filtered", filtered_N)
-        tally.per_sample("truncated", truncated_N)
-        row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, domains_N, tally,
+                             dict(reward=rewards_N, filtered=filtered_N, truncated=truncated_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
         row.update(filtered_frac=g["filtered"] / g["samples"], truncated_frac=g["truncated"] / g["samples"],
                    clip_frac=g["clipped"] / max(g["tokens"], 1))

@@ -168,7 +168,7 @@ def train(args):
         train_s = time.time() - t0
         # 3. the log; the verifiers' rewards are a side metric, to rise toward the teachers'
         rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N])
-        row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, domains_N, tally, dict(reward=rewards_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
         for dom in run.domains:
             if g[f"{dom}/tokens"]:

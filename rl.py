@@ -331,12 +331,12 @@ def set_lr(run, args, step):
 class Tally:
     """A step's statistics, from what its updates return: for each of this rank's samples, the sum
     over its trained tokens of each named per-token value (entropy, the train/inference mismatch,
-    and a stage's own: GRPO's clipped tokens, MOPD's advantages, ...), or a per-sample value. The
-    names are fixed up front, so every rank reduces the same ones, whatever its batches held."""
+    and a stage's own: GRPO's clipped tokens, MOPD's advantages, ...). The names are fixed up front,
+    so every rank reduces the same ones, whatever its batches held."""
 
     def __init__(self, samples, *names):
-        self.names = ("tokens", "entropy", "mismatch_abs", "mismatch_k3", "filtered", "truncated") + names
-        self.sums = {k: torch.zeros(len(samples), dtype=torch.float64) for k in self.names}
+        names = ("tokens", "entropy", "mismatch_abs", "mismatch_k3") + names
+        self.sums = {k: torch.zeros(len(samples), dtype=torch.float64) for k in names}
         self.fwd_tokens = 0
 
     def trained(self, batch, logprobs_B_T, entropy_B_T):
@@ -354,19 +354,18 @@ class Tally:
         for name, v_B_T in values_B_T.items():
             self.sums[name].index_add_(0, torch.tensor(batch.index), (v_B_T.detach().double() * batch.mask_B_T).sum(1).cpu())
 
-    def per_sample(self, name, values_N):
-        self.sums[name] += torch.as_tensor(values_N, dtype=torch.float64)
 
-
-def step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm, **times):
-    """The step's row of the metrics log, from the tally of every rank (one all-reduce). -> (row, g):
-    g holds the global sums, g[name] and per domain g[f"{domain}/{name}"], for a stage's own keys.
-    grad_norm: None when nothing was trained; times: rollout_s, train_s (this rank's seconds)."""
+def step_row(run, step, samples, domains_N, tally, per_sample, grad_norm, **times):
+    """The step's row of the metrics log, from the tally and the per-sample values ({name: [N]}: the
+    "reward", and a stage's own) of every rank (one all-reduce). -> (row, g): g holds the global sums,
+    g[name] and per domain g[f"{domain}/{name}"], for a stage's own keys. grad_norm: None when nothing
+    was trained; times: rollout_s, train_s (this rank's seconds)."""
     local = dict(samples=len(samples), gen_tokens=sum(sum(s.gen_mask) for s in samples),
                  resp_tokens=sum(len(s.token_ids) for s in samples), fwd_tokens=tally.fwd_tokens, **times)
     index = {dom: [i for i, x in enumerate(domains_N) if x == dom] for dom in run.domains}
     local.update({f"{dom}/n": len(ix) for dom, ix in index.items()})
-    for name, values in dict(tally.sums, reward=torch.as_tensor(rewards_N, dtype=torch.float64)).items():
+    for name, values in dict(tally.sums, **per_sample).items():
+        values = torch.as_tensor(values, dtype=torch.float64)
         local[name] = values.sum().item()
         local.update({f"{dom}/{name}": values[ix].sum().item() for dom, ix in index.items()})
     g = common.global_sums(local, run.dist.device)

@@ -208,8 +208,8 @@ def train_policy(args, rm):
         tally, grad_norm = update(run, args, samples, advantages_N, signal_N.nonzero().squeeze(1).tolist(), ref)
         train_s = time.time() - t0
         # 5. the log
-        tally.per_sample("filtered", ~signal_N)
-        row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally,
+                             dict(reward=rewards_N, filtered=~signal_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
         row["filtered_frac"] = g["filtered"] / g["samples"]
         if ref is not None:
