@@ -47,9 +47,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n
     """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
     logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
     generated tokens); advantages: [B]. num_tokens: unmasked tokens of the *global* batch
-    (rl.micro_batches), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
-    on-policy) the ratio is 1 and the gradient is REINFORCE's. Returns (loss to minimize,
-    clipped_B_T: 1 where the min picked the clipped term, never when strictly on-policy)."""
+    (rl.micro_batches), default mask.sum(). Returns (loss to minimize, clipped_B_T: 1 where the min
+    picked the clipped term, never when strictly on-policy: the ratio is 1, the gradient REINFORCE's)."""
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     ratio = torch.exp(logprobs - old_logprobs)
     # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), docs/paper.md's J with rho = pi/pi_old
@@ -62,8 +61,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n
 
 # ---- the update and the loop ------------------------------------------------------------------------
 def update(run, args, samples, advantages_N, keep):
-    """One rollout batch -> --epochs optimizer steps (1, the paper's: strictly on-policy) on the kept
-    samples, minimizing -J, the token-level mean of the PPO surrogate of A_i over the global batch
+    """One rollout batch -> --epochs optimizer steps (1, the paper's) on the kept samples, minimizing -J
     (docs/paper.md, GRPO). -> (the step's Tally, the last gradient norm, or None: nothing trained)."""
     batches, num_tokens = rl.micro_batches(run, samples, keep, args.micro_batch)   # num_tokens: sum_i |o_i|
     tally, old, grad_norm = rl.Tally(samples, "clipped"), {}, None

@@ -170,10 +170,9 @@ def train(args):
         rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N])
         row, g = rl.step_row(run, step, samples, domains_N, tally, dict(reward=rewards_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
-        for dom in run.domains:
-            if g[f"{dom}/tokens"]:
-                # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
-                row[f"reverse_kl/{dom}"] = -g[f"{dom}/advantage"] / g[f"{dom}/tokens"]
+        # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
+        row.update({f"reverse_kl/{d}": -g[f"{d}/advantage"] / g[f"{d}/tokens"]
+                    for d in run.domains if g[f"{d}/tokens"]})
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
         if step == 0:
             row.update({f"teacher_eval/{d}": s for d, s in teacher_eval.items()})
@@ -183,11 +182,10 @@ def train(args):
 
 def build_parser():
     p = rl.rl_parser(__doc__, lr=2e-6, group_size=4)
-    p.add_argument("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
-    p.add_argument("--mismatch_low", type=common.nonneg_float, default=0.5,
-                   help="drop tokens with pi_train/pi_inf below")
-    p.add_argument("--mismatch_high", type=common.pos_float, default=2.0,
-                   help="drop tokens with pi_train/pi_inf above")
+    a = p.add_argument
+    a("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
+    a("--mismatch_low", type=common.nonneg_float, default=0.5, help="drop tokens with pi_train/pi_inf below")
+    a("--mismatch_high", type=common.pos_float, default=2.0, help="drop tokens with pi_train/pi_inf above")
     return p
 
 

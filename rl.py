@@ -51,8 +51,7 @@ def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
 
 def has_signal(rewards_N, group_size):
     """True for the samples of groups whose rewards differ. The others carry no signal (their
-    advantages are all 0), and DAPO's dynamic filtering drops them from the batch, which changes only
-    the loss's denominator: a batch of mostly solved prompts still takes a full-sized step."""
+    advantages are all 0): DAPO's dynamic filtering drops them (grpo.py's docstring says what that changes)."""
     r_P_G = rewards_N.view(-1, group_size)
     return (r_P_G.amax(1) > r_P_G.amin(1)).repeat_interleave(group_size)
 

@@ -111,8 +111,7 @@ def train_reward_model(args, tok, d, logger):
                          f"one of the {d.world_size} ranks at least one pair")
     opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     for step in range(args.rm_steps):
-        rng = random.Random(f"rm-{args.seed}-{step}")
-        batch = rng.sample(train, min(args.rm_batch, len(train)))
+        batch = random.Random(f"rm-{args.seed}-{step}").sample(train, min(args.rm_batch, len(train)))
         mine = batch[d.rank::d.world_size]
         seqs = [c for c, _ in mine] + [r for _, r in mine]
         # one forward per rank and step (FSDP needs every rank to run the same number)
@@ -149,13 +148,6 @@ def save_reward_model(path, rm, tok_path, stats):
             shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.json"))
             common.write_json(os.path.join(tmp, "rm_stats.json"), stats)
     common.barrier()
-
-
-def load_reward_model(path, device):
-    body, _ = common.load_checkpoint(path, device)
-    rm = RewardModel(body).to(device)
-    rm.head.load_state_dict(common.read_tensors(os.path.join(path, "score_head.safetensors"), device))
-    return rm, common.read_json(os.path.join(path, "rm_stats.json"))
 
 
 # ---- rL against the reward model -------------------------------------------------------------
@@ -262,7 +254,9 @@ def main(argv=None):
         save_reward_model(rm_path, rm, tok_path, rm_stats)
         del rm
     # scoring reads the saved reward model, a plain module on every rank (also after FSDP training)
-    rm, rm_stats = load_reward_model(rm_path, d.device)
+    rm = RewardModel(common.load_checkpoint(rm_path, d.device)[0]).to(d.device)
+    rm.head.load_state_dict(common.read_tensors(os.path.join(rm_path, "score_head.safetensors"), d.device))
+    rm_stats = common.read_json(os.path.join(rm_path, "rm_stats.json"))
     summary = dict(train_policy(args, rm.eval().requires_grad_(False)), **rm_stats)
     del rm
     verdict = judge_win_rate(args, tok, d, os.path.join(args.out, "final"))
