@@ -32,7 +32,6 @@ Run: python grpo.py --init runs/sft/final --data runs/data --out runs/grpo --dom
 torchrun --standalone --nproc_per_node=8 grpo.py ...: each rank rolls out its share of the prompts)
 """
 
-import argparse
 import time
 
 import torch
@@ -47,16 +46,14 @@ from rl import group_advantages   # A_i, shared with rlhf.py (docs/paper.md, GRP
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, num_tokens=None):
     """Per-token PPO surrogate, aggregated as a token-level mean over the whole global batch.
     logprobs, old_logprobs, mask: [B, T] (log pi_theta, log pi_old of the sampled tokens; mask 1 on
-    generated tokens); advantages: [B] or [B, T]. num_tokens: unmasked tokens of the *global* batch
-    (rl.global_token_count), default mask.sum(). With old_logprobs = logprobs.detach() (strictly
-    on-policy) the ratio is 1 and the gradient is REINFORCE's. Returns (loss to minimize,
-    clipped_B_T: 1 where the min picked the clipped term, never when strictly on-policy)."""
-    advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+    generated tokens); advantages: [B]. num_tokens: unmasked tokens of the *global* batch
+    (rl.micro_batches), default mask.sum(). Returns (loss to minimize, clipped_B_T: 1 where the min
+    picked the clipped term, never when strictly on-policy: the ratio is 1, the gradient REINFORCE's)."""
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     ratio = torch.exp(logprobs - old_logprobs)
     # PPO: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), docs/paper.md's J with rho = pi/pi_old
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    unclipped = ratio * advantages[:, None]
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages[:, None]
     # J = (1 / sum_i |o_i|) sum_i sum_t ...: sum over every token, divided by the global token count
     loss = -(torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
     return loss, ((clipped < unclipped) * mask).detach()
@@ -64,19 +61,16 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n
 
 # ---- the update and the loop ------------------------------------------------------------------------
 def update(run, args, samples, advantages_N, keep):
-    """One rollout batch -> --epochs optimizer steps (1, the paper's: strictly on-policy) on the kept
-    samples, minimizing -J, the token-level mean of the PPO surrogate of A_i over the global batch
+    """One rollout batch -> --epochs optimizer steps (1, the paper's) on the kept samples, minimizing -J
     (docs/paper.md, GRPO). -> (the step's Tally, the last gradient norm, or None: nothing trained)."""
-    batches = rl.same_count(run, rl.micro_batches(run, samples, keep, args.micro_batch))
-    num_tokens = rl.global_token_count(run, batches)   # sum_i |o_i| over the global batch
+    batches, num_tokens = rl.micro_batches(run, samples, keep, args.micro_batch)   # num_tokens: sum_i |o_i|
     tally, old, grad_norm = rl.Tally(samples, "clipped"), {}, None
     for epoch in range(args.epochs if num_tokens else 0):   # (nothing kept on any rank: no step)
         run.optimizer.zero_grad(set_to_none=True)
         for i, b in enumerate(batches):
             with run.autocast():
                 logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b, args.temperature)
-            # pi_old: the trainer's own logprobs before the batch's first step, so the ratio is
-            # exactly 1 in the first epoch (REINFORCE; the clip binds only with --epochs > 1)
+            # pi_old: the trainer's own logprobs before the batch's first step (ratio 1 in epoch 0)
             old_B_T = old.setdefault(i, logprobs_B_T.detach())
             loss, clipped_B_T = policy_loss(logprobs_B_T, old_B_T, advantages_N[b.index], b.mask_B_T,
                                             args.clip_low, args.clip_high, num_tokens)
@@ -116,9 +110,8 @@ def train(args):
         tally, grad_norm = update(run, args, samples, advantages_N, keep_N.nonzero().squeeze(1).tolist())
         train_s = time.time() - t0
         # 6. the log
-        tally.per_sample("filtered", filtered_N)
-        tally.per_sample("truncated", truncated_N)
-        row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, domains_N, tally,
+                             dict(reward=rewards_N, filtered=filtered_N, truncated=truncated_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
         row.update(filtered_frac=g["filtered"] / g["samples"], truncated_frac=g["truncated"] / g["samples"],
                    clip_frac=g["clipped"] / max(g["tokens"], 1))
@@ -127,8 +120,7 @@ def train(args):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=3e-6, group_size=8,
-                       min_group=2)
+    p = rl.rl_parser(__doc__, lr=3e-6, group_size=8, min_group=2)
     a = p.add_argument
     a("--temperature", type=common.pos_float, default=1.0,
       help="sampling temperature (> 0: the training forward divides the logits by it)")

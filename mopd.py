@@ -19,8 +19,7 @@ weight decay, grad clip 1.0, MoE router frozen and its aux loss off (the teacher
 student's architecture, and re-learning routing would fight the distillation).
 
 What we keep: all of that (rollouts, batching, the training forward, resume: rl.py's). Logged per
-domain: the
-reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
+domain: the reverse-KL estimate (minus the mean advantage) and, as a side metric never trained on, the
 verifiers' mean reward; with --eval_every, the held-out scores of the student (eval/<domain>) and,
 in the first step's row, of each domain's teacher (teacher_eval/<domain>).
 
@@ -36,7 +35,6 @@ Run: python mopd.py --init runs/mdrl/final --teachers math=runs/sft/final,if=run
         --domains math,if --mix 0.5,0.5 --data runs/data --out runs/mopd
 """
 
-import argparse
 import os
 import time
 
@@ -86,36 +84,34 @@ def load_teachers(spec, domains, tok_path, device):
     """'math=DIR,if=DIR' -> {domain: frozen model}, for the domains of --domains. A directory named for
     several domains is loaded once. Teachers must share the student's tokenizer: a token id has to
     mean the same thing (and be inside the teacher's vocabulary)."""
-    models, teachers, named = {}, {}, set()
+    paths = {}   # domain -> its teacher's directory
     for item in filter(None, (s.strip() for s in spec.split(","))):
         domain, _, path = item.partition("=")
         if not path:
             raise ValueError(f"--teachers: '{item}' is not DOMAIN=DIR")
-        if domain in named:
+        if domain in paths:
             raise ValueError(f"--teachers: two teachers for domain '{domain}'")
-        named.add(domain)
-        path = os.path.abspath(path)
-        if domain not in domains:   # (not loaded: a teacher for a domain not drawn from)
-            continue
+        paths[domain] = os.path.abspath(path)
+    missing = [d for d in domains if d not in paths]
+    if missing:
+        raise ValueError(f"--teachers has no teacher for domain(s) {missing} (give DOMAIN=DIR for each)")
+    paths = {d: path for d, path in paths.items() if d in domains}   # (a domain not drawn from: not loaded)
+    models = {}
+    for domain, path in paths.items():
         if not common.checkpoint_exists(path):
             raise ValueError(f"--teachers {domain}={path}: no checkpoint there")
         if path not in models:
             with open(os.path.join(path, "tokenizer.json")) as f, open(tok_path) as g:
                 if f.read() != g.read():
-                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's "
-                                     f"{tok_path}")
+                    raise ValueError(f"--teachers: {path}/tokenizer.json differs from the student's {tok_path}")
             # bf16 weights on the GPU halve a teacher's memory; it only ever runs forward
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             models[path] = common.load_checkpoint(path, device, dtype)[0].eval().requires_grad_(False)
             if models[path].config.vocab_size < data.load_tokenizer(tok_path).get_vocab_size():
                 raise ValueError(f"--teachers {domain}={path}: vocab_size {models[path].config.vocab_size} "
                                  f"is smaller than the tokenizer's")
-        teachers[domain] = models[path]
-    missing = [d for d in domains if d not in teachers]
-    if missing:
-        raise ValueError(f"--teachers has no teacher for domain(s) {missing} (give DOMAIN=DIR for each)")
     print0(f"MOPD: {len(models)} distinct teacher checkpoint(s) for {len(domains)} domain(s)")
-    return teachers
+    return {d: models[path] for d, path in paths.items()}
 
 
 # ---- the update and the loop -----------------------------------------------------------------
@@ -123,9 +119,7 @@ def update(run, args, samples, domains_N, teachers):
     """One optimizer step on a rollout batch: every sampled token's advantage from its domain's
     teacher, weighted by the mismatch window (docs/paper.md, MOPD). Micro-batches hold one domain
     each, so that one teacher scores each. -> (the step's Tally, the gradient norm or None)."""
-    batches = rl.same_count(run, [b for dom in sorted(set(domains_N)) for b in rl.micro_batches(
-        run, samples, [i for i, x in enumerate(domains_N) if x == dom], args.micro_batch, dom)])
-    num_tokens = rl.global_token_count(run, batches)   # |V| of the global batch
+    batches, num_tokens = rl.micro_batches(run, samples, range(len(samples)), args.micro_batch, domains_N)   # |V|
     tally = rl.Tally(samples, "advantage", "dropped")
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
@@ -162,12 +156,11 @@ def train(args):
             teacher_eval.update(rl.heldout_scores(engine, run.tok, rows, args, run.dist) if rows else {})
             engine.release()
         print0("teacher held-out scores:", teacher_eval)
-    t_start = time.time()
+    sampling, t_start = dict(temperature=1.0, max_new_tokens=args.max_new_tokens), time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's prompts, from the student at temperature 1
-        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
-                                                                            max_new_tokens=args.max_new_tokens))
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, sampling)
         domains_N = [r["domain"] for r in rows_N]
         # 2. the update: the teachers score the student's tokens (no reward is trained on)
         t0 = time.time()
@@ -175,12 +168,11 @@ def train(args):
         train_s = time.time() - t0
         # 3. the log; the verifiers' rewards are a side metric, to rise toward the teachers'
         rewards_N = verifiers.score_many(domains_N, texts, [r["meta"] for r in rows_N])
-        row, g = rl.step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, domains_N, tally, dict(reward=rewards_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
-        for dom in run.domains:
-            if g[f"{dom}/tokens"]:
-                # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
-                row[f"reverse_kl/{dom}"] = -g[f"{dom}/advantage"] / g[f"{dom}/tokens"]
+        # E_student[a_t] = -KL(student || teacher): minus the mean advantage estimates it
+        row.update({f"reverse_kl/{d}": -g[f"{d}/advantage"] / g[f"{d}/tokens"]
+                    for d in run.domains if g[f"{d}/tokens"]})
         row["dropped_frac"] = g["dropped"] / max(g["tokens"], 1)
         if step == 0:
             row.update({f"teacher_eval/{d}": s for d, s in teacher_eval.items()})
@@ -189,12 +181,11 @@ def train(args):
 
 
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=2e-6, group_size=4)
-    p.add_argument("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
-    p.add_argument("--mismatch_low", type=common.nonneg_float, default=0.5,
-                   help="drop tokens with pi_train/pi_inf below")
-    p.add_argument("--mismatch_high", type=common.pos_float, default=2.0,
-                   help="drop tokens with pi_train/pi_inf above")
+    p = rl.rl_parser(__doc__, lr=2e-6, group_size=4)
+    a = p.add_argument
+    a("--teachers", required=True, help="one teacher checkpoint per domain: math=DIR,if=DIR,...")
+    a("--mismatch_low", type=common.nonneg_float, default=0.5, help="drop tokens with pi_train/pi_inf below")
+    a("--mismatch_high", type=common.pos_float, default=2.0, help="drop tokens with pi_train/pi_inf above")
     return p
 
 

@@ -2,10 +2,10 @@
 On-policy RL: what every RL stage (grpo.py, mopd.py, rlhf.py) runs that is no one method's idea. A
 stage's loop calls, in order: set_lr; rollout (the step's prompts, G responses to each from the
 policy's own weights); the stage's own reward and advantage; its update, built from micro_batches,
-global_token_count, token_logprobs and optimizer_step; then step_row and end_step (the log, held-out
-scores, OUT/last) and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming from
-OUT/last. Also here: GRPO's group advantage, which RLHF uses too, and the one greedy evaluation
-(evaluate: the cascade's table, every stage's --eval_every, RLHF's judge).
+token_logprobs and optimizer_step; then step_row and end_step (the log, held-out scores, OUT/last)
+and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming from OUT/last. Also
+here: GRPO's group advantage, which RLHF uses too, and the one evaluation (evaluate: the cascade's
+table, every stage's --eval_every, RLHF's judge).
 
 The global token mean, one rule for every stage (sft.py's too): each rank divides its loss by the
 trained tokens of the *global* batch, and gradients are summed over ranks, never averaged
@@ -39,21 +39,19 @@ def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
     std is the population std (divide by G, not G - 1): the group is the whole set we normalize, not
     a sample of the prompt's rewards, so its advantages have mean 0 and mean square 1 (up to eps)
     whatever G is, and a group of one is defined (the unbiased std is 0/0 there). A group with zero
-    spread gets exactly 0: its responses are equally good, nothing to learn."""
+    spread (no signal) gets exactly 0: its responses are equally good, nothing to learn."""
     if rewards.numel() % group_size:
         raise ValueError(f"group_advantages: {rewards.numel()} rewards, groups of {group_size}")
     r_P_G = rewards.reshape(-1, group_size)
     centered_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)   # docs/paper.md, GRPO: A_i
     if normalize_std:
         centered_P_G = centered_P_G / (r_P_G.std(dim=1, unbiased=False, keepdim=True) + eps)
-    spread_P_1 = r_P_G.amax(dim=1, keepdim=True) - r_P_G.amin(dim=1, keepdim=True)
-    return torch.where(spread_P_1 > 0, centered_P_G, 0.0).reshape(-1)
+    return torch.where(has_signal(rewards, group_size), centered_P_G.reshape(-1), 0.0)
 
 
 def has_signal(rewards_N, group_size):
     """True for the samples of groups whose rewards differ. The others carry no signal (their
-    advantages are all 0), and DAPO's dynamic filtering drops them from the batch, which changes only
-    the loss's denominator: a batch of mostly solved prompts still takes a full-sized step."""
+    advantages are all 0): DAPO's dynamic filtering drops them (grpo.py's docstring says what that changes)."""
     r_P_G = rewards_N.view(-1, group_size)
     return (r_P_G.amax(1) > r_P_G.amin(1)).repeat_interleave(group_size)
 
@@ -95,22 +93,18 @@ def domains_and_mix(args):
     return domains, mix
 
 
-def draw_prompts(run, args, step):
-    """The step's --prompts_per_step prompts, deterministic from (seed, step): a domain from the mix,
-    then a prompt of it, and its chat mode. -> this rank's share (shares may differ by one)."""
-    rng, rows = random.Random(f"prompts-{args.seed}-{step}"), []
+def rollout(run, args, step, sampling):
+    """Step 1 of every RL stage: the step's --prompts_per_step prompts, deterministic from (seed,
+    step): a domain from the mix, then a prompt of it, and its chat mode. This rank takes its share
+    (shares may differ by one) and samples --group_size responses to each from the policy, with an
+    engine seed distinct for every (seed, step, rank).
+    -> (rows_N: each sample's prompt row, samples, texts, seconds it took)"""
+    t0, rng, rows = time.time(), random.Random(f"prompts-{args.seed}-{step}"), []
     for _ in range(args.prompts_per_step):
         row = rng.choice(run.pools[rng.choices(run.domains, weights=run.mix)[0]])
         think = rng.random() < 0.5 if args.thinking == "mixed" else args.thinking == "on"
         rows.append(dict(row, thinking=think))
-    return rows[run.dist.rank::run.dist.world_size]
-
-
-def rollout(run, args, step, sampling):
-    """Step 1 of every RL stage: the step's prompts (this rank's share), --group_size responses to
-    each from the policy, with an engine seed distinct for every (seed, step, rank).
-    -> (rows_N: each sample's prompt row, samples, texts, seconds it took)"""
-    t0, rows = time.time(), draw_prompts(run, args, step)
+    rows = rows[run.dist.rank::run.dist.world_size]
     seed = (args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank
     samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling, seed)
     return [r for r in rows for _ in range(args.group_size)], samples, texts, time.time() - t0
@@ -176,12 +170,19 @@ class MicroBatch:
     domain: str = ""
 
 
-def micro_batches(run, samples, keep, size, domain=""):
-    """The kept samples (indices into `samples`) -> MicroBatches of `size` sequences, sorted by
-    length (less padding)."""
-    order = sorted(keep, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].token_ids))
-    out, device = [], run.dist.device
-    for ix in [order[i:i + size] for i in range(0, len(order), size)]:
+def micro_batches(run, samples, keep, size, domains_N=None):
+    """The kept samples (indices into `samples`) -> (MicroBatches of `size` sequences sorted by
+    length (less padding), sum_i |o_i|: the trained tokens of the whole global batch (every rank's),
+    the denominator of every stage's token-level mean). With domains_N each micro-batch holds one
+    domain's samples (MOPD: one teacher scores it). Under FSDP every forward and backward all-gathers
+    the weights from all ranks, so every rank runs as many micro-batches as the busiest one; the
+    others run fillers (one pad token, mask 0: their loss and gradient are 0)."""
+    chunks, out, device = [], [], run.dist.device
+    for domain in [""] if domains_N is None else sorted(set(domains_N)):
+        order = sorted([i for i in keep if domains_N is None or domains_N[i] == domain],
+                       key=lambda i: len(samples[i].prompt_ids) + len(samples[i].token_ids))
+        chunks += [(domain, order[i:i + size]) for i in range(0, len(order), size)]
+    for domain, ix in chunks:
         batch = [samples[i] for i in ix]
         seqs = [s.prompt_ids + s.token_ids for s in batch]
         T = max(map(len, seqs)) - 1
@@ -196,26 +197,12 @@ def micro_batches(run, samples, keep, size, domain=""):
                               pad([response(s, s.gen_mask) for s in batch], 0),
                               pad([response(s, s.logprobs) for s in batch], 0),
                               pad([[True] * (len(q) - 1) for q in seqs], False, torch.bool), domain))
-    return out
-
-
-def same_count(run, batches):
-    """FSDP: every forward and backward all-gathers the weights from all ranks, so every rank must run
-    as many micro-batches as the busiest one; the others run fillers (one pad token, mask 0: their
-    loss and gradient are 0). No-op otherwise."""
-    if not common.is_sharded(run.model):
-        return batches
-    n = torch.tensor(len(batches), device=run.dist.device)
-    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    zeros, ids = torch.zeros(1, 1, device=run.dist.device), torch.full((1, 1), run.pad_id, device=run.dist.device)
-    filler = MicroBatch([], ids, ids, zeros, zeros, zeros.bool(), run.domains[0])
-    return batches + [filler] * (n.item() - len(batches))
-
-
-def global_token_count(run, batches):
-    """sum_i |o_i|: the trained tokens of the whole global batch (every rank's), the denominator of
-    every stage's token-level mean."""
-    return common.global_sums(dict(n=sum(b.mask_B_T.sum().item() for b in batches)), run.dist.device)["n"]
+    if common.is_sharded(run.model):
+        n = torch.tensor(len(out), device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        zeros, ids = torch.zeros(1, 1, device=device), torch.full((1, 1), run.pad_id, device=device)
+        out += [MicroBatch([], ids, ids, zeros, zeros, zeros.bool(), run.domains[0])] * (n.item() - len(out))
+    return out, common.global_sums(dict(n=sum(b.mask_B_T.sum().item() for b in out)), device)["n"]
 
 
 def token_logprobs(model, batch, temperature=1.0):
@@ -343,12 +330,12 @@ def set_lr(run, args, step):
 class Tally:
     """A step's statistics, from what its updates return: for each of this rank's samples, the sum
     over its trained tokens of each named per-token value (entropy, the train/inference mismatch,
-    and a stage's own: GRPO's clipped tokens, MOPD's advantages, ...), or a per-sample value. The
-    names are fixed up front, so every rank reduces the same ones, whatever its batches held."""
+    and a stage's own: GRPO's clipped tokens, MOPD's advantages, ...). The names are fixed up front,
+    so every rank reduces the same ones, whatever its batches held."""
 
     def __init__(self, samples, *names):
-        self.names = ("tokens", "entropy", "mismatch_abs", "mismatch_k3", "filtered", "truncated") + names
-        self.sums = {k: torch.zeros(len(samples), dtype=torch.float64) for k in self.names}
+        names = ("tokens", "entropy", "mismatch_abs", "mismatch_k3") + names
+        self.sums = {k: torch.zeros(len(samples), dtype=torch.float64) for k in names}
         self.fwd_tokens = 0
 
     def trained(self, batch, logprobs_B_T, entropy_B_T):
@@ -366,20 +353,18 @@ class Tally:
         for name, v_B_T in values_B_T.items():
             self.sums[name].index_add_(0, torch.tensor(batch.index), (v_B_T.detach().double() * batch.mask_B_T).sum(1).cpu())
 
-    def per_sample(self, name, values_N):
-        self.sums[name] += torch.as_tensor(values_N, dtype=torch.float64)
 
-
-def step_row(run, step, samples, domains_N, tally, rewards_N, grad_norm, **times):
-    """The step's row of the metrics log, from the tally of every rank (one all-reduce). -> (row, g):
-    g holds the global sums, g[name] and per domain g[f"{domain}/{name}"], for a stage's own keys.
-    grad_norm: None when nothing was trained; times: rollout_s, train_s (this rank's seconds)."""
+def step_row(run, step, samples, domains_N, tally, per_sample, grad_norm, **times):
+    """The step's row of the metrics log, from the tally and the per-sample values ({name: [N]}: the
+    "reward", and a stage's own) of every rank (one all-reduce). -> (row, g): g holds the global sums,
+    g[name] and per domain g[f"{domain}/{name}"], for a stage's own keys. grad_norm: None when nothing
+    was trained; times: rollout_s, train_s (this rank's seconds)."""
     local = dict(samples=len(samples), gen_tokens=sum(sum(s.gen_mask) for s in samples),
                  resp_tokens=sum(len(s.token_ids) for s in samples), fwd_tokens=tally.fwd_tokens, **times)
     index = {dom: [i for i, x in enumerate(domains_N) if x == dom] for dom in run.domains}
     local.update({f"{dom}/n": len(ix) for dom, ix in index.items()})
-    for name in tally.names + ("reward",):
-        values = tally.sums[name] if name != "reward" else torch.as_tensor(rewards_N, dtype=torch.float64)
+    for name, values in dict(tally.sums, **per_sample).items():
+        values = torch.as_tensor(values, dtype=torch.float64)
         local[name] = values.sum().item()
         local.update({f"{dom}/{name}": values[ix].sum().item() for dom, ix in index.items()})
     g = common.global_sums(local, run.dist.device)
@@ -427,10 +412,13 @@ def finish(run, args):
     return summary
 
 
-def add_rl_args(p, lr, group_size, min_group=1):
-    """The arguments every RL stage shares (grpo.py, mopd.py, rlhf.py); no abbreviations. min_group:
-    2 for the stages whose advantage is relative to the group (a group of one learns nothing)."""
-    p.formatter_class, p.allow_abbrev, a = argparse.ArgumentDefaultsHelpFormatter, False, p.add_argument
+def rl_parser(doc, lr, group_size, min_group=1):
+    """A stage's parser (described by the first paragraph of its docstring `doc`) with the arguments
+    every RL stage shares (grpo.py, mopd.py, rlhf.py); no abbreviations. min_group: 2 for the stages
+    whose advantage is relative to the group (a group of one learns nothing)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
     a("--init", required=True, help="start checkpoint directory (HF layout + tokenizer.json)")
     a("--out", required=True, help="run directory: metrics.jsonl, last/ (resumable), final/")
     a("--data", required=True, help="data directory: rl/<domain>.jsonl, eval/<domain>.jsonl, prefs/")

@@ -24,10 +24,9 @@ job (GRPO's verifier stages mask them instead). The KL penalty (rl.k3) is off by
 Run: python rlhf.py --init runs/mopd/final --data runs/data --out runs/rlhf --rm_steps 200 --steps 30
 """
 
-import argparse
-import json
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -112,8 +111,7 @@ def train_reward_model(args, tok, d, logger):
                          f"one of the {d.world_size} ranks at least one pair")
     opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     for step in range(args.rm_steps):
-        rng = random.Random(f"rm-{args.seed}-{step}")
-        batch = rng.sample(train, min(args.rm_batch, len(train)))
+        batch = random.Random(f"rm-{args.seed}-{step}").sample(train, min(args.rm_batch, len(train)))
         mine = batch[d.rank::d.world_size]
         seqs = [c for c, _ in mine] + [r for _, r in mine]
         # one forward per rank and step (FSDP needs every rank to run the same number)
@@ -134,8 +132,7 @@ def train_reward_model(args, tok, d, logger):
     stats = dict(rm_train_acc=pair_accuracy(rm, train[:512], pad_id, d.device),
                  rm_eval_acc=pair_accuracy(rm, held_out, pad_id, d.device))
     logger.log(stats)
-    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, "
-           f"held-out {stats['rm_eval_acc']:.3f}")
+    print0(f"reward model: train pair accuracy {stats['rm_train_acc']:.3f}, held-out {stats['rm_eval_acc']:.3f}")
     return rm, stats
 
 
@@ -148,18 +145,9 @@ def save_reward_model(path, rm, tok_path, stats):
             rm.body.save_pretrained(tmp, part("body."))
             save_file({k: v.contiguous() for k, v in part("head.").items()},
                       os.path.join(tmp, "score_head.safetensors"))
-            with open(tok_path, "rb") as f, open(os.path.join(tmp, "tokenizer.json"), "wb") as g:
-                g.write(f.read())
-            with open(os.path.join(tmp, "rm_stats.json"), "w") as f:
-                json.dump(stats, f)
+            shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.json"))
+            common.write_json(os.path.join(tmp, "rm_stats.json"), stats)
     common.barrier()
-
-
-def load_reward_model(path, device):
-    body, _ = common.load_checkpoint(path, device)
-    rm = RewardModel(body).to(device)
-    rm.head.load_state_dict(common.read_tensors(os.path.join(path, "score_head.safetensors"), device))
-    return rm, common.read_json(os.path.join(path, "rm_stats.json"))
 
 
 # ---- rL against the reward model -------------------------------------------------------------
@@ -167,14 +155,12 @@ def update(run, args, samples, advantages_N, keep, ref):
     """One optimizer step on the kept samples: REINFORCE with A_i as a token-level mean over the
     global batch (the GRPO objective, strictly on-policy: pi_old = pi, the ratio is 1), plus
     --kl_coef times the k3 penalty toward `ref` (None: off). -> (Tally, gradient norm or None)."""
-    batches = rl.same_count(run, rl.micro_batches(run, samples, keep, args.micro_batch))
-    num_tokens = rl.global_token_count(run, batches)
+    batches, num_tokens = rl.micro_batches(run, samples, keep, args.micro_batch)
     tally = rl.Tally(samples, "kl")
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
         with run.autocast():
             logprobs_B_T, entropy_B_T, aux = rl.token_logprobs(run.model, b)
-        # strictly on-policy (pi_old = pi, the ratio is 1): GRPO's J is REINFORCE with A_i, a token mean
         loss = -(advantages_N[b.index, None] * logprobs_B_T * b.mask_B_T).sum() / num_tokens
         if ref is not None:
             with torch.no_grad(), run.autocast():
@@ -197,12 +183,12 @@ def train_policy(args, rm):
     ref = None
     if args.kl_coef > 0:   # the KL reference: the stage's frozen starting checkpoint
         ref = common.load_checkpoint(args.init, run.dist.device)[0].eval().requires_grad_(False)
+    sampling = dict(temperature=1.0, max_new_tokens=args.max_new_tokens)
     G, t_start = args.group_size, time.time()
     for step in range(run.step, args.steps):
         rl.set_lr(run, args, step)
         # 1. rollout: G responses to each of the step's chat prompts
-        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, dict(temperature=1.0,
-                                                                            max_new_tokens=args.max_new_tokens))
+        rows_N, samples, texts, rollout_s = rl.rollout(run, args, step, sampling)
         # 2. reward: the reward model's score of each final answer (never the hidden judge's)
         seqs = [rm_ids(run.tok, r["messages"], chat.parse_response(t)["answer"]) for r, t in zip(rows_N, texts)]
         rewards_N = rm_scores(rm, seqs, run.pad_id, run.dist.device).double().cpu()
@@ -214,8 +200,8 @@ def train_policy(args, rm):
         tally, grad_norm = update(run, args, samples, advantages_N, signal_N.nonzero().squeeze(1).tolist(), ref)
         train_s = time.time() - t0
         # 5. the log
-        tally.per_sample("filtered", ~signal_N)
-        row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally, rewards_N, grad_norm,
+        row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally,
+                             dict(reward=rewards_N, filtered=~signal_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
         row["filtered_frac"] = g["filtered"] / g["samples"]
         if ref is not None:
@@ -240,8 +226,7 @@ def judge_win_rate(args, tok, d, final_path):
 
 # ---- main ------------------------------------------------------------------------------------
 def build_parser():
-    p = rl.add_rl_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), lr=1e-6, group_size=8,
-                       min_group=2)
+    p = rl.rl_parser(__doc__, lr=1e-6, group_size=8, min_group=2)
     p.set_defaults(domains="chat")
     a = p.add_argument
     a("--kl_coef", type=common.nonneg_float, default=0.0,
@@ -269,7 +254,9 @@ def main(argv=None):
         save_reward_model(rm_path, rm, tok_path, rm_stats)
         del rm
     # scoring reads the saved reward model, a plain module on every rank (also after FSDP training)
-    rm, rm_stats = load_reward_model(rm_path, d.device)
+    rm = RewardModel(common.load_checkpoint(rm_path, d.device)[0]).to(d.device)
+    rm.head.load_state_dict(common.read_tensors(os.path.join(rm_path, "score_head.safetensors"), d.device))
+    rm_stats = common.read_json(os.path.join(rm_path, "rm_stats.json"))
     summary = dict(train_policy(args, rm.eval().requires_grad_(False)), **rm_stats)
     del rm
     verdict = judge_win_rate(args, tok, d, os.path.join(args.out, "final"))

@@ -261,7 +261,7 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
 
 def short_recipe(path, data_dir, fsdp):
     """Every script, a step or two each, on 2 ranks: 3 prompts a step split 2 + 1, so the ranks run
-    different numbers of micro-batches (FSDP pads them to the same count: rl.same_count)."""
+    different numbers of micro-batches (FSDP pads them to the same count: rl.micro_batches)."""
     rl = dict(prompts_per_step=3, group_size=2, max_new_tokens=8, micro_batch=1, lr=1e-3)
     return write_recipe(path, {
         "model": CONFIG, "data": data_dir, "fsdp": fsdp, "device": "cpu",  # gloo, also on a 1-GPU machine
