@@ -90,7 +90,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, da
     first = cascade_process(recipe, run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (run / "eval.json").exists():   # the first is past its start, training SFT
+        while not (run / "stages" / "sft" / "cascade_args.json").exists():   # the first is training SFT
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.2)
         second = cascade_process(recipe, run, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -114,7 +114,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, da
 def test_what_a_stage_reports_survives_a_kill_before_the_cascade_records_it(finished_run):
     _, run = finished_run
     assert not (run / "stages" / "sft" / "last").exists()   # final supersedes it: gone on the rerun
-    assert sorted(events(run)) == sorted([("eval", "start")] + [(e, s) for s in STAGES for e in ("stage", "eval")])
+    assert sorted(events(run)) == sorted([(e, s) for s in STAGES for e in ("stage", "eval")])
     rows = json.loads((run / "eval.json").read_text())["rows"]
     summaries = {r["stage"]: r for r in common.read_metrics(run / "metrics.jsonl") if r["event"] == "stage"}
     for key in ("judge_win_rate", "rm_eval_acc", "rm_train_acc"):   # RLHF's figures, in every record
@@ -175,7 +175,7 @@ def test_a_copied_run_uses_its_own_checkpoints_after_the_original_moved(finished
     teachers = dict(kv.split("=") for kv in seen[0][seen[0].index("--teachers") + 1].split(","))
     assert teachers and all(path.startswith(str(copy) + os.sep) for path in teachers.values())
     rows = json.loads((copy / "eval.json").read_text())["rows"]
-    assert {r["checkpoint"] for r in rows.values()} == {"start"} | {f"stages/{s}/final" for s in STAGES}
+    assert {r["checkpoint"] for r in rows.values()} == {f"stages/{s}/final" for s in STAGES}
     registry = json.loads((copy / "teachers.json").read_text())
     assert registry and all(not os.path.isabs(t["checkpoint"]) for t in registry.values())
 
@@ -225,7 +225,7 @@ def test_a_finished_stage_with_changed_arguments_says_how_to_retrain_it(finished
     out = capsys.readouterr().out
     assert (f"stage sft is done ({run}/stages/sft/final), with: sft.py --steps 2 " in out
             and "the recipe now says: sft.py --steps 3 " in out and f"delete {run}/stages/sft " in out)
-    assert "stage rl is done" not in out and list(table) == ["start"] + STAGES
+    assert "stage rl is done" not in out and list(table) == STAGES
 
 
 @pytest.mark.parametrize("script", [sft, grpo, mopd, rlhf])
