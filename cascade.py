@@ -265,32 +265,22 @@ def latest(scores, names):
     return out
 
 
-def win_rate(mine, reference):
-    """Fraction of prompts where the judge prefers `mine` to the reference answer; ties count 1/2."""
-    return sum(verifiers.chat.wins(mine, reference)) / max(1, len(mine))
-
-
-def table(rows, order, reference):
-    """{row name: {column: score}} for the rows evaluated so far; chat as a win rate vs `reference`."""
-    out = {}
-    for name in [n for n in order if n in rows]:
-        out[name] = dict(rows[name]["scores"])
-        ref = rows.get(reference, {}).get("chat_judge")
-        if rows[name]["chat_judge"] is not None and ref is not None:
-            out[name]["chat"] = win_rate(rows[name]["chat_judge"], ref)
-    return out
-
-
 def per_prompt_table(rows, order, reference):
-    """{row name: {column: [per-prompt score]}}, chat as each prompt's verdict against `reference`
-    (1 win, 1/2 tie, 0 loss): table()'s numbers, prompt by prompt, for report.py's statistics."""
+    """{row name: {column: [per-prompt score]}} for the rows evaluated so far, chat as each prompt's
+    verdict against `reference` (1 win, 1/2 tie, 0 loss), for report.py's statistics."""
     out = {}
     for name in [n for n in order if n in rows]:
-        out[name] = dict(rows[name].get("per_prompt", {}))
+        out[name] = dict(rows[name]["per_prompt"])
         ref = rows.get(reference, {}).get("chat_judge")
         if rows[name]["chat_judge"] is not None and ref is not None:
             out[name]["chat"] = verifiers.chat.wins(rows[name]["chat_judge"], ref)
     return out
+
+
+def table(rows, order, reference):
+    """{row name: {column: score}}: the means of per_prompt_table (chat: the win rate, ties 1/2)."""
+    return {name: {c: sum(v) / max(1, len(v)) for c, v in cols.items()}
+            for name, cols in per_prompt_table(rows, order, reference).items()}
 
 
 def regressed(rows, names, reference, best, domains):
@@ -662,9 +652,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # the tiny model's matmuls are too small for intra-op threads to pay, and on a busy machine
-        # OpenMP's spinning threads slow every op down many times; for 2 cores, run 2 processes
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # processes that share the cores: OpenMP's spinning threads would slow every op down many
+        # times. One process keeps torch's default (a thread per core): SFT runs ~1.4x faster on 2
         torch.set_num_threads(1)
     main()
     if dist.is_initialized():

@@ -3,8 +3,8 @@
     python bench/cascade_time.py                              # recipes/tiny.toml into bench/out/cascade_time
     python bench/cascade_time.py --recipe recipes/tiny.toml --seed 1 --steps_scale 0.1 --eval_limit 8
 
-Runs `cascade.py` in a fresh run directory, as a user does (`torchrun --standalone
---nproc_per_node=1 cascade.py` is the same process on one rank), timing the whole command, then
+Runs `torchrun --standalone --nproc_per_node=1 cascade.py` in a fresh run directory, as the README's
+first command does, timing the whole command (startup included), then
 prints one row per part from RUN/eval.json: each stage's training, its MOPD control (if any) and
 its held-out evaluation (the prompts of the columns it was scored on), and what is left of the wall
 time: building the data and the tokenizer, the start checkpoint, imports and the report. --seed
@@ -50,7 +50,8 @@ def main():
     recipe = args.recipe if args.seed is None else seeded_copy(args.recipe, args.seed, args.out)
     run = os.path.join(args.out, os.path.splitext(os.path.basename(recipe))[0])
     shutil.rmtree(run, ignore_errors=True)   # a fresh run: nothing cached
-    cmd = [sys.executable, "cascade.py", "--recipe", recipe, "--run_dir", run]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",   # = torchrun
+           "cascade.py", "--recipe", recipe, "--run_dir", run]
     cmd += ["--steps_scale", args.steps_scale] if args.steps_scale else []
     cmd += ["--eval_limit", args.eval_limit] if args.eval_limit else []
     t0 = time.time()
@@ -65,7 +66,7 @@ def main():
         if "control" in r:
             parts.append((name, "GRPO control", r["control"]["control_s"]))
         parts.append((name, f"eval ({len(r['scores']) + (r['chat_judge'] is not None)} columns)", r["eval_s"]))
-    print(f"\n{' '.join(cmd[1:])}\n")
+    print(f"\ntorchrun {' '.join(cmd[4:])}\n")
     print(f"{'stage':12s} {'part':22s} {'s':>7s} {'share':>6s}")
     for name, part, s in parts:
         print(f"{name:12s} {part:22s} {s:7.1f} {s / wall:6.1%}")

@@ -170,8 +170,10 @@ def test_recipe_to_command_lines(tmp_path):
 
 
 def test_win_rate_and_teacher_registry():
-    assert cascade.win_rate([1.0, 0.4, 0.6, 0.2], [0.8, 0.4, 0.8, 0.2]) == (1 + 0.5 + 0 + 0.5) / 4
-    row = lambda math, code, judge: {"scores": {"math": math, "code": code}, "chat_judge": judge,
+    judge = {"chat_judge": [1.0, 0.4, 0.6, 0.2], "per_prompt": {}}
+    assert cascade.table({"a": judge, "ref": dict(judge, chat_judge=[0.8, 0.4, 0.8, 0.2])}, ["a"], "ref") == \
+        {"a": {"chat": (1 + 0.5 + 0 + 0.5) / 4}}   # a win, two ties, a loss
+    row = lambda math, code, judge: {"per_prompt": {"math": [math], "code": [code]}, "chat_judge": judge,
                                      "checkpoint": f"ckpt{math}{code}"}
     rows = {"start": row(0.0, 0.9, [0.0, 0.0]), "sft": row(0.5, 0.2, [0.4, 0.6]),
             "rl": row(0.5, 0.3, [0.8, 0.6]), "mopd": row(0.7, 0.3, [0.4, 0.2])}
