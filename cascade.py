@@ -654,7 +654,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # processes that share the cores: OpenMP's spinning threads would slow every op down many
-        # times. One process keeps torch's default (a thread per core): SFT runs ~1.4x faster on 2
+        # times. One process keeps torch's default, a thread per core (bench/RESULTS.md: SFT's speed)
         torch.set_num_threads(1)
     main()
     if dist.is_initialized():
