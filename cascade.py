@@ -225,9 +225,8 @@ def evaluate(ckpt, data_dir, settings, dd, domains=None):
     """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge":
     [judge score per chat prompt], ...}: rl.evaluate ([eval] samples at T=1, or greedy, as for the
     sparse domains; the multi-turn tool loop of training) on each column's prompts (of `domains`,
-    default all), one batch per column
-    (similar lengths, less padding). Every prompt's score is kept: the report compares stages prompt
-    by prompt (report.py)."""
+    default all), one batch per column (similar lengths, less padding). Every prompt's score is kept:
+    the report compares stages prompt by prompt (report.py)."""
     t0 = time.time()
     tok, engine = data.load_tokenizer(ckpt), Engine(load_checkpoint(ckpt, device=dd.device)[0])
     out = {"scores": {}, "per_prompt": {}, "chat_judge": None, "checkpoint": ckpt}
@@ -652,7 +651,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    shared_cores = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and shared_cores:
         # processes that share the cores: OpenMP's spinning threads would slow every op down many
         # times. One process keeps torch's default, a thread per core (bench/RESULTS.md: SFT's speed)
         torch.set_num_threads(1)
