@@ -107,21 +107,35 @@ def load_recipe(path, steps_scale=1.0):
                 bad(f"{where}unknown key '{key}' (expected one of {sorted(allowed)})")
             if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
                 bad(f"{where}{key} = {value!r}: must be {TYPE_NAMES[allowed[key]]}")
+
+    def parse(script, argv, where):  # -> the namespace of `script.py <what the cascade sets> argv`
+        parser = SCRIPTS[script].build_parser()
+        parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
+        parser.allow_abbrev = False  # no prefixes: "fsd" must not pass for --fsdp, nor "step" for --steps
+        wired = ["--out", "-", "--data", "-", "--init", "-"] + (["--teachers", "-"] if script == "mopd" else [])
+        try:
+            ns, unknown = parser.parse_known_args(wired + argv)
+        except argparse.ArgumentError as e:
+            bad(f"{where}{e}")
+        if unknown:   # (a key that is no argument, or a value that argparse took for an option)
+            bad(f"{where}cannot read {' '.join(unknown)!r} as arguments of {script}.py")
+        return ns
     try:
         with open(path, "rb") as f:
             recipe = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         bad(f"cannot read the recipe ({e})")
     known(recipe, TOP_KEYS, "")
-    ev, build = recipe.get("eval", {}), recipe.get("build", {})
+    ev, build = recipe.get("eval", {}), dict(recipe.get("build", {}))
     known(ev, EVAL_KEYS, "[eval]: ")
     known(build, BUILD_KEYS, "[build]: ")
     known(build.get("sizes", {}), dict.fromkeys(data.PRESETS["tiny"]["sizes"], int), "[build] sizes: ")
     if build.get("preset", "tiny") not in data.PRESETS:
         bad(f"[build]: unknown preset '{build['preset']}' (expected one of {sorted(data.PRESETS)})")
-    preset, given = data.PRESETS[build.get("preset", "tiny")], {k: v for k, v in build.items() if k != "preset"}
+    preset = data.PRESETS[build.pop("preset", "tiny")]   # data.build's arguments: the preset's, then [build]'s
+    recipe["build"] = {**preset, **build, "sizes": {**preset["sizes"], **build.get("sizes", {})}}
     try:
-        data.check_build_args(**{**preset, **given, "sizes": {**preset["sizes"], **build.get("sizes", {})}})
+        data.check_build_args(**recipe["build"])
     except ValueError as e:
         bad(f"[build]: {e}")
     for key in ("limit", "max_new_tokens"):
@@ -162,27 +176,18 @@ def load_recipe(path, steps_scale=1.0):
         args = dict(st.get("args", {}))
         for key in args.keys() & SET_BY_CASCADE:
             bad(f"{where}argument '{key}' is set by the cascade: remove it from args")
-        parser = SCRIPTS[st["script"]].build_parser()
-        parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
-        parser.allow_abbrev = False  # no prefixes: "fsd" must not pass for --fsdp, nor "step" for --steps
-        wired = ["--out", "-", "--data", "-", "--init", "-"] + (["--teachers", "-"] if st["script"] == "mopd" else [])
-        defaults = vars(parser.parse_known_args(wired)[0])   # every argument of the script
+        defaults = vars(parse(st["script"], [], where))   # every argument of the script
         for key, value in args.items():
             if key not in defaults:   # (also 'help', whose switch would print and exit)
                 bad(f"{where}unknown argument '{key}' for {st['script']}.py (see python {st['script']}.py --help)")
             if isinstance(value, bool) and defaults[key] is not False:   # false would be dropped unseen
                 bad(f"{where}{key} = {str(value).lower()}: true/false is for switches; '{key}' takes a value")
         for key in ("steps", "rm_steps"):  # --steps_scale (quick tests): floor 1; 0 means "derive"
-            value = args.get(key, parser.get_default(key))
+            value = args.get(key, defaults.get(key))
             if steps_scale != 1 and isinstance(value, int) and value > 0:
                 args[key] = max(1, int(value * steps_scale))
         st["argv"] = to_argv(args)
-        try:
-            st["ns"], unknown = parser.parse_known_args(wired + st["argv"])
-        except argparse.ArgumentError as e:
-            bad(f"{where}{e}")
-        if unknown:   # (every key is known: a value that argparse took for an option)
-            bad(f"{where}cannot read {' '.join(unknown)!r} as arguments of {st['script']}.py")
+        st["ns"] = parse(st["script"], st["argv"], where)
         if st["script"] != "sft":
             try:
                 rl.domains_and_mix(st["ns"])
@@ -195,16 +200,9 @@ def load_recipe(path, steps_scale=1.0):
                 bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
             if "chat" in st["ns"].domains.split(","):
                 bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
-            grpo_parser = grpo.build_parser()
-            grpo_parser.exit_on_error, grpo_parser.allow_abbrev = False, False
-            shared = {k: v for k, v in args.items() if k in vars(grpo_parser.parse_known_args(wired[:6])[0])}
+            shared = {k: v for k, v in args.items() if k in vars(parse("grpo", [], where))}
             st["control_argv"] = to_argv({**shared, **st["control"]})
-            try:
-                _, unknown = grpo_parser.parse_known_args(wired[:6] + st["control_argv"])
-            except argparse.ArgumentError as e:
-                bad(f"{where}control: {e}")
-            if unknown:
-                bad(f"{where}control: {' '.join(unknown)!r} is not an argument of grpo.py")
+            parse("grpo", st["control_argv"], f"{where}control: ")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -395,10 +393,9 @@ def prepare_data(recipe, run):
         if not os.path.isdir(recipe["data"]):
             raise RecipeError(f"data = {recipe['data']!r}: no such directory")
         return recipe["data"]
-    data_dir, b = os.path.join(run, "data"), dict(recipe.get("build", {}))
-    preset = data.PRESETS[b.pop("preset", "tiny")]
+    data_dir = os.path.join(run, "data")
     if is_main():
-        data.build(data_dir, recipe["seed"], **{**preset, **b, "sizes": {**preset["sizes"], **b.get("sizes", {})}})
+        data.build(data_dir, recipe["seed"], **recipe["build"])   # (load_recipe merged the preset in)
     barrier()
     return data_dir
 
