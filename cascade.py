@@ -42,7 +42,6 @@ holds the same table; rank 0 writes the files). Multi-node needs RUN on a shared
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -256,10 +255,7 @@ def scored_domains(settings, stages, i):
 
 def latest(scores, names):
     """{column: its score in the last of `names` (table rows) that has it}: a sparse column's last value."""
-    out = {}
-    for name in names:
-        out.update(scores.get(name, {}))
-    return out
+    return {column: v for name in names for column, v in scores.get(name, {}).items()}
 
 
 def per_prompt_table(rows, order, reference):
@@ -284,9 +280,9 @@ def regressed(rows, names, reference, best, domains):
     """The domains MOPD must recover, whose curves it and its control draw: those scored lower now
     (the last of `names` that scored them) than by their teacher with paired z <= -3; else those
     scored lower at all; else every one."""
-    now, z = latest(per_prompt_table(rows, names, reference), names), {}
-    for d in domains:
-        z[d] = report.paired(now[d], per_prompt_table(rows, [best[d]["stage"]], reference)[best[d]["stage"]][d])[2]
+    now = latest(per_prompt_table(rows, names, reference), names)
+    z = {d: report.paired(now[d], per_prompt_table(rows, [best[d]["stage"]], reference)[best[d]["stage"]][d])[2]
+         for d in domains}
     return [d for d in domains if z[d] <= -3] or [d for d in domains if z[d] < 0] or list(domains)
 
 
@@ -484,9 +480,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
         elif rows.pop(name, None):  # it was deleted to retrain it: evaluate it afresh
             save()
         if name not in rows:
-            argv = ["--init", prev, "--out", out, "--data", data_dir, "--seed", str(recipe["seed"] + i),
-                    "--device", recipe["device"]]
-            argv += ["--fsdp"] if recipe.get("fsdp") else []
+            argv = to_argv({"init": prev, "out": out, "data": data_dir, "seed": recipe["seed"] + i,
+                            "device": recipe["device"], "fsdp": recipe.get("fsdp", False)})
             curves = []   # held-out scores every --eval_every steps: the table's prompts, in its chat mode
             if st["script"] == "mopd":  # the teachers: the best checkpoint so far of each domain
                 best = teacher_registry(rows, candidates[:candidates.index(name)], ref)
@@ -496,10 +491,9 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
                 before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
                 behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
-                curves = ["--eval_prompts", str(settings["limit"]), "--eval_domains", ",".join(behind),
-                          "--eval_max_new_tokens", str(settings["max_new_tokens"]),
-                          "--eval_samples", str(settings["samples"]),
-                          "--eval_thinking", "on" if settings["thinking"] else "off"] if st["ns"].eval_every else []
+                evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
+                         "samples": settings["samples"], "thinking": "on" if settings["thinking"] else "off"}
+                curves = to_argv({f"eval_{k}": v for k, v in evals.items()}) if st["ns"].eval_every else []
             if not finished and is_main():   # what it runs with, for note_changed_args
                 os.makedirs(out, exist_ok=True)
                 write_json(os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]})
@@ -508,9 +502,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             summary = SCRIPTS[st["script"]].main(argv + st["argv"] + curves)
             stage_s = None if finished else round(time.time() - t0, 1)   # (a resumed stage: its last run)
             kill_point(f"stage_returned:{name}")
-            extra = {}
-            if "control" in st:   # a comparison, not a stage: the next stage starts from MOPD's final
-                extra["control"] = run_control(st, argv, curves, run, best, before)
+            # a control is a comparison, not a stage: the next stage starts from MOPD's final
+            extra = {"control": run_control(st, argv, curves, run, best, before)} if "control" in st else {}
             scored = scored_domains(settings, stages, i)
             record(name, final, {**evaluate(final, data_dir, settings, dd, scored), "stage_s": stage_s,
                                  "summary": summary or {}, **extra})
@@ -587,7 +580,7 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
     fig, axes = plt.subplots((n + 3) // 4, min(4, n), figsize=(12, 2.6 * ((n + 3) // 4)), squeeze=False)
     for ax, st in zip(axes.flat, stages):
         path = os.path.join(run, "stages", st["name"], "metrics.jsonl")
-        log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        log = read_metrics(path) if os.path.exists(path) else []
         for k in sorted({k for r in log for k in r if k.startswith("reward")}) or ["loss"]:
             # markers: a series of one point (a one-step stage) draws no line, and would show nothing
             ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1, marker="o", ms=2)
