@@ -314,34 +314,29 @@ def run_lock(run):
     too), so a killed run leaves nothing stuck. Rank 0 locks for its whole torchrun job and tells
     the other ranks, which all stop together (a lock per rank would lock rank 0 out); multi-node,
     RUN is on a shared filesystem, where Linux's NFS client turns flock into a cluster-wide lock."""
-    held, refusal = None, ""
+    refusal = ""
     if is_main():
         os.makedirs(run, exist_ok=True)
-        f = open(os.path.join(run, ".lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            refusal = (f"{run} is in use: another cascade is writing it ({f.read().strip() or 'holder unknown'}); "
-                       f"wait for it to end or stop it, or give this one another --run_dir")
-            f.close()
-        else:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-            f.flush()
-            held = f
-    if dist.is_initialized():
-        box = [refusal]
-        dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
-    if refusal:
-        raise RunInUse(refusal)
-    try:
-        yield
-    finally:
-        if held:
-            held.close()   # (the lock goes with the file)
+    with open(os.path.join(run, ".lock"), "a+") if is_main() else contextlib.nullcontext() as f:
+        if f is not None:   # rank 0
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "holder unknown"
+                refusal = (f"{run} is in use: another cascade is writing it ({holder}); wait for it to end or stop "
+                           f"it, or give this one another --run_dir")
+            else:
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%F %T %Z')}\n")
+                f.flush()
+        if dist.is_initialized():
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise RunInUse(refusal)
+        yield   # (the lock goes when the file is closed, on the way out)
 
 
 # what a write killed midway leaves: atomic_dir's NAME.tmp-XXXX (and remove_last's last.tmp-removed),
@@ -367,11 +362,14 @@ def in_run(run, path):
     return os.path.abspath(path) if rel.split(os.sep)[0] == ".." else rel
 
 
-def note_changed_args(out, st):
-    """A finished stage is not run again. If the recipe now gives it other arguments than those it ran
-    with (OUT/cascade_args.json), say so, and how to retrain it."""
+def note_args(out, st, finished):
+    """OUT/cascade_args.json: what a stage runs with. A finished stage is not run again: if the recipe
+    now gives it other arguments than those it ran with, say so, and how to retrain it."""
     path, now = os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]}
-    was = read_json(path) if os.path.exists(path) else now
+    if not finished and is_main():
+        os.makedirs(out, exist_ok=True)
+        write_json(path, now)
+    was = read_json(path) if finished and os.path.exists(path) else now
     if was != now:
         print0(f"stage {st['name']} is done ({out}/final), with: {was['script']}.py {' '.join(was['args'])}; "
                f"the recipe now says: {now['script']}.py {' '.join(now['args'])}. Not applied: to retrain "
@@ -475,9 +473,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     for i, st in enumerate(stages):
         name, out = st["name"], os.path.join(run, "stages", st["name"])
         final, finished = os.path.join(out, "final"), checkpoint_exists(os.path.join(out, "final"))
-        if finished:
-            note_changed_args(out, st)
-        elif rows.pop(name, None):  # it was deleted to retrain it: evaluate it afresh
+        note_args(out, st, finished)
+        if not finished and rows.pop(name, None):  # it was deleted to retrain it: evaluate it afresh
             save()
         if name not in rows:
             argv = to_argv({"init": prev, "out": out, "data": data_dir, "seed": recipe["seed"] + i,
@@ -494,9 +491,6 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
                          "samples": settings["samples"], "thinking": "on" if settings["thinking"] else "off"}
                 curves = to_argv({f"eval_{k}": v for k, v in evals.items()}) if st["ns"].eval_every else []
-            if not finished and is_main():   # what it runs with, for note_changed_args
-                os.makedirs(out, exist_ok=True)
-                write_json(os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]})
             print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()
             summary = SCRIPTS[st["script"]].main(argv + st["argv"] + curves)
