@@ -1,9 +1,9 @@
 """
 The cascade: Nemotron-Cascade 2's post-training recipe, one stage after another, in one loop.
 
-The paper (arXiv 2603.19220; docs/paper.md) post-trains in a fixed order, SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF ->
-long-context RL -> code RL -> SWE RL, each stage starting from the previous one's final checkpoint
-with its own hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
+The paper (arXiv 2603.19220; docs/paper.md) post-trains in a fixed order, SFT -> IF-RL -> multi-domain RL -> MOPD ->
+RLHF -> long-context RL -> code RL -> SWE RL, each stage starting from the previous one's final checkpoint with its own
+hyperparameters, and MOPD pulling every domain back to the best checkpoint so far on it.
 A recipe (recipes/*.toml) lists the stages; for each one, in order, this file
   1. skips it if its row is in RUN/eval.json (scores and summary) and RUN/stages/<name>/final
      exists, else calls <script>.main([...]) in-process, in the same torchrun process group (a
@@ -281,8 +281,8 @@ def regressed(rows, names, reference, best, domains):
     (the last of `names` that scored them) than by their teacher with paired z <= -3; else those
     scored lower at all; else every one."""
     now = latest(per_prompt_table(rows, names, reference), names)
-    z = {d: report.paired(now[d], per_prompt_table(rows, [best[d]["stage"]], reference)[best[d]["stage"]][d])[2]
-         for d in domains}
+    teachers = per_prompt_table(rows, [t["stage"] for t in best.values()], reference)
+    z = {d: report.paired(now[d], teachers[best[d]["stage"]][d])[2] for d in domains}
     return [d for d in domains if z[d] <= -3] or [d for d in domains if z[d] < 0] or list(domains)
 
 
@@ -429,12 +429,10 @@ def reference(recipe):
 
 
 def run_cascade(recipe, run, settings, data_dir, start, dd):
-    """Every stage, then its evaluation. A stage is done when its row is in RUN/eval.json: its scores
-    and its summary (what the stage reports: RLHF's judge and reward-model figures, SFT's loss, ...).
-    A stage with a final checkpoint but no row (a kill came between the two) is called again: its
-    main returns the stored summary at once (RLHF first completes its judge's verdict), and it is
-    evaluated. RUN/metrics.jsonl gets each row's events once, those a kill kept out of it too (an
-    event carries its row's "time", when the row was recorded: a retrained stage's row is another)."""
+    """Every stage, then its evaluation (steps 1-3 of the module docstring); a row keeps the stage's
+    summary too (what it reports: RLHF's judge and reward-model figures, SFT's loss, ...).
+    RUN/metrics.jsonl gets each row's events once, those a kill kept out of it too (an event carries
+    its row's "time", when the row was recorded: a retrained stage's row is another)."""
     cache_path, rows, stages = os.path.join(run, "eval.json"), cached_rows(run, settings), recipe["stage"]
     cache, order, ref = {"settings": settings, "rows": rows}, ["start"] + [st["name"] for st in stages], reference(recipe)
     candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
