@@ -61,10 +61,8 @@ def init_distributed(device="auto"):
                                  f"or on the CPU (--device cpu; a recipe: device = \"cpu\")")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    return Dist(rank, world, dev)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Dist(rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
 def is_main():
@@ -280,8 +278,7 @@ def save_checkpoint(path, model, tokenizer_path, optimizer=None, state=None):
                            for name, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
                 save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
                 state["optimizer_param_groups"] = opt["param_groups"]
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+            write_json(os.path.join(tmp, "trainer_state.json"), state)
     barrier()
 
 
