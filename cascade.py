@@ -433,8 +433,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     summary too (what it reports: RLHF's judge and reward-model figures, SFT's loss, ...).
     RUN/metrics.jsonl gets each row's events once, those a kill kept out of it too (an event carries
     its row's "time", when the row was recorded: a retrained stage's row is another)."""
-    cache_path, rows, stages = os.path.join(run, "eval.json"), cached_rows(run, settings), recipe["stage"]
-    cache, order, ref = {"settings": settings, "rows": rows}, ["start"] + [st["name"] for st in stages], reference(recipe)
+    rows, stages, ref = cached_rows(run, settings), recipe["stage"], reference(recipe)
+    order = ["start"] + [st["name"] for st in stages]
     candidates = order if "init" in recipe else order[1:]  # a random init teaches nothing
     metrics_path = os.path.join(run, "metrics.jsonl")
     logged = ({(r.get("event"), r.get("stage"), r.get("time")) for r in read_metrics(metrics_path)}
@@ -443,7 +443,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
 
     def save():   # the eval cache and the teacher registry it implies, always together
         if is_main():
-            write_json(cache_path, cache)
+            write_json(os.path.join(run, "eval.json"), {"settings": settings, "rows": rows})
             write_json(os.path.join(run, "teachers.json"), teacher_registry(rows, candidates, ref))
 
     def log_events(name):   # a row's events in RUN/metrics.jsonl: the stage's summary and its scores
@@ -496,9 +496,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             kill_point(f"stage_returned:{name}")
             # a control is a comparison, not a stage: the next stage starts from MOPD's final
             extra = {"control": run_control(st, argv, curves, run, best, before)} if "control" in st else {}
-            scored = scored_domains(settings, stages, i)
-            record(name, final, {**evaluate(final, data_dir, settings, dd, scored), "stage_s": stage_s,
-                                 "summary": summary or {}, **extra})
+            record(name, final, {**evaluate(final, data_dir, settings, dd, scored_domains(settings, stages, i)),
+                                 "stage_s": stage_s, "summary": summary or {}, **extra})
         prev = final
     if is_main():
         write_report(run, recipe, settings, rows, order, ref, candidates)
@@ -537,11 +536,12 @@ def heldout_curves(out, domains, before):
 def write_report(run, recipe, settings, rows, order, ref, candidates):
     per_prompt, cols = per_prompt_table(rows, order, ref), [c for c, _, _ in eval_columns(settings)]
     total = sum((r.get("stage_s") or 0) + r["eval_s"] + r.get("control", {}).get("control_s", 0) for r in rows.values())
-    times = ["| stage | stage s | eval s |", "|---|---|---|"] + [
-        f"| {name} | {rows[name].get('stage_s') or '-'} | {rows[name]['eval_s']} |" for name in per_prompt]
-    lines = [*times, "", f"Stages, controls and evaluations took {total / 60:.1f} min in all (a resumed stage counts "
-             "its last run only). Teachers, the best checkpoint per domain (ties keep the earlier): " + ", ".join(
-                 f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teacher_registry(rows, candidates, ref).items()), ""]
+    teachers = teacher_registry(rows, candidates, ref).items()
+    lines = ["| stage | stage s | eval s |", "|---|---|---|"]
+    lines += [f"| {name} | {rows[name].get('stage_s') or '-'} | {rows[name]['eval_s']} |" for name in per_prompt]
+    lines += ["", f"Stages, controls and evaluations took {total / 60:.1f} min in all (a resumed stage counts its last "
+              "run only). Teachers, the best checkpoint per domain (ties keep the earlier): "
+              + ", ".join(f"{d} `{t['stage']}` {t['score']:.3f}" for d, t in teachers), ""]
     for name in [n for n in order if "control" in rows.get(n, {})]:
         lines += report.control_lines(name, rows[name]["control"])
     try:
@@ -577,7 +577,6 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
             # markers: a series of one point (a one-step stage) draws no line, and would show nothing
             ax.plot([r["step"] for r in log if k in r], [r[k] for r in log if k in r], label=k, lw=1, marker="o", ms=2)
         ax.set_title(st["name"], fontsize=9)
-        ax.legend(fontsize=5)
     for ax, i in zip(axes.flat[len(stages):], mopds):
         teachers = teacher_registry(rows, candidates[:candidates.index(stages[i]["name"])], ref)
         doms = [d for d in stages[i]["ns"].domains.split(",") if d in teachers]
@@ -586,7 +585,6 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
             ax.bar([j + 0.27 * (k - 1) for j in range(len(doms))], [s[d] for d in doms], 0.27, label=name)
         ax.set_xticks(range(len(doms)), doms, fontsize=7)
         ax.set_title(f"{stages[i]['name']} against its teachers (held-out)", fontsize=9)
-        ax.legend(fontsize=5)
     for ax, i in zip(axes.flat[len(stages) + len(mopds):], controls):   # MOPD against its GRPO control
         ctl = rows[stages[i]["name"]]["control"]
         for d, color in zip(ctl["domains"], "bgrcmyk"):
@@ -595,6 +593,7 @@ def plot_curves(plt, run, stages, rows, scores, candidates, ref):
             ax.axhline(0.9 * ctl["teacher"][d], color=color, lw=0.5, ls=":")
         ax.set_title(f"{stages[i]['name']} vs GRPO (held-out; dotted: 90% of teacher)", fontsize=8)
         ax.set_xlabel("updates", fontsize=7)
+    for ax in axes.flat[:n]:
         ax.legend(fontsize=5)
     for ax in axes.flat[n:]:
         ax.axis("off")
