@@ -219,11 +219,10 @@ def eval_columns(settings):
 
 
 def evaluate(ckpt, data_dir, settings, dd, domains=None):
-    """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge":
-    [judge score per chat prompt], ...}: rl.evaluate ([eval] samples at T=1, or greedy, as for the
-    sparse domains; the multi-turn tool loop of training) on each column's prompts (of `domains`,
-    default all), one batch per column (similar lengths, less padding). Every prompt's score is kept:
-    the report compares stages prompt by prompt (report.py)."""
+    """-> {"scores": {column: mean}, "per_prompt": {column: [score of each prompt]}, "chat_judge": [judge
+    score per chat prompt], ...}: rl.evaluate (training's multi-turn tool loop; the sparse domains greedy) on
+    each column's prompts (of `domains`, default all), one batch per column (similar lengths, less padding).
+    Every prompt's score is kept: the report compares stages prompt by prompt (report.py)."""
     t0 = time.time()
     tok, engine = data.load_tokenizer(ckpt), Engine(load_checkpoint(ckpt, device=dd.device)[0])
     out = {"scores": {}, "per_prompt": {}, "chat_judge": None, "checkpoint": ckpt}
