@@ -400,12 +400,9 @@ def start_checkpoint(recipe, run, data_dir):
     start, config = os.path.join(run, "start"), ModelConfig.from_json(recipe["model"])
     exists = checkpoint_exists(start)
     barrier()  # every rank has looked before rank 0 writes it (save_checkpoint waits for all ranks)
-    if not exists:
-        tokenizer = os.path.join(data_dir, "tokenizer.json")
-        if data.load_tokenizer(tokenizer).get_vocab_size() > config.vocab_size:
-            raise RecipeError(f"{recipe['model']}: vocab_size {config.vocab_size} < the tokenizer's")
+    if not exists:   # (data.check_run, called first, has checked that the tokenizer fits its vocab_size)
         set_seed(recipe["seed"])
-        save_checkpoint(start, Transformer(config), tokenizer)
+        save_checkpoint(start, Transformer(config), os.path.join(data_dir, "tokenizer.json"))
     return start
 
 
