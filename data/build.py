@@ -29,8 +29,8 @@ from data.jsonl import write_jsonl
 from data.tokenizer import save_tokenizer, train_tokenizer
 
 PRESETS = {  # sizes: sft = conversations in total, rl / eval = prompts per domain, prefs = pairs
-    "tiny": dict(sizes=dict(sft=3600, rl=200, eval=400, prefs=400), vocab_size=2048, doc_lines=24),
-    "small": dict(sizes=dict(sft=36000, rl=1000, eval=400, prefs=4000), vocab_size=8192, doc_lines=64),
+    "tiny": dict(sizes=dict(sft=3600, rl=1000, eval=400, prefs=400), vocab_size=2048, doc_lines=24),
+    "small": dict(sizes=dict(sft=36000, rl=3000, eval=400, prefs=4000), vocab_size=8192, doc_lines=64),
 }
 # (the synthetic text has few distinct words: BPE runs out of merges near 3.5K ids, so "small" gets a
 # vocabulary below 8192; what matters is that it fits the model's vocab_size)
