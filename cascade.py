@@ -483,7 +483,8 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
                 behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
                 evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
-                         "samples": settings["samples"], "thinking": "on" if settings["thinking"] else "off"}
+                         "samples": settings["samples"], "greedy": settings["sparse"],   # as the table scores
+                         "thinking": "on" if settings["thinking"] else "off"}
                 curves = to_argv({f"eval_{k}": v for k, v in evals.items()}) if st["ns"].eval_every else []
             print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()

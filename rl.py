@@ -314,10 +314,16 @@ def heldout_rows(args, domains):
 
 
 def heldout_scores(engine, tok, rows, args, dd):
-    """{domain: mean score} of `engine`'s model on `rows` (heldout_rows), scored as cascade.py's table is."""
-    scores = evaluate(engine, tok, rows, args.eval_max_new_tokens or args.max_new_tokens, dd, args.eval_samples)
-    return {d: sum(s for s, r in zip(scores, rows) if r["domain"] == d) / sum(r["domain"] == d for r in rows)
-            for d in dict.fromkeys(r["domain"] for r in rows)}
+    """{domain: mean score} of `engine`'s model on `rows` (heldout_rows), scored as cascade.py's table is:
+    --eval_samples, except the domains of --eval_greedy (the table's sparse ones), always greedy."""
+    greedy = set(args.eval_greedy.split(",")) if args.eval_samples else set()
+    scores = {}
+    for samples, part in ((args.eval_samples, [r for r in rows if r["domain"] not in greedy]),
+                          (0, [r for r in rows if r["domain"] in greedy])):
+        for r, s in zip(part, evaluate(engine, tok, part, args.eval_max_new_tokens or args.max_new_tokens, dd,
+                                       samples) if part else []):
+            scores.setdefault(r["domain"], []).append(s)
+    return {d: sum(scores[d]) / len(scores[d]) for d in dict.fromkeys(r["domain"] for r in rows)}
 
 
 def set_lr(run, args, step):
@@ -445,6 +451,7 @@ def rl_parser(doc, lr, group_size, min_group=1):
     a("--eval_every", type=common.nonneg_int, default=0,
       help="score on held-out prompts (DATA/eval) every N steps and at the end (0: off)")
     a("--eval_samples", type=common.nonneg_int, default=0, help="held-out score: 0 greedy, k: mean of k at T=1")
+    a("--eval_greedy", default="", help="comma-separated domains scored greedily whatever --eval_samples")
     a("--eval_prompts", type=common.pos_int, default=64, help="held-out prompts per domain")
     a("--eval_domains", default="", help="comma-separated domains to score (default: --domains)")
     a("--eval_max_new_tokens", type=common.nonneg_int, default=0, help="held-out answers' cap (0: --max_new_tokens)")

@@ -236,6 +236,29 @@ def test_evaluate_scores_greedy_or_the_mean_of_k_samples(tiny_setup):
     assert calls == [(1.0, 4, 0), (0.0, 1, 0)]
 
 
+def test_heldout_scores_keep_the_tables_greedy_domains_greedy(tiny_setup):
+    """rl.heldout_scores (a stage's held-out curves) scores as cascade.py's table does: --eval_samples
+    answers at T=1, except the domains of --eval_greedy (the table's sparse ones), greedy. The stand-in
+    answers "A" when sampling and "7" when greedy: mcqa (key A) is right only sampled, math (7) only greedy."""
+    import data
+    _, data_dir, _ = tiny_setup
+    tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+
+    def generate(prompts, params, n, seed, env_hook):
+        text = "\\boxed{A}" if params.temperature else "\\boxed{7}"
+        return [[Sample(p, tok.encode(text, add_special_tokens=False).ids, [], [], "stop")] * n for p in prompts]
+
+    rows = [dict(domain="mcqa", messages=[dict(role="user", content="q")], thinking=False,
+                 meta={"answer": "A", "choices": ["1", "2", "3", "4"]}),
+            dict(domain="math", messages=[dict(role="user", content="q")], thinking=False, meta={"answer": "7"})]
+    engine, dd = SimpleNamespace(generate=generate), SimpleNamespace(rank=0, world_size=1)
+    scores = lambda samples, greedy: rl.heldout_scores(engine, tok, rows, SimpleNamespace(
+        eval_samples=samples, eval_greedy=greedy, eval_max_new_tokens=8, max_new_tokens=8), dd)
+    assert scores(4, "math") == {"mcqa": 1.0, "math": 1.0} and list(scores(4, "math")) == ["mcqa", "math"]
+    assert scores(4, "") == {"mcqa": 1.0, "math": 0.0}
+    assert scores(0, "math") == {"mcqa": 0.0, "math": 1.0}
+
+
 COMMON = ["--steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "8", "--device", "cpu",
           "--lr", "1e-3", "--warmup", "1"]
 
