@@ -197,11 +197,18 @@ def load_recipe(path, steps_scale=1.0):
         if "control" in st:   # MOPD's GRPO control: MOPD's arguments that grpo.py has, then its own
             if st["script"] != "mopd" or not st["ns"].eval_every:
                 bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
-            if "chat" in st["ns"].domains.split(","):
-                bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
             shared = {k: v for k, v in args.items() if k in vars(parse("grpo", [], where))}
+            # chat's prompts are left out: RL never sees the hidden judge (RLHF's reward model comes later)
+            kept = [(d, w) for d, w in zip(*rl.domains_and_mix(st["ns"])) if d != "chat"]
+            shared.update(domains=[d for d, _ in kept], mix=[w for _, w in kept])
             st["control_argv"] = to_argv({**shared, **st["control"]})
-            parse("grpo", st["control_argv"], f"{where}control: ")
+            ns = parse("grpo", st["control_argv"], f"{where}control: ")
+            if "chat" in ns.domains.split(","):
+                bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
+            try:
+                rl.domains_and_mix(ns)
+            except ValueError as e:
+                bad(f"{where}control: {e} (GRPO has no reward for chat: it trains on MOPD's other domains)")
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -259,13 +266,14 @@ def latest(scores, names):
 
 def per_prompt_table(rows, order, reference):
     """{row name: {column: [per-prompt score]}} for the rows evaluated so far, chat as each prompt's
-    verdict against `reference` (1 win, 1/2 tie, 0 loss), for report.py's statistics."""
+    verdict against `reference` (1 win, 1/2 tie, 0 loss), for report.py's statistics; with reference
+    None, chat as the judge's score of each answer (as a stage's held-out curves score it)."""
     out = {}
     for name in [n for n in order if n in rows]:
         out[name] = dict(rows[name]["per_prompt"])
-        ref = rows.get(reference, {}).get("chat_judge")
-        if rows[name]["chat_judge"] is not None and ref is not None:
-            out[name]["chat"] = verifiers.chat.wins(rows[name]["chat_judge"], ref)
+        judge, ref = rows[name]["chat_judge"], rows.get(reference, {}).get("chat_judge")
+        if judge is not None and (ref is not None or reference is None):
+            out[name]["chat"] = judge if reference is None else verifiers.chat.wins(judge, ref)
     return out
 
 
@@ -480,7 +488,9 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 if set(wanted) - set(best):
                     raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
-                before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
+                judged = table(rows, order, None)   # as the curves score: chat by the judge's mean, not a win rate
+                before = latest(judged, order[:i + 1])   # the scores before this stage
+                teacher = {d: judged[best[d]["stage"]][d] for d in wanted}
                 behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
                 evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
                          "samples": settings["samples"], "greedy": settings["sparse"],   # as the table scores
@@ -492,7 +502,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             stage_s = None if finished else round(time.time() - t0, 1)   # (a resumed stage: its last run)
             kill_point(f"stage_returned:{name}")
             # a control is a comparison, not a stage: the next stage starts from MOPD's final
-            extra = {"control": run_control(st, argv, curves, run, best, before)} if "control" in st else {}
+            extra = {"control": run_control(st, argv, curves, run, teacher, before)} if "control" in st else {}
             record(name, final, {**evaluate(final, data_dir, settings, dd, scored_domains(settings, stages, i)),
                                  "stage_s": stage_s, "summary": summary or {}, **extra})
         prev = final
@@ -502,9 +512,9 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     return table(rows, order, ref)
 
 
-def run_control(st, argv, curves, run, best, before):
+def run_control(st, argv, curves, run, teacher, before):
     """The paper's efficiency claim, measured: GRPO from MOPD's own start, on the same prompts (same
-    --seed, --domains, --mix, --prompts_per_step) for the same steps, scored on the same held-out
+    --seed, --domains, --mix, --prompts_per_step; chat's left out, load_recipe) for the same steps, scored on the same held-out
     prompts every --eval_every steps. RUN/controls/<stage> is not in the cascade: nothing starts from
     it and no teacher comes from it. -> each domain's start, teacher, and both held-out curves."""
     out = os.path.join(run, "controls", st["name"])
@@ -514,7 +524,7 @@ def run_control(st, argv, curves, run, best, before):
     grpo.main(control + st["control_argv"] + curves)
     domains = curves[curves.index("--eval_domains") + 1].split(",")
     return {"domains": domains, "start": {d: before[d] for d in domains},
-            "teacher": {d: best[d]["score"] for d in domains}, "control_s": round(time.time() - t0, 1),
+            "teacher": {d: teacher[d] for d in domains}, "control_s": round(time.time() - t0, 1),
             "mopd": heldout_curves(os.path.join(run, "stages", st["name"]), domains, before),
             "grpo": heldout_curves(out, domains, before)}
 

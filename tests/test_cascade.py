@@ -230,7 +230,7 @@ def test_tiny_cascade_end_to_end_with_kill_and_resume(tmp_path, data_dir, monkey
     # --domains: the best checkpoint before it
     assert seen[0][seen[0].index("--init") + 1] == str(run / "stages" / "multi_rl" / "final")
     teachers = dict(kv.split("=") for kv in seen[0][seen[0].index("--teachers") + 1].split(","))
-    assert sorted(teachers) == sorted(["math", "if", "tool", "mcqa", "structured"])
+    assert sorted(teachers) == sorted(["math", "if", "tool", "mcqa", "structured", "chat"])
     registry = cascade.teacher_registry(after, ["sft", "if_rl", "multi_rl"], "sft")
     assert teachers == {d: str(run / registry[d]["checkpoint"]) for d in teachers}  # (paths relative to RUN)
 

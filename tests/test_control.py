@@ -16,7 +16,7 @@ from test_run_dir import RL, data_dir  # noqa: F401  (a module fixture: the smal
 def control_recipe(path, data_dir, **mopd_args):
     return write_recipe(path, {
         "model": CONFIG, "data": data_dir, "device": "cpu",
-        "eval": {"limit": 2, "max_new_tokens": 4, "domains": ["math", "if"]},
+        "eval": {"limit": 2, "max_new_tokens": 4, "domains": ["math", "if", "chat"]},
         "stage": [{"name": "sft", "script": "sft", "args": {"steps": 2, "batch_size": 2, "seq_len": 256}},
                   {"name": "rl", "script": "grpo", "args": dict(RL, steps=1, domains=["if"])},
                   {"name": "mopd", "script": "mopd", "args": dict(RL, steps=2, **{"domains": ["math", "if"], **mopd_args}),
@@ -33,15 +33,19 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     real_grpo, real_mopd = grpo.main, mopd.main
     monkeypatch.setattr(grpo, "main", lambda argv: calls["grpo"].append(argv) or real_grpo(argv))
     monkeypatch.setattr(mopd, "main", lambda argv: calls["mopd"].append(argv) or real_mopd(argv))
+    monkeypatch.setattr(cascade, "regressed", lambda rows, names, ref, best, domains: domains)   # curves for all three
     run = tmp_path / "run"
-    table = cascade.main(["--recipe", control_recipe(tmp_path / "r.toml", data_dir, eval_every=1), "--run_dir", str(run)])
+    recipe = control_recipe(tmp_path / "r.toml", data_dir, eval_every=1, domains=["math", "if", "chat"], mix=[1, 1, 2])
+    table = cascade.main(["--recipe", recipe, "--run_dir", str(run)])
 
     (m,), (_, control, after) = calls["mopd"], calls["grpo"]   # (the stage before MOPD, its control, the stage after)
     assert flag(control, "--out") == str(run / "controls" / "mopd")
-    for name in ("--init", "--seed", "--domains", "--steps", "--prompts_per_step", "--max_new_tokens",
+    for name in ("--init", "--seed", "--steps", "--prompts_per_step", "--max_new_tokens",
                  "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking",
                  "--eval_samples"):
         assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
+    assert flag(m, "--domains") == "math,if,chat" and flag(control, "--domains") == "math,if"   # no reward for chat
+    assert flag(control, "--mix") == "1.0,1.0" and flag(control, "--eval_domains") == "math,if,chat"
     assert flag(control, "--lr") == "0.001" and "--teachers" not in control
     assert flag(m, "--init") == str(run / "stages" / "rl" / "final")
     assert flag(after, "--init") == str(run / "stages" / "mopd" / "final")   # the cascade goes on from MOPD
@@ -50,14 +54,22 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     assert list(rows) == list(table) == ["sft", "rl", "mopd", "after"]   # no row for the control (nor the random init)
     registry = json.loads((run / "teachers.json").read_text())
     assert all("controls" not in t["checkpoint"] for t in registry.values())
-    ctl = rows["mopd"]["control"]
+    ctl, judged = rows["mopd"]["control"], cascade.table(rows, list(rows), None)   # chat: the judge's mean
+    assert ctl["domains"] == ["math", "if", "chat"] and judged["rl"]["chat"] != table["rl"]["chat"]
     for d in ctl["domains"]:
-        assert ctl["start"][d] == table["rl"][d]   # both curves start at the table's score of the stage before
+        assert ctl["start"][d] == judged["rl"][d]   # both curves start at the table's score of the stage before
+        assert ctl["teacher"][d] == judged[registry_before_mopd(rows)[d]][d]
         for method in ("mopd", "grpo"):
             assert [s for s, _ in ctl[method][d]] == [0, 1, 2]   # --eval_every 1, 2 steps
-            assert ctl[method][d][0][1] == table["rl"][d]
-        assert ctl["mopd"][d][-1][1] == table["mopd"][d]   # MOPD's last point is its row in the table
-    assert "against its GRPO control" in (run / "report.md").read_text()
+            assert ctl[method][d][0][1] == judged["rl"][d]
+        assert ctl["mopd"][d][-1][1] == pytest.approx(judged["mopd"][d])   # MOPD's last point is its row in the table
+    assert judged["rl"]["math"] == table["rl"]["math"]
+    report_md = (run / "report.md").read_text()
+    assert "against its GRPO control" in report_md and "GRPO has no reward for chat" in report_md
+
+
+def registry_before_mopd(rows):
+    return {d: t["stage"] for d, t in cascade.teacher_registry(rows, ["sft", "rl"], "sft").items()}
 
 
 def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: F811
@@ -70,7 +82,14 @@ def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: 
         f.write(text)
     with pytest.raises(cascade.RecipeError, match="control: .*groupsize"):
         cascade.main(["--recipe", bad, "--run_dir", str(tmp_path / "run")])
+    chat = control_recipe(tmp_path / "c.toml", data_dir, eval_every=1, domains=["chat"])
+    with pytest.raises(cascade.RecipeError, match="control: --domains '': .*GRPO has no reward for chat"):
+        cascade.main(["--recipe", chat, "--run_dir", str(tmp_path / "run")])
     chat = control_recipe(tmp_path / "c.toml", data_dir, eval_every=1, domains=["math", "chat"])
+    with open(chat) as f:
+        text = f.read().replace("control = {lr = 0.001, ", 'control = {domains = ["math", "chat"], lr = 0.001, ')
+    with open(chat, "w") as f:
+        f.write(text)
     with pytest.raises(cascade.RecipeError, match="control: GRPO on chat would be rewarded by the hidden judge"):
         cascade.main(["--recipe", chat, "--run_dir", str(tmp_path / "run")])
 
