@@ -514,9 +514,10 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
 
 def run_control(st, argv, curves, run, teacher, before):
     """The paper's efficiency claim, measured: GRPO from MOPD's own start, on the same prompts (same
-    --seed, --domains, --mix, --prompts_per_step; chat's left out, load_recipe) for the same steps, scored on the same held-out
-    prompts every --eval_every steps. RUN/controls/<stage> is not in the cascade: nothing starts from
-    it and no teacher comes from it. -> each domain's start, teacher, and both held-out curves."""
+    --seed, --domains, --mix, --prompts_per_step; chat's left out, see load_recipe) for the same steps,
+    scored on the same held-out prompts every --eval_every steps. RUN/controls/<stage> is not in the
+    cascade: nothing starts from it and no teacher comes from it. -> each domain's start, teacher,
+    and both held-out curves."""
     out = os.path.join(run, "controls", st["name"])
     control = [a if a != os.path.join(run, "stages", st["name"]) else out for a in argv[:argv.index("--teachers")]]
     print0(f"=== control of {st['name']}: python grpo.py {' '.join(control + st['control_argv'] + curves)}")
