@@ -266,14 +266,13 @@ def latest(scores, names):
 
 def per_prompt_table(rows, order, reference):
     """{row name: {column: [per-prompt score]}} for the rows evaluated so far, chat as each prompt's
-    verdict against `reference` (1 win, 1/2 tie, 0 loss), for report.py's statistics; with reference
-    None, chat as the judge's score of each answer (as a stage's held-out curves score it)."""
+    verdict against `reference` (1 win, 1/2 tie, 0 loss), for report.py's statistics."""
     out = {}
     for name in [n for n in order if n in rows]:
         out[name] = dict(rows[name]["per_prompt"])
-        judge, ref = rows[name]["chat_judge"], rows.get(reference, {}).get("chat_judge")
-        if judge is not None and (ref is not None or reference is None):
-            out[name]["chat"] = judge if reference is None else verifiers.chat.wins(judge, ref)
+        ref = rows.get(reference, {}).get("chat_judge")
+        if rows[name]["chat_judge"] is not None and ref is not None:
+            out[name]["chat"] = verifiers.chat.wins(rows[name]["chat_judge"], ref)
     return out
 
 
@@ -488,13 +487,12 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 if set(wanted) - set(best):
                     raise RecipeError(f"stage {name}: no evaluated checkpoint for {set(wanted) - set(best)}")
                 argv += ["--teachers", ",".join(f"{d}={os.path.join(run, best[d]['checkpoint'])}" for d in wanted)]
-                judged = table(rows, order, None)   # as the curves score: chat by the judge's mean, not a win rate
-                before = latest(judged, order[:i + 1])   # the scores before this stage
-                teacher = {d: judged[best[d]["stage"]][d] for d in wanted}
+                before = latest(table(rows, order, ref), order[:i + 1])   # the scores before this stage
                 behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
                 evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
                          "samples": settings["samples"], "greedy": settings["sparse"],   # as the table scores
-                         "thinking": "on" if settings["thinking"] else "off"}
+                         "thinking": "on" if settings["thinking"] else "off",   # chat: the win rate against
+                         "reference": os.path.join(run, rows[ref]["checkpoint"]) if ref in rows else ""}   # ref's answers
                 curves = to_argv({f"eval_{k}": v for k, v in evals.items()}) if st["ns"].eval_every else []
             print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()
@@ -502,7 +500,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
             stage_s = None if finished else round(time.time() - t0, 1)   # (a resumed stage: its last run)
             kill_point(f"stage_returned:{name}")
             # a control is a comparison, not a stage: the next stage starts from MOPD's final
-            extra = {"control": run_control(st, argv, curves, run, teacher, before)} if "control" in st else {}
+            extra = {"control": run_control(st, argv, curves, run, best, before)} if "control" in st else {}
             record(name, final, {**evaluate(final, data_dir, settings, dd, scored_domains(settings, stages, i)),
                                  "stage_s": stage_s, "summary": summary or {}, **extra})
         prev = final
@@ -512,7 +510,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     return table(rows, order, ref)
 
 
-def run_control(st, argv, curves, run, teacher, before):
+def run_control(st, argv, curves, run, best, before):
     """The paper's efficiency claim, measured: GRPO from MOPD's own start, on the same prompts (same
     --seed, --domains, --mix, --prompts_per_step; chat's left out, see load_recipe) for the same steps,
     scored on the same held-out prompts every --eval_every steps. RUN/controls/<stage> is not in the
@@ -525,7 +523,7 @@ def run_control(st, argv, curves, run, teacher, before):
     grpo.main(control + st["control_argv"] + curves)
     domains = curves[curves.index("--eval_domains") + 1].split(",")
     return {"domains": domains, "start": {d: before[d] for d in domains},
-            "teacher": {d: teacher[d] for d in domains}, "control_s": round(time.time() - t0, 1),
+            "teacher": {d: best[d]["score"] for d in domains}, "control_s": round(time.time() - t0, 1),
             "mopd": heldout_curves(os.path.join(run, "stages", st["name"]), domains, before),
             "grpo": heldout_curves(out, domains, before)}
 

@@ -88,10 +88,9 @@ def control_lines(name, ctl):
         lines.append(f"| {d} | {fmt(ctl['start'][d])} | {fmt(ctl['teacher'][d])} | {fmt(target)} | "
                      + " | ".join("not reached" if s is None else str(s) for s in at) + f" | {curve[0]} | {curve[1]} |")
     if "chat" in ctl["domains"]:
-        lines += ["", "chat is scored here by the hidden judge's mean (a curve has no reference answers to win "
-                  "against). GRPO has no reward for chat: RL never sees the judge, and the reward model comes with "
-                  "RLHF, after MOPD (the paper's comparison for chat). So the control trains on MOPD's other "
-                  "domains only, and its chat curve shows what that costs chat."]
+        lines += ["", "GRPO has no reward for chat: RL never sees the hidden judge, and the reward model comes "
+                  "with RLHF, after MOPD (the paper's comparison for chat). So the control trains on MOPD's other "
+                  "domains only, and its chat curve shows what that does to chat."]
     if all(ctl["start"][d] >= 0.9 * ctl["teacher"][d] for d in ctl["domains"]):
         lines += ["", "Every domain started within 90% of its teacher: this run left MOPD nothing to recover, "
                   "and the comparison shows only what each method costs the domains it keeps."]

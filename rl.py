@@ -299,30 +299,44 @@ def setup(args, freeze_router=False, resume_keys=()):
                pools=load_prompts(args.data, domains, args.prompts), domains=domains, mix=mix,
                bf16=args.dtype == "bfloat16" or (args.dtype == "auto" and d.device.type == "cuda"),
                logger=common.MetricsLogger(metrics, drop_from_step=step), step=step, history=history,
-               heldout=heldout_rows(args, domains) if args.eval_every else [])
+               heldout=heldout_rows(args, domains, d) if args.eval_every else [])
 
 
-def heldout_rows(args, domains):
+def heldout_rows(args, domains, dd):
     """The held-out prompts a stage scores itself on every --eval_every steps: the first
     --eval_prompts of DATA/eval/<domain>.jsonl for each of --eval_domains (default: --domains), in
     the chat mode cascade.py's table scores them (--eval_thinking; math always thinks, as the
-    table's math column does), so that a curve starts at the table's score of the stage before."""
+    table's math column does), so that a curve starts at the table's score of the stage before.
+    With --eval_reference, each chat row carries that checkpoint's judge score (scored here, once):
+    chat's curve is then the judge's win rate against it, as the table's chat column is."""
     eval_domains = args.eval_domains.split(",") if args.eval_domains else domains
     pools = load_prompts(args.data, eval_domains, split="eval")
-    return [dict(r, thinking=d == "math" or args.eval_thinking == "on") for d in eval_domains
+    rows = [dict(r, thinking=d == "math" or args.eval_thinking == "on") for d in eval_domains
             for r in pools[d][:args.eval_prompts]]
+    chat_rows = [r for r in rows if r["domain"] == "chat"]
+    if args.eval_reference and chat_rows:
+        engine = Engine(common.load_checkpoint(args.eval_reference, dd.device)[0])
+        tok = data.load_tokenizer(os.path.join(args.eval_reference, "tokenizer.json"))
+        samples = 0 if "chat" in args.eval_greedy.split(",") else args.eval_samples   # as heldout_scores
+        for r, s in zip(chat_rows, evaluate(engine, tok, chat_rows, args.eval_max_new_tokens or args.max_new_tokens,
+                                            dd, samples)):
+            r["reference"] = s
+        engine.release()
+    return rows
 
 
 def heldout_scores(engine, tok, rows, args, dd):
     """{domain: mean score} of `engine`'s model on `rows` (heldout_rows), scored as cascade.py's table is:
-    --eval_samples, except the domains of --eval_greedy (the table's sparse ones), always greedy."""
+    --eval_samples, except the domains of --eval_greedy (the table's sparse ones), always greedy; a
+    row with a reference score counts 1 for a win over it, 1/2 for a tie (verifiers.chat.wins)."""
     greedy = set(args.eval_greedy.split(",")) if args.eval_samples else set()
     scores = {}
     for samples, part in ((args.eval_samples, [r for r in rows if r["domain"] not in greedy]),
                           (0, [r for r in rows if r["domain"] in greedy])):
         for r, s in zip(part, evaluate(engine, tok, part, args.eval_max_new_tokens or args.max_new_tokens, dd,
                                        samples) if part else []):
-            scores.setdefault(r["domain"], []).append(s)
+            scores.setdefault(r["domain"], []).append(verifiers.chat.wins([s], [r["reference"]])[0]
+                                                      if "reference" in r else s)
     return {d: sum(scores[d]) / len(scores[d]) for d in dict.fromkeys(r["domain"] for r in rows)}
 
 
@@ -457,4 +471,6 @@ def rl_parser(doc, lr, group_size, min_group=1):
     a("--eval_max_new_tokens", type=common.nonneg_int, default=0, help="held-out answers' cap (0: --max_new_tokens)")
     a("--eval_thinking", default="off", choices=["on", "off"], help="chat mode of the held-out prompts "
       "(math always thinks, as in cascade.py's table)")
+    a("--eval_reference", default="", help="a checkpoint: chat's held-out score is the judge's win rate "
+      "against its answers (ties 1/2), as in cascade.py's table (default: the judge's mean score)")
     return p

@@ -46,6 +46,7 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
         assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
     assert flag(m, "--domains") == "math,if,chat" and flag(control, "--domains") == "math,if"   # no reward for chat
     assert flag(control, "--mix") == "1.0,1.0" and flag(control, "--eval_domains") == "math,if,chat"
+    assert flag(m, "--eval_reference") == str(run / "stages" / "sft" / "final")   # chat: a win rate against sft
     assert flag(control, "--lr") == "0.001" and "--teachers" not in control
     assert flag(m, "--init") == str(run / "stages" / "rl" / "final")
     assert flag(after, "--init") == str(run / "stages" / "mopd" / "final")   # the cascade goes on from MOPD
@@ -54,22 +55,16 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
     assert list(rows) == list(table) == ["sft", "rl", "mopd", "after"]   # no row for the control (nor the random init)
     registry = json.loads((run / "teachers.json").read_text())
     assert all("controls" not in t["checkpoint"] for t in registry.values())
-    ctl, judged = rows["mopd"]["control"], cascade.table(rows, list(rows), None)   # chat: the judge's mean
-    assert ctl["domains"] == ["math", "if", "chat"] and judged["rl"]["chat"] != table["rl"]["chat"]
-    for d in ctl["domains"]:
-        assert ctl["start"][d] == judged["rl"][d]   # both curves start at the table's score of the stage before
-        assert ctl["teacher"][d] == judged[registry_before_mopd(rows)[d]][d]
+    ctl = rows["mopd"]["control"]
+    assert ctl["domains"] == ["math", "if", "chat"]
+    for d in ctl["domains"]:   # (chat: the judge's win rate against sft's answers, curves and table alike)
+        assert ctl["start"][d] == table["rl"][d]   # both curves start at the table's score of the stage before
         for method in ("mopd", "grpo"):
             assert [s for s, _ in ctl[method][d]] == [0, 1, 2]   # --eval_every 1, 2 steps
-            assert ctl[method][d][0][1] == judged["rl"][d]
-        assert ctl["mopd"][d][-1][1] == pytest.approx(judged["mopd"][d])   # MOPD's last point is its row in the table
-    assert judged["rl"]["math"] == table["rl"]["math"]
+            assert ctl[method][d][0][1] == table["rl"][d]
+        assert ctl["mopd"][d][-1][1] == pytest.approx(table["mopd"][d])   # MOPD's last point is its row in the table
     report_md = (run / "report.md").read_text()
     assert "against its GRPO control" in report_md and "GRPO has no reward for chat" in report_md
-
-
-def registry_before_mopd(rows):
-    return {d: t["stage"] for d, t in cascade.teacher_registry(rows, ["sft", "rl"], "sft").items()}
 
 
 def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: F811

@@ -259,6 +259,32 @@ def test_heldout_scores_keep_the_tables_greedy_domains_greedy(tiny_setup):
     assert scores(0, "math") == {"mcqa": 0.0, "math": 1.0}
 
 
+def test_heldout_chat_is_a_win_rate_against_the_reference(tiny_setup):
+    """With --eval_reference, a chat row carries the reference's judge score, and a curve's chat point
+    is the judge's win rate against it (1 a win, 1/2 a tie, 0 a loss), as the table's chat column is.
+    The stand-in's answer passes 2 of the judge's 5 checks (keywords, length and politeness fail)."""
+    import data
+    import verifiers
+    _, data_dir, _ = tiny_setup
+    tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    answer = "Sleep well."
+
+    def generate(prompts, params, n, seed, env_hook):
+        return [[Sample(p, tok.encode(answer, add_special_tokens=False).ids, [], [], "stop")] * n for p in prompts]
+
+    meta = {"topic": "sleep", "keywords": ["bed", "routine"], "length": [20, 80]}
+    judge = verifiers.chat.judge(answer, meta)
+    assert judge == 0.4
+    rows = [dict(domain="chat", messages=[dict(role="user", content="q")], thinking=False, meta=meta, reference=ref)
+            for ref in (0.2, 0.4, 0.8, 0.0)]   # a win, a tie, a loss, a win
+    args = SimpleNamespace(eval_samples=0, eval_greedy="", eval_max_new_tokens=8, max_new_tokens=8)
+    engine, dd = SimpleNamespace(generate=generate), SimpleNamespace(rank=0, world_size=1)
+    assert rl.heldout_scores(engine, tok, rows, args, dd) == {"chat": (1 + 0.5 + 0 + 1) / 4}
+    for r in rows:
+        del r["reference"]
+    assert rl.heldout_scores(engine, tok, rows, args, dd) == {"chat": judge}   # no reference: the judge's mean
+
+
 COMMON = ["--steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "8", "--device", "cpu",
           "--lr", "1e-3", "--warmup", "1"]
 
