@@ -60,9 +60,9 @@ import rl
 import rlhf
 import sft
 import verifiers
-from common import (MetricsLogger, barrier, checkpoint_exists, init_distributed, is_main, kill_point,
-                    load_checkpoint, pos_float, pos_int, print0, read_json, read_metrics, save_checkpoint,
-                    set_seed, write_json)
+from common import (MetricsLogger, barrier, checkpoint_exists, close_distributed, init_distributed, is_main,
+                    kill_point, load_checkpoint, pos_float, pos_int, print0, read_json, read_metrics,
+                    save_checkpoint, set_seed, write_json)
 from model import ModelConfig, Transformer
 from rollout import Engine
 
@@ -491,8 +491,9 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
                 behind = regressed(rows, order[:i + 1], ref, best, wanted)   # what MOPD must recover
                 evals = {"prompts": settings["limit"], "domains": behind, "max_new_tokens": settings["max_new_tokens"],
                          "samples": settings["samples"], "greedy": settings["sparse"],   # as the table scores
-                         "thinking": "on" if settings["thinking"] else "off",   # chat: the win rate against
-                         "reference": os.path.join(run, rows[ref]["checkpoint"]) if ref in rows else ""}   # ref's answers
+                         "thinking": "on" if settings["thinking"] else "off",
+                         # chat: the judge's win rate against the reference's answers, as in the table
+                         "reference": os.path.join(run, rows[ref]["checkpoint"]) if ref in rows else ""}
                 curves = to_argv({f"eval_{k}": v for k, v in evals.items()}) if st["ns"].eval_every else []
             print0(f"=== stage {name}: python {st['script']}.py {' '.join(argv + st['argv'])}")
             t0 = time.time()
@@ -644,5 +645,4 @@ if __name__ == "__main__":
         # times. One process keeps torch's default, a thread per core (bench/RESULTS.md: SFT's speed)
         torch.set_num_threads(1)
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()

@@ -13,6 +13,7 @@ checkpoint resumes with or without --fsdp, on any number of ranks.
 
 import argparse
 import contextlib
+import gc
 import glob
 import json
 import math
@@ -63,6 +64,15 @@ def init_distributed(device="auto"):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return Dist(rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def close_distributed():
+    """Leave the process group at the end of a run. FSDP2's modules hold it in reference cycles; they
+    are collected first, so that the group is destroyed (its threads joined) now and not during the
+    interpreter's teardown (two-rank FSDP runs sometimes aborted at exit: bench/RESULTS.md)."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def is_main():

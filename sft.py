@@ -57,7 +57,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -287,5 +286,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.close_distributed()
