@@ -208,7 +208,9 @@ def load_recipe(path, steps_scale=1.0):
             try:
                 rl.domains_and_mix(ns)
             except ValueError as e:
-                bad(f"{where}control: {e} (GRPO has no reward for chat: it trains on MOPD's other domains)")
+                chat = "chat" in st["ns"].domains.split(",")
+                bad(f"{where}control: {e}" + (" (GRPO has no reward for chat: it trains on MOPD's other domains)"
+                                              if chat else ""))
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")

@@ -317,27 +317,34 @@ def heldout_rows(args, domains, dd):
     if args.eval_reference and chat_rows:
         engine = Engine(common.load_checkpoint(args.eval_reference, dd.device)[0])
         tok = data.load_tokenizer(os.path.join(args.eval_reference, "tokenizer.json"))
-        samples = 0 if "chat" in args.eval_greedy.split(",") else args.eval_samples   # as heldout_scores
-        for r, s in zip(chat_rows, evaluate(engine, tok, chat_rows, args.eval_max_new_tokens or args.max_new_tokens,
-                                            dd, samples)):
+        for r, s in zip(chat_rows, heldout_row_scores(engine, tok, chat_rows, args, dd)):
             r["reference"] = s
         engine.release()
     return rows
 
 
-def heldout_scores(engine, tok, rows, args, dd):
-    """{domain: mean score} of `engine`'s model on `rows` (heldout_rows), scored as cascade.py's table is:
-    --eval_samples, except the domains of --eval_greedy (the table's sparse ones), always greedy; a
-    row with a reference score counts 1 for a win over it, 1/2 for a tie (verifiers.chat.wins)."""
+def heldout_row_scores(engine, tok, rows, args, dd):
+    """[score of each row] of `engine`'s model, in row order, scored as cascade.py's table is:
+    --eval_samples, except the domains of --eval_greedy (the table's sparse ones), always greedy."""
     greedy = set(args.eval_greedy.split(",")) if args.eval_samples else set()
+    scores = [None] * len(rows)
+    for samples, sparse in ((args.eval_samples, False), (0, True)):
+        index = [i for i, r in enumerate(rows) if (r["domain"] in greedy) == sparse]
+        part = evaluate(engine, tok, [rows[i] for i in index], args.eval_max_new_tokens or args.max_new_tokens,
+                        dd, samples) if index else []
+        for i, s in zip(index, part):
+            scores[i] = s
+    return scores
+
+
+def heldout_scores(engine, tok, rows, args, dd):
+    """{domain: mean score} of `engine`'s model on `rows` (heldout_rows); a row with a reference score
+    counts 1 for a win over it, 1/2 for a tie (verifiers.chat.wins), as the table's chat column does."""
     scores = {}
-    for samples, part in ((args.eval_samples, [r for r in rows if r["domain"] not in greedy]),
-                          (0, [r for r in rows if r["domain"] in greedy])):
-        for r, s in zip(part, evaluate(engine, tok, part, args.eval_max_new_tokens or args.max_new_tokens, dd,
-                                       samples) if part else []):
-            scores.setdefault(r["domain"], []).append(verifiers.chat.wins([s], [r["reference"]])[0]
-                                                      if "reference" in r else s)
-    return {d: sum(scores[d]) / len(scores[d]) for d in dict.fromkeys(r["domain"] for r in rows)}
+    for r, s in zip(rows, heldout_row_scores(engine, tok, rows, args, dd)):
+        scores.setdefault(r["domain"], []).append(verifiers.chat.wins([s], [r["reference"]])[0]
+                                                  if "reference" in r else s)
+    return {d: sum(v) / len(v) for d, v in scores.items()}
 
 
 def set_lr(run, args, step):
