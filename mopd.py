@@ -62,20 +62,23 @@ def mismatch_weights(train_logprobs, inference_logprobs, low=0.5, high=2.0):
     return torch.where((r >= low) & (r <= high), r, 0.0)  # docs/paper.md, MOPD: w_t
 
 
-def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_tokens=None):
-    """L = -(1/|V|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L).
+def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_responses=None):
+    """L = -(1/|V(y)|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L),
 
-    The paper writes 1/|V(y)| for one response y; like GRPO we take the token-level mean over the
-    whole global batch instead (num_tokens, all-reduced by the caller; default the mask's own
-    count), so long responses are not down-weighted. It counts every response token, those the
-    mismatch window drops (w_t = 0) too: a batch with more mismatch takes a smaller step.
+    each response's token mean, averaged over the responses of the whole global batch (num_responses,
+    all-reduced by the caller; default this batch's rows). So every response weighs the same however
+    long it is, as the paper's 1/|V(y)| has it: under GRPO's batch token mean a domain would weigh
+    as much as its answers are long, and MOPD's mix of domains is a mix of lengths (structured
+    output's ~12 tokens against chat's ~45: a fifth of chat's pull per prompt, bench/RESULTS.md). |V(y)|
+    counts every response token, those the mismatch window drops (w_t = 0) too.
     Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)
-    if num_tokens is None:
-        num_tokens = mask.sum()
+    if num_responses is None:
+        num_responses = mask.shape[0]
     adv_B_T = mopd_advantages(teacher_logprobs, train_logprobs, mask)
     w_B_T = mismatch_weights(train_logprobs, inference_logprobs, low, high) * mask
-    loss = -(w_B_T * adv_B_T * train_logprobs).sum() / num_tokens
+    per_response_B = (w_B_T * adv_B_T * train_logprobs).sum(1) / mask.sum(1).clamp(min=1)
+    loss = -per_response_B.sum() / num_responses
     return loss, adv_B_T, w_B_T
 
 
@@ -119,7 +122,8 @@ def update(run, args, samples, domains_N, teachers):
     """One optimizer step on a rollout batch: every sampled token's advantage from its domain's
     teacher, weighted by the mismatch window (docs/paper.md, MOPD). Micro-batches hold one domain
     each, so that one teacher scores each. -> (the step's Tally, the gradient norm or None)."""
-    batches, num_tokens = rl.micro_batches(run, samples, range(len(samples)), args.micro_batch, domains_N)   # |V|
+    batches, num_tokens = rl.micro_batches(run, samples, range(len(samples)), args.micro_batch, domains_N)
+    num_responses = common.global_sums(dict(n=len(samples)), run.dist.device)["n"]   # every rank's
     tally = rl.Tally(samples, "advantage", "dropped")
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
@@ -128,7 +132,7 @@ def update(run, args, samples, domains_N, teachers):
         with run.autocast():
             logprobs_B_T, entropy_B_T, _ = rl.token_logprobs(run.model, b)   # aux loss off: router frozen
         loss, adv_B_T, w_B_T = mopd_loss(logprobs_B_T, teacher_B_T, b.inf_logprobs_B_T, b.mask_B_T,
-                                         args.mismatch_low, args.mismatch_high, num_tokens)
+                                         args.mismatch_low, args.mismatch_high, num_responses)
         loss.backward()
         tally.trained(b, logprobs_B_T, entropy_B_T)
         tally.add(b, advantage=adv_B_T, dropped=(w_B_T == 0).float())

@@ -212,7 +212,8 @@ def test_mopd_expected_advantage_is_minus_reverse_kl():
 
 
 def test_mopd_loss_gradient():
-    # L = -(1/|V|) sum w a log pi: gradient w.r.t. log pi is -w a / |V|, with w and a constants
+    # L = -(1/N) sum_y (1/|V(y)|) sum_t w a log pi: the gradient w.r.t. log pi is -w a / (N |V(y)|),
+    # with w and a constants: two responses of 3 and 2 tokens, each weighing the same
     torch.manual_seed(5)
     train = (-torch.rand(2, 4, dtype=D)).requires_grad_(True)
     inf = train.detach() + 0.5 * torch.randn(2, 4, dtype=D)
@@ -220,7 +221,9 @@ def test_mopd_loss_gradient():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=D)
     loss, a, w = mopd_loss(train, teacher, inf, mask, 0.5, 2.0)
     (g,) = torch.autograd.grad(loss, train)
-    torch.testing.assert_close(g, -w * a / 5)
+    torch.testing.assert_close(g, -w * a / torch.tensor([[2 * 3.0], [2 * 2.0]], dtype=D))
+    loss_g, _, _ = mopd_loss(train, teacher, inf, mask, 0.5, 2.0, num_responses=6)   # a global batch of 6
+    torch.testing.assert_close(loss_g, loss / 3)
     r = (train.detach() - inf).exp()
     torch.testing.assert_close(w, torch.where((r >= 0.5) & (r <= 2), r, 0.0) * mask)
 

@@ -1,7 +1,7 @@
 """Where every number of an RL update comes from, pinned against references written out by hand in
 float64 (a float64 copy of the model, one sample at a time, no micro-batches, no ranks):
-- the token-level mean is over the *global* batch: however the samples fall into micro-batches
-  (GRPO, MOPD) and onto ranks (two gloo processes with different token counts);
+- GRPO's token-level mean and MOPD's mean over responses are over the *global* batch: however the
+  samples fall into micro-batches and onto ranks (two gloo processes with different token counts);
 - MOPD scores each domain's tokens with that domain's teacher, never another's or an average;
 - MOPD's advantage is taken against the trainer's own logprobs, not the engine's sampling ones."""
 
@@ -78,17 +78,18 @@ def grpo_reference(model, samples, advantages):
 
 
 def mopd_reference(model, samples, domains, teachers):
-    """-(1/|V|) sum_t w_t sg(a_t) log pi_train, a_t = log pi_teacher(domain) - log pi_train,
-    w_t = sg(pi_train / pi_inf) (the window here keeps every token)."""
+    """-(1/N) sum_y (1/|V(y)|) sum_t w_t sg(a_t) log pi_train, a_t = log pi_teacher(domain) -
+    log pi_train, w_t = sg(pi_train / pi_inf) (the window here keeps every token): each response's
+    token mean, averaged over the N responses."""
     m = copy.deepcopy(model).double()
     teachers64 = {d: copy.deepcopy(t).double() for d, t in teachers.items()}
-    n, loss = sum(len(s.token_ids) for s in samples), 0.0
+    loss = 0.0
     for s, d in zip(samples, domains):
         lp = response_logprobs(m, s)
         with torch.no_grad():
             a = response_logprobs(teachers64[d], s) - lp.detach()
         w = torch.exp(lp.detach() - torch.tensor(s.logprobs, dtype=torch.float64))
-        loss = loss - (w * a * lp).sum() / n
+        loss = loss - (w * a * lp).sum() / len(s.token_ids) / len(samples)
     loss.backward()
     return grads(m)
 
@@ -145,8 +146,9 @@ torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_with_different_token_counts(tmp_path):
-    """Rank 0 holds 4 samples (15 response tokens), rank 1 two (14): each divides by the global count,
-    29, and the summed gradients are the one-process reference's."""
+    """Rank 0 holds 4 samples (15 response tokens), rank 1 two (14): each divides by the global
+    count, GRPO's 29 tokens and MOPD's 6 responses, and the summed gradients are the one-process
+    reference's."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
