@@ -9,7 +9,8 @@ per-token advantage is
 
     a_t = log pi_teacher(y_t | s_t) - log pi_train(y_t | s_t)        (stop-gradient)
 
-used in a REINFORCE surrogate. Its expectation under the student is minus the reverse KL
+used in a REINFORCE surrogate, a token mean per response (1/|V(y)|: every response weighs the
+same, whatever its domain's answer length). Its expectation under the student is minus the reverse KL
 KL(student || teacher) at that state, so the student moves toward the teacher exactly where it
 actually goes (on-policy), a dense per-token signal instead of one reward per response. Tokens
 whose train/inference probability ratio r_t = pi_train / pi_inf leaves [0.5, 2] are dropped (not
@@ -69,7 +70,7 @@ def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, h
     all-reduced by the caller; default this batch's rows). So every response weighs the same however
     long it is, as the paper's 1/|V(y)| has it: under GRPO's batch token mean a domain would weigh
     as much as its answers are long, and MOPD's mix of domains is a mix of lengths (structured
-    output's ~12 tokens against chat's ~45: a fifth of chat's pull per prompt, bench/RESULTS.md). |V(y)|
+    output's answers are ~12 tokens, chat's ~43: under a third of chat's pull per prompt). |V(y)|
     counts every response token, those the mismatch window drops (w_t = 0) too.
     Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)

@@ -7,10 +7,11 @@ and, at the end, finish (OUT/final). setup builds the run (rl.Run), resuming fro
 here: GRPO's group advantage, which RLHF uses too, and the one evaluation (evaluate: the cascade's
 table, every stage's --eval_every, RLHF's judge).
 
-The global token mean, one rule for every stage (sft.py's too): each rank divides its loss by the
-trained tokens of the *global* batch, and gradients are summed over ranks, never averaged
-(common.sync_grads; FSDP set to sum, common.shard): their sum is the gradient of the token mean over
-the global batch, however the samples fall on ranks and micro-batches.
+The global mean, one rule for every stage (sft.py's too): each rank divides its loss by the count
+of the *global* batch (its trained tokens; MOPD's: its responses, each a token mean), and gradients
+are summed over ranks, never averaged (common.sync_grads; FSDP set to sum, common.shard): their sum
+is the gradient of the mean over the global batch, however the samples fall on ranks and
+micro-batches.
 """
 
 import argparse
@@ -173,7 +174,7 @@ class MicroBatch:
 def micro_batches(run, samples, keep, size, domains_N=None):
     """The kept samples (indices into `samples`) -> (MicroBatches of `size` sequences sorted by
     length (less padding), sum_i |o_i|: the trained tokens of the whole global batch (every rank's),
-    the denominator of every stage's token-level mean). With domains_N each micro-batch holds one
+    the denominator of GRPO's and RLHF's token-level mean). With domains_N each micro-batch holds one
     domain's samples (MOPD: one teacher scores it). Under FSDP every forward and backward all-gathers
     the weights from all ranks, so every rank runs as many micro-batches as the busiest one; the
     others run fillers (one pad token, mask 0: their loss and gradient are 0)."""
