@@ -10,11 +10,11 @@ per-token advantage is
     a_t = log pi_teacher(y_t | s_t) - log pi_train(y_t | s_t)        (stop-gradient)
 
 used in a REINFORCE surrogate, a token mean per response (1/|V(y)|: every response weighs the
-same, whatever its domain's answer length). Its expectation under the student is minus the reverse KL
-KL(student || teacher) at that state, so the student moves toward the teacher exactly where it
-actually goes (on-policy), a dense per-token signal instead of one reward per response. Tokens
-whose train/inference probability ratio r_t = pi_train / pi_inf leaves [0.5, 2] are dropped (not
-clipped): where the two engines disagree that much the sample says little about pi_train. Settings:
+same, whatever its domain's answer length). Its expectation under the student is minus the
+reverse KL KL(student || teacher) at that state, so the student moves toward the teacher exactly
+where it actually goes (on-policy), a dense per-token signal instead of one reward per response.
+Tokens whose train/inference probability ratio r_t = pi_train / pi_inf leaves [0.5, 2] are dropped
+(not clipped): where the two engines disagree that much the sample says little about pi_train. Settings:
 small groups (4 rollouts a prompt), one update per batch, constant LR after a short warmup, no
 weight decay, grad clip 1.0, MoE router frozen and its aux loss off (the teachers share the
 student's architecture, and re-learning routing would fight the distillation).
@@ -66,12 +66,11 @@ def mismatch_weights(train_logprobs, inference_logprobs, low=0.5, high=2.0):
 def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_responses=None):
     """L = -(1/|V(y)|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L),
 
-    each response's token mean, averaged over the responses of the whole global batch (num_responses,
-    all-reduced by the caller; default this batch's rows). So every response weighs the same however
-    long it is, as the paper's 1/|V(y)| has it: under GRPO's batch token mean a domain would weigh
-    as much as its answers are long, and MOPD's mix of domains is a mix of lengths (structured
-    output's answers are ~12 tokens, chat's ~43: under a third of chat's pull per prompt). |V(y)|
-    counts every response token, those the mismatch window drops (w_t = 0) too.
+    each response's token mean, averaged over the global batch's responses (num_responses, all-reduced
+    by the caller; default this batch's rows): every response weighs the same, however long. GRPO's
+    batch token mean would weigh a domain by its answers' length, and MOPD mixes domains of very
+    different lengths (structured output's answers ~12 tokens, chat's ~43). |V(y)| counts every
+    response token, those the mismatch window drops (w_t = 0) too.
     Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)
     if num_responses is None:
