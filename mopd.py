@@ -10,8 +10,8 @@ per-token advantage is
     a_t = log pi_teacher(y_t | s_t) - log pi_train(y_t | s_t)        (stop-gradient)
 
 used in a REINFORCE surrogate, a token mean per response (1/|V(y)|: every response weighs the
-same, whatever its domain's answer length). Its expectation under the student is minus the
-reverse KL KL(student || teacher) at that state, so the student moves toward the teacher exactly
+same, whatever its domain's answer length). The advantage's expectation under the student is minus
+the reverse KL KL(student || teacher) at that state, so the student moves toward the teacher exactly
 where it actually goes (on-policy), a dense per-token signal instead of one reward per response.
 Tokens whose train/inference probability ratio r_t = pi_train / pi_inf leaves [0.5, 2] are dropped
 (not clipped): where the two engines disagree that much the sample says little about pi_train. Settings:
@@ -64,13 +64,14 @@ def mismatch_weights(train_logprobs, inference_logprobs, low=0.5, high=2.0):
 
 
 def mopd_loss(train_logprobs, teacher_logprobs, inference_logprobs, mask, low, high, num_responses=None):
-    """L = -(1/|V(y)|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L),
+    """L = -(1/N) sum_y (1/|V(y)|) sum_t w_t sg(a_t) log pi_train(y_t|s_t)   (docs/paper.md, MOPD: L):
 
-    each response's token mean, averaged over the global batch's responses (num_responses, all-reduced
-    by the caller; default this batch's rows): every response weighs the same, however long. GRPO's
-    batch token mean would weigh a domain by its answers' length, and MOPD mixes domains of very
-    different lengths (structured output's answers ~12 tokens, chat's ~43). |V(y)| counts every
-    response token, those the mismatch window drops (w_t = 0) too.
+    each response's token mean (the paper's 1/|V(y)|), averaged over the N responses of the global
+    batch (num_responses, all-reduced by the caller; default this batch's rows): every response
+    weighs the same, however long. GRPO's batch token mean would weigh a domain by its answers'
+    length, and MOPD mixes domains of very different lengths (structured output's answers ~12
+    tokens, chat's ~43). |V(y)| counts every response token, those the mismatch window drops
+    (w_t = 0) too.
     Returns (loss, advantages_B_T, weights_B_T)."""
     mask = mask.to(train_logprobs.dtype)
     if num_responses is None:
