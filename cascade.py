@@ -198,12 +198,12 @@ def load_recipe(path, steps_scale=1.0):
             if st["script"] != "mopd" or not st["ns"].eval_every:
                 bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
             shared = {k: v for k, v in args.items() if k in vars(parse("grpo", [], where))}
-            # chat's prompts are left out: RL never sees the hidden judge (RLHF's reward model comes later)
-            kept = [(d, w) for d, w in zip(*rl.domains_and_mix(st["ns"])) if d != "chat"]
-            shared.update(domains=[d for d, _ in kept], mix=[w for _, w in kept])
+            # MOPD's very prompts, less chat's: RL never sees the hidden judge (RLHF's reward model comes later)
+            if "chat" in st["ns"].domains.split(","):
+                shared["skip_domains"] = sorted({d for d in st["ns"].skip_domains.split(",") if d} | {"chat"})
             st["control_argv"] = to_argv({**shared, **st["control"]})
             ns = parse("grpo", st["control_argv"], f"{where}control: ")
-            if "chat" in ns.domains.split(","):
+            if "chat" in set(ns.domains.split(",")) - set(ns.skip_domains.split(",")):
                 bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
             try:
                 rl.domains_and_mix(ns)
@@ -515,10 +515,10 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
 
 def run_control(st, argv, curves, run, best, before):
     """The paper's efficiency claim, measured: GRPO from MOPD's own start, on the same prompts (same
-    --seed, --domains, --mix, --prompts_per_step; chat's left out, see load_recipe) for the same steps,
-    scored on the same held-out prompts every --eval_every steps. RUN/controls/<stage> is not in the
-    cascade: nothing starts from it and no teacher comes from it. -> each domain's start, teacher,
-    and both held-out curves."""
+    --seed, --domains, --mix, --prompts_per_step; chat's drawn, then left out: --skip_domains) for the
+    same steps, scored on the same held-out prompts every --eval_every steps. RUN/controls/<stage> is
+    not in the cascade: nothing starts from it and no teacher comes from it. -> each domain's start,
+    teacher, and both held-out curves."""
     out = os.path.join(run, "controls", st["name"])
     control = [a if a != os.path.join(run, "stages", st["name"]) else out for a in argv[:argv.index("--teachers")]]
     print0(f"=== control of {st['name']}: python grpo.py {' '.join(control + st['control_argv'] + curves)}")

@@ -113,7 +113,8 @@ def train(args):
         row, g = rl.step_row(run, step, samples, domains_N, tally,
                              dict(reward=rewards_N, filtered=filtered_N, truncated=truncated_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
-        row.update(filtered_frac=g["filtered"] / g["samples"], truncated_frac=g["truncated"] / g["samples"],
+        n = max(g["samples"], 1)   # (0 when --skip_domains left out every prompt of the step)
+        row.update(filtered_frac=g["filtered"] / n, truncated_frac=g["truncated"] / n,
                    clip_frac=g["clipped"] / max(g["tokens"], 1))
         rl.end_step(run, args, row, t_start)
     return rl.finish(run, args)

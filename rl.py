@@ -45,7 +45,7 @@ def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
         raise ValueError(f"group_advantages: {rewards.numel()} rewards, groups of {group_size}")
     r_P_G = rewards.reshape(-1, group_size)
     centered_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)   # docs/paper.md, GRPO: A_i
-    if normalize_std:
+    if normalize_std and len(r_P_G):   # (a rank may have no prompts in a step)
         centered_P_G = centered_P_G / (r_P_G.std(dim=1, unbiased=False, keepdim=True) + eps)
     return torch.where(has_signal(rewards, group_size), centered_P_G.reshape(-1), 0.0)
 
@@ -91,21 +91,32 @@ def domains_and_mix(args):
         mix = []
     if len(mix) != len(domains) or not all(0 <= w < float("inf") for w in mix) or sum(mix) <= 0:
         raise ValueError(f"--mix {args.mix!r}: one finite weight >= 0 per domain of {domains}, not all 0")
+    skip = [d for d in args.skip_domains.split(",") if d]
+    if set(skip) - set(domains) or not any(w for d, w in zip(domains, mix) if d not in skip):
+        raise ValueError(f"--skip_domains {args.skip_domains!r}: domains of --domains {args.domains!r}, "
+                         "leaving one of weight > 0 to train on")
     return domains, mix
 
 
-def rollout(run, args, step, sampling):
-    """Step 1 of every RL stage: the step's --prompts_per_step prompts, deterministic from (seed,
-    step): a domain from the mix, then a prompt of it, and its chat mode. This rank takes its share
-    (shares may differ by one) and samples --group_size responses to each from the policy, with an
-    engine seed distinct for every (seed, step, rank).
-    -> (rows_N: each sample's prompt row, samples, texts, seconds it took)"""
-    t0, rng, rows = time.time(), random.Random(f"prompts-{args.seed}-{step}"), []
+def step_prompts(run, args, step):
+    """The step's --prompts_per_step prompts, deterministic from (seed, step): a domain from the mix,
+    then a prompt of it, and its chat mode. Those of --skip_domains are drawn, then left out, so the
+    rest are exactly the prompts of a run without the flag (MOPD's, for its GRPO control, which has
+    no reward for chat). -> this rank's share of them (shares may differ by one)."""
+    rng, rows = random.Random(f"prompts-{args.seed}-{step}"), []
     for _ in range(args.prompts_per_step):
         row = rng.choice(run.pools[rng.choices(run.domains, weights=run.mix)[0]])
         think = rng.random() < 0.5 if args.thinking == "mixed" else args.thinking == "on"
         rows.append(dict(row, thinking=think))
-    rows = rows[run.dist.rank::run.dist.world_size]
+    rows = [r for r in rows if r["domain"] not in args.skip_domains.split(",")]
+    return rows[run.dist.rank::run.dist.world_size]
+
+
+def rollout(run, args, step, sampling):
+    """Step 1 of every RL stage: --group_size responses to each of this rank's share of the step's
+    prompts (step_prompts), sampled from the policy with an engine seed distinct for every (seed,
+    step, rank). -> (rows_N: each sample's prompt row, samples, texts, seconds it took)"""
+    t0, rows = time.time(), step_prompts(run, args, step)
     seed = (args.seed * 100_003 + step) * run.dist.world_size + run.dist.rank
     samples, texts = sample_groups(run.engine, run.tok, rows, args.group_size, sampling, seed)
     return [r for r in rows for _ in range(args.group_size)], samples, texts, time.time() - t0
@@ -284,7 +295,7 @@ def setup(args, freeze_router=False, resume_keys=()):
     step = 0
     if start == last:   # resuming (a checkpoint written with or without --fsdp, by any number of ranks)
         common.check_same_args(last, state, args, ("seed", "group_size", "prompts_per_step", "domains",
-                                                   "mix", "thinking", "prompts") + tuple(resume_keys))
+                                                   "mix", "skip_domains", "thinking", "prompts") + tuple(resume_keys))
         common.load_optimizer(last, model, opt, state)
         step = state.get("step", 0)
     if d.device.type == "cuda":
@@ -399,10 +410,10 @@ def step_row(run, step, samples, domains_N, tally, per_sample, grad_norm, **time
     n, world = max(g["tokens"], 1), run.dist.world_size
     row = dict(step=step, lr=run.optimizer.param_groups[0]["lr"],
                **{f"reward/{x}": g[f"{x}/reward"] / g[f"{x}/n"] for x in run.domains if g[f"{x}/n"]})
-    row.update(response_len=g["resp_tokens"] / g["samples"], trained_tokens=g["tokens"],
+    row.update(response_len=g["resp_tokens"] / max(g["samples"], 1), trained_tokens=g["tokens"],
                entropy=g["entropy"] / n, mismatch_abs=g["mismatch_abs"] / n, mismatch_k3=g["mismatch_k3"] / n,
                # seconds summed over ranks / world = each rank's mean time
-               rollout_tok_s=g["gen_tokens"] / g["rollout_s"] * world,
+               rollout_tok_s=g["gen_tokens"] / max(g["rollout_s"], 1e-9) * world,
                train_tok_s=g["fwd_tokens"] / max(g["train_s"], 1e-9) * world)
     if grad_norm is not None:   # (the same on every rank)
         row["grad_norm"] = grad_norm
@@ -459,6 +470,8 @@ def rl_parser(doc, lr, group_size, min_group=1):
     a("--grad_clip", type=common.nonneg_float, default=1.0, help="max global gradient norm (0: off)")
     a("--domains", default="math", help="comma-separated domains to draw prompts from")
     a("--mix", default="", help="comma-separated prompt-mix weights, one per domain (default: equal)")
+    a("--skip_domains", default="", help="domains of --domains whose prompts are drawn by the mix, then "
+      "left out (never sampled or trained): the rest are exactly the prompts of a run without this flag")
     a("--prompts", help="RL prompts JSONL with a 'domain' per row, instead of DATA/rl/<domain>.jsonl")
     a("--group_size", type=common.at_least(min_group, "a group of one has no spread: every advantage is 0, "
       "nothing is learned"), default=group_size, help="G: responses sampled per prompt")

@@ -203,7 +203,7 @@ def train_policy(args, rm):
         row, g = rl.step_row(run, step, samples, [r["domain"] for r in rows_N], tally,
                              dict(reward=rewards_N, filtered=~signal_N), grad_norm,
                              rollout_s=rollout_s, train_s=train_s)
-        row["filtered_frac"] = g["filtered"] / g["samples"]
+        row["filtered_frac"] = g["filtered"] / max(g["samples"], 1)
         if ref is not None:
             row["kl_ref"] = g["kl"] / max(g["tokens"], 1)
         rl.end_step(run, args, row, t_start)

@@ -2,6 +2,7 @@
 the same prompts for the same steps, is scored on the same held-out prompts, and stays out of the
 cascade: no row in the table, no teacher, and the next stage starts from MOPD's checkpoint."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -9,6 +10,7 @@ import cascade
 import grpo
 import mopd
 import report
+import rl
 from test_cascade import CONFIG, write_recipe
 from test_run_dir import RL, data_dir  # noqa: F401  (a module fixture: the small built-in data)
 
@@ -44,8 +46,10 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
                  "--eval_every", "--eval_prompts", "--eval_domains", "--eval_max_new_tokens", "--eval_thinking",
                  "--eval_samples"):
         assert flag(control, name) == flag(m, name), name   # same start, prompts, steps, held-out set
-    assert flag(m, "--domains") == "math,if,chat" and flag(control, "--domains") == "math,if"   # no reward for chat
-    assert flag(control, "--mix") == "1.0,1.0" and flag(control, "--eval_domains") == "math,if,chat"
+    for name in ("--domains", "--mix"):   # MOPD's prompts are drawn, chat's then left out: no reward for chat
+        assert flag(control, name) == flag(m, name)
+    assert flag(m, "--domains") == "math,if,chat" and flag(control, "--skip_domains") == "chat"
+    assert flag(control, "--eval_domains") == "math,if,chat"
     assert flag(m, "--eval_reference") == str(run / "stages" / "sft" / "final")   # chat: a win rate against sft
     assert flag(control, "--lr") == "0.001" and "--teachers" not in control
     assert flag(m, "--init") == str(run / "stages" / "rl" / "final")
@@ -78,15 +82,38 @@ def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: 
     with pytest.raises(cascade.RecipeError, match="control: .*groupsize"):
         cascade.main(["--recipe", bad, "--run_dir", str(tmp_path / "run")])
     chat = control_recipe(tmp_path / "c.toml", data_dir, eval_every=1, domains=["chat"])
-    with pytest.raises(cascade.RecipeError, match="control: --domains '': .*GRPO has no reward for chat"):
+    with pytest.raises(cascade.RecipeError, match="control: --skip_domains 'chat': .*GRPO has no reward for chat"):
         cascade.main(["--recipe", chat, "--run_dir", str(tmp_path / "run")])
     chat = control_recipe(tmp_path / "c.toml", data_dir, eval_every=1, domains=["math", "chat"])
     with open(chat) as f:
-        text = f.read().replace("control = {lr = 0.001, ", 'control = {domains = ["math", "chat"], lr = 0.001, ')
+        text = f.read().replace("control = {lr = 0.001, ", 'control = {skip_domains = [], lr = 0.001, ')
     with open(chat, "w") as f:
         f.write(text)
     with pytest.raises(cascade.RecipeError, match="control: GRPO on chat would be rewarded by the hidden judge"):
         cascade.main(["--recipe", chat, "--run_dir", str(tmp_path / "run")])
+
+
+def test_the_control_trains_on_mopds_very_prompts_less_chats():
+    """rl.step_prompts: with --skip_domains chat, every step's prompts (and their chat modes) are
+    MOPD's, in MOPD's order, less chat's; on two ranks, each rank's share of those."""
+    pools = {d: [{"domain": d, "id": f"{d}{i}"} for i in range(50)] for d in ("math", "if", "chat")}
+    argv = ["--init", "x", "--out", "x", "--data", "x", "--seed", "7", "--domains", "math,if,chat",
+            "--mix", "1,1,2", "--prompts_per_step", "24", "--thinking", "mixed"]
+    m = mopd.build_parser().parse_args(argv + ["--teachers", "math=x,if=x,chat=x"])
+    g = grpo.build_parser().parse_args(argv + ["--skip_domains", "chat"])
+
+    def prompts(args, rank=0, world_size=1):
+        domains, mix = rl.domains_and_mix(args)
+        run = SimpleNamespace(pools=pools, domains=domains, mix=mix, dist=SimpleNamespace(rank=rank, world_size=world_size))
+        return [rl.step_prompts(run, args, step) for step in range(5)]
+    for theirs, ours in zip(prompts(m), prompts(g)):
+        assert any(r["domain"] == "chat" for r in theirs) and ours and ours == [r for r in theirs if r["domain"] != "chat"]
+        assert {r["thinking"] for r in ours} == {True, False}
+    for step, ours in enumerate(prompts(g)):
+        assert prompts(g, 0, 2)[step] + prompts(g, 1, 2)[step] == ours[0::2] + ours[1::2]
+    for skip in ("math,if,chat", "tool"):   # nothing left to train on; not a domain of --domains
+        with pytest.raises(ValueError, match=f"--skip_domains '{skip}'"):
+            rl.domains_and_mix(grpo.build_parser().parse_args(argv + ["--skip_domains", skip]))
 
 
 def test_control_table_reads_the_steps_to_the_target():
