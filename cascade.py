@@ -175,6 +175,8 @@ def load_recipe(path, steps_scale=1.0):
         args = dict(st.get("args", {}))
         for key in args.keys() & SET_BY_CASCADE:
             bad(f"{where}argument '{key}' is set by the cascade: remove it from args")
+        if "skip_domains" in args:   # (teachers, curves and the report read --domains as what a stage trains)
+            bad(f"{where}argument 'skip_domains' is for a MOPD stage's control only (the cascade sets it there)")
         defaults = vars(parse(st["script"], [], where))   # every argument of the script
         for key, value in args.items():
             if key not in defaults:   # (also 'help', whose switch would print and exit)
@@ -198,10 +200,12 @@ def load_recipe(path, steps_scale=1.0):
             if st["script"] != "mopd" or not st["ns"].eval_every:
                 bad(f"{where}control: only for a mopd stage whose args set eval_every (the curves it is compared on)")
             shared = {k: v for k, v in args.items() if k in vars(parse("grpo", [], where))}
-            # MOPD's very prompts, less chat's: RL never sees the hidden judge (RLHF's reward model comes later)
-            if "chat" in st["ns"].domains.split(","):
-                shared["skip_domains"] = sorted({d for d in st["ns"].skip_domains.split(",") if d} | {"chat"})
-            st["control_argv"] = to_argv({**shared, **st["control"]})
+            control = {**shared, **st["control"]}
+            ns = parse("grpo", to_argv(control), f"{where}control: ")
+            if "chat" in ns.domains.split(",") and "skip_domains" not in control:
+                # MOPD's very prompts, less chat's: RL never sees the hidden judge (RLHF's reward model comes later)
+                control["skip_domains"] = ["chat"]
+            st["control_argv"] = to_argv(control)
             ns = parse("grpo", st["control_argv"], f"{where}control: ")
             if "chat" in set(ns.domains.split(",")) - set(ns.skip_domains.split(",")):
                 bad(f"{where}control: GRPO on chat would be rewarded by the hidden judge, which RL never sees")
@@ -209,8 +213,8 @@ def load_recipe(path, steps_scale=1.0):
                 rl.domains_and_mix(ns)
             except ValueError as e:
                 chat = "chat" in st["ns"].domains.split(",")
-                bad(f"{where}control: {e}" + (" (GRPO has no reward for chat: it trains on MOPD's other domains)"
-                                              if chat else ""))
+                bad(f"{where}control: {e}" + (" (GRPO has no reward for chat: it trains on the prompts of this "
+                                              "stage's domains less chat's)" if chat else ""))
         wanted = st["ns"].domains.split(",") if st["script"] == "mopd" else []
         if "domains" in ev and set(wanted) - set(ev["domains"]):  # MOPD's teachers: the best by eval score
             bad(f"{where}MOPD domains {sorted(set(wanted) - set(ev['domains']))} are not in [eval] domains")
@@ -370,18 +374,18 @@ def in_run(run, path):
     return os.path.abspath(path) if rel.split(os.sep)[0] == ".." else rel
 
 
-def note_args(out, st, finished):
-    """OUT/cascade_args.json: what a stage runs with. A finished stage is not run again: if the recipe
-    now gives it other arguments than those it ran with, say so, and how to retrain it."""
-    path, now = os.path.join(out, "cascade_args.json"), {"script": st["script"], "args": st["argv"]}
+def note_args(out, what, script, argv, finished, later=" (and the later stages', which started from it)"):
+    """OUT/cascade_args.json: what a stage (or a control) runs with. A finished one is not run again:
+    if the recipe now gives it other arguments than those it ran with, say so, and how to rerun it."""
+    path, now = os.path.join(out, "cascade_args.json"), {"script": script, "args": argv}
     if not finished and is_main():
         os.makedirs(out, exist_ok=True)
         write_json(path, now)
     was = read_json(path) if finished and os.path.exists(path) else now
     if was != now:
-        print0(f"stage {st['name']} is done ({out}/final), with: {was['script']}.py {' '.join(was['args'])}; "
-               f"the recipe now says: {now['script']}.py {' '.join(now['args'])}. Not applied: to retrain "
-               f"the stage with it, delete {out} (and the later stages', which started from it) and run again")
+        print0(f"{what} is done ({out}/final), with: {was['script']}.py {' '.join(was['args'])}; "
+               f"the recipe now says: {now['script']}.py {' '.join(now['args'])}. Not applied: to rerun "
+               f"it with that, delete {out}{later} and run again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +480,7 @@ def run_cascade(recipe, run, settings, data_dir, start, dd):
     for i, st in enumerate(stages):
         name, out = st["name"], os.path.join(run, "stages", st["name"])
         final, finished = os.path.join(out, "final"), checkpoint_exists(os.path.join(out, "final"))
-        note_args(out, st, finished)
+        note_args(out, f"stage {name}", st["script"], st["argv"], finished)
         if not finished and rows.pop(name, None):  # it was deleted to retrain it: evaluate it afresh
             save()
         if name not in rows:
@@ -520,6 +524,8 @@ def run_control(st, argv, curves, run, best, before):
     not in the cascade: nothing starts from it and no teacher comes from it. -> each domain's start,
     teacher, and both held-out curves."""
     out = os.path.join(run, "controls", st["name"])
+    note_args(out, f"the control of {st['name']}", "grpo", st["control_argv"], checkpoint_exists(os.path.join(out, "final")),
+              later="")
     control = [a if a != os.path.join(run, "stages", st["name"]) else out for a in argv[:argv.index("--teachers")]]
     print0(f"=== control of {st['name']}: python grpo.py {' '.join(control + st['control_argv'] + curves)}")
     t0 = time.time()

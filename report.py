@@ -89,8 +89,8 @@ def control_lines(name, ctl):
                      + " | ".join("not reached" if s is None else str(s) for s in at) + f" | {curve[0]} | {curve[1]} |")
     if "chat" in ctl["domains"]:
         lines += ["", "GRPO has no reward for chat: RL never sees the hidden judge, and the reward model comes "
-                  "with RLHF, after MOPD (the paper's comparison for chat). So the control trains on MOPD's other "
-                  "domains only, and its chat curve shows what that does to chat."]
+                  "with RLHF, after MOPD (the paper's comparison for chat). So the control trains on MOPD's prompts "
+                  "less chat's, and its chat curve shows what that does to chat."]
     if all(ctl["start"][d] >= 0.9 * ctl["teacher"][d] for d in ctl["domains"]):
         lines += ["", "Every domain started within 90% of its teacher: this run left MOPD nothing to recover, "
                   "and the comparison shows only what each method costs the domains it keeps."]

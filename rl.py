@@ -294,6 +294,7 @@ def setup(args, freeze_router=False, resume_keys=()):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)   # none in RL
     step = 0
     if start == last:   # resuming (a checkpoint written with or without --fsdp, by any number of ranks)
+        state.setdefault("args", {}).setdefault("skip_domains", "")   # (written before the flag: none skipped)
         common.check_same_args(last, state, args, ("seed", "group_size", "prompts_per_step", "domains",
                                                    "mix", "skip_domains", "thinking", "prompts") + tuple(resume_keys))
         common.load_optimizer(last, model, opt, state)

@@ -106,6 +106,7 @@ def minimal(**stage):
     (minimal(name="rl", script="grpo", args={"fsdpp": False}), "unknown argument 'fsdpp' for grpo.py"),
     (minimal(name="rl", script="grpo", args={"help": True}), "unknown argument 'help' for grpo.py"),
     (minimal(name="rl", script="grpo", args={"seed": 7}), "argument 'seed' is set by the cascade"),
+    (minimal(name="rl", script="grpo", args={"skip_domains": ["math"]}), "'skip_domains' is for a MOPD stage's control only"),
     (minimal(name="rl", script="grpo", args={"group_size": 0}), "argument --group_size: 0: must be > 0"),
     (minimal(name="rl", script="grpo", args={"group_size": 1}), "argument --group_size: 1: must be >= 2 (a group"),
     (minimal(name="rl", script="rlhf", args={"group_size": 1}), "argument --group_size: 1: must be >= 2 (a group"),

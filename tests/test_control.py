@@ -2,6 +2,7 @@
 the same prompts for the same steps, is scored on the same held-out prompts, and stays out of the
 cascade: no row in the table, no teacher, and the next stage starts from MOPD's checkpoint."""
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -69,6 +70,28 @@ def test_the_control_runs_beside_the_cascade(tmp_path, data_dir, monkeypatch):  
         assert ctl["mopd"][d][-1][1] == pytest.approx(table["mopd"][d])   # MOPD's last point is its row in the table
     report_md = (run / "report.md").read_text()
     assert "against its GRPO control" in report_md and "GRPO has no reward for chat" in report_md
+
+
+def test_a_finished_control_is_not_rerun_with_other_arguments(tmp_path, data_dir, capsys):  # noqa: F811
+    """MOPD retrained (its directory deleted) beside a finished control: the control, which starts
+    where MOPD starts, is kept, and if the recipe now gives it other arguments the cascade says so."""
+    run = tmp_path / "run"
+    recipe = control_recipe(tmp_path / "r.toml", data_dir, eval_every=1)
+    cascade.main(["--recipe", recipe, "--run_dir", str(run)])
+    ran = json.loads((run / "controls" / "mopd" / "cascade_args.json").read_text())
+    assert ran["script"] == "grpo" and flag(ran["args"], "--lr") == "0.001"
+    for stage in ("mopd", "after"):
+        shutil.rmtree(run / "stages" / stage)
+    with open(recipe) as f:
+        text = f.read().replace("control = {lr = 0.001, ", "control = {lr = 0.002, ")
+    with open(recipe, "w") as f:
+        f.write(text)
+    capsys.readouterr()
+    cascade.main(["--recipe", recipe, "--run_dir", str(run)])
+    out = capsys.readouterr().out
+    assert (f"the control of mopd is done ({run}/controls/mopd/final), with: grpo.py " in out
+            and "--lr 0.002" in out and f"delete {run}/controls/mopd and run again" in out)
+    assert json.loads((run / "controls" / "mopd" / "cascade_args.json").read_text()) == ran
 
 
 def test_a_control_needs_a_mopd_stage_with_curves(tmp_path, data_dir):  # noqa: F811
