@@ -46,6 +46,28 @@ def box_uid_processes():
     return found
 
 
+def describe(pids):
+    """What a surviving process is, for the failure message: its state, parent, pid namespace ids,
+    age and command line (a process may be gone by the time it is read)."""
+    lines = []
+    for pid in sorted(pids, key=int):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{pid}/stat") as f:
+                start = int(f.read().rsplit(")", 1)[1].split()[19])   # clock ticks after boot
+        except (OSError, IndexError, ValueError):
+            lines.append(f"pid {pid}: gone")
+            continue
+        with open("/proc/uptime") as f:
+            age = float(f.read().split()[0]) - start / os.sysconf("SC_CLK_TCK")
+        lines.append(f"pid {pid}: {status.get('State')}, ppid {status.get('PPid')}, nspid {status.get('NSpid')}, "
+                     f"{age:.1f} s old, {cmd!r}")
+    return "; ".join(lines)
+
+
 def our_children():
     children = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -85,8 +107,10 @@ def host_unchanged(monkeypatch):
     before = host_state()
     yield
     after = host_state()
-    assert after["uid_procs"] <= before["uid_procs"], "processes of the box uid survived"
-    assert after["children"] <= before["children"], "child processes survived"
+    assert after["uid_procs"] <= before["uid_procs"], \
+        f"processes of the box uid survived: {describe(after['uid_procs'] - before['uid_procs'])}"
+    assert after["children"] <= before["children"], \
+        f"child processes survived: {describe(after['children'] - before['children'])}"
     assert after["tmp"] <= before["tmp"], "temporary files or directories survived"
     assert after["fds"] == before["fds"], "file descriptors leaked"
     assert after["kernel"] == [], f"kernel objects of the box survived: {after['kernel']}"
