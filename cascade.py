@@ -524,8 +524,8 @@ def run_control(st, argv, curves, run, best, before):
     not in the cascade: nothing starts from it and no teacher comes from it. -> each domain's start,
     teacher, and both held-out curves."""
     out = os.path.join(run, "controls", st["name"])
-    note_args(out, f"the control of {st['name']}", "grpo", st["control_argv"], checkpoint_exists(os.path.join(out, "final")),
-              later="")
+    done = checkpoint_exists(os.path.join(out, "final"))
+    note_args(out, f"the control of {st['name']}", "grpo", st["control_argv"], done, later="")
     control = [a if a != os.path.join(run, "stages", st["name"]) else out for a in argv[:argv.index("--teachers")]]
     print0(f"=== control of {st['name']}: python grpo.py {' '.join(control + st['control_argv'] + curves)}")
     t0 = time.time()
